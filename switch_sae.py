@@ -1,0 +1,677 @@
+"""
+Switch Sparse Autoencoders, in one file.
+
+A Switch SAE (Mudide, Engels, Michaud, Tegmark, Schroeder de Witt, "Efficient Dictionary Learning with
+Switch Sparse Autoencoders", ICLR 2025, arXiv:2410.08201) is a mixture of N small TopK SAEs. A router
+sends each language-model activation x to one expert i* = argmax softmax(W_r (x - b_router)); only that
+expert's m = M/N latents are computed, z = TopK_k(ReLU(W_enc[i*] (x - b_dec))), and the reconstruction
+is x_hat = p_i* W_dec[i*]^T z + b_dec. The router learns through the gate p_i* and a Switch-Transformer
+load-balance loss. N = 1 is exactly a TopK SAE (Gao et al. 2024) through the same code.
+
+Unlike the authors' code (dense encoder, then mask) the routing here is real: tokens are sorted by
+expert, each expert's encoder runs on its own tokens only (one grouped matmul on CUDA), decoding reads
+only the k active decoder rows, and the encoder backward is sparse. So FLOPs saved are time saved.
+
+    python switch_sae.py --experts 16 --k 32              # train on GPT-2 layer 8, then evaluate
+    python switch_sae.py bench --experts 16 --width 24576  # time a Switch step against a TopK step
+"""
+
+import argparse
+import dataclasses
+import gzip
+import itertools
+import json
+import math
+import os
+import random
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# config
+
+
+def arg(default, help):
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # activations: which model, where, on what text
+    model: str = arg("gpt2", "Hugging Face causal LM: a hub id or a local directory")
+    layer: int = arg(8, "block whose site is hooked, 0-based (GPT-2 small layer 8 in the paper)")
+    site: str = arg("resid", "resid (block output), attn (attention output) or mlp (MLP output)")
+    text: tuple = arg((), "local .txt, .jsonl or .jsonl.gz files (a 'text' field per line) instead of --dataset")
+    dataset: str = arg("Skylion007/openwebtext", "hub dataset streamed when no --text is given")
+    ctx: int = arg(128, "tokens per context: each document's first ctx tokens, shorter documents skipped")
+    lm_batch_size: int = arg(32, "contexts per language-model forward")
+    buffer_tokens: int = arg(2**20, "activations captured, then served in random order (the shuffle buffer)")
+    # the SAE
+    experts: int = arg(16, "N, the number of experts; 1 gives a plain TopK SAE")
+    width: int = arg(24576, "M, total latents over all experts")
+    k: int = arg(32, "active latents per token")
+    # losses
+    lb_alpha: float = arg(3.0, "load-balance weight alpha; the loss adds alpha * d * L_lb")
+    auxk_alpha: float = arg(0.0, "AuxK weight (Gao et al. use 1/32); 0 as the paper ran")
+    dead_tokens: int = arg(10_000_000, "a latent is dead after this many training tokens without firing")
+    # training
+    tokens: int = arg(50_000_000, "training tokens (the paper: 819_200_000)")
+    batch_size: int = arg(8192, "tokens per step")
+    lr: float = arg(0.0, "learning rate; 0 means the paper's rule 2e-4 / sqrt(width / 2^14)")
+    decay_start: float = arg(0.8, "fraction of training after which lr decays linearly to 0")
+    grad_clip: float = arg(1.0, "gradient-norm clip")
+    seed: int = arg(0, "seed for the SAE init and the data order")
+    device: str = arg("auto", "auto, cuda or cpu")
+    # evaluation and checkpoints
+    eval_tokens: int = arg(16384, "held-out tokens for evaluation, never trained on")
+    out: str = arg("out", "directory for checkpoints and metrics.json")
+    save_every: int = arg(10_000_000, "training tokens between checkpoints")
+    resume: bool = arg(False, "continue the run saved in --out")
+    log_every: int = arg(10, "steps between progress updates (each one waits for the GPU)")
+
+
+class UsageError(Exception):
+    """Bad input: main() prints it as one line and exits with status 2."""
+
+
+def check_config(cfg):
+    if cfg.site not in ("resid", "attn", "mlp"):
+        raise UsageError(f"unknown --site {cfg.site!r}: use resid, attn or mlp")
+    if cfg.experts < 1 or cfg.width % cfg.experts:
+        raise UsageError(f"--width {cfg.width} is not divisible by --experts {cfg.experts}: pick a width that is a multiple of the expert count")
+    if not 1 <= cfg.k <= cfg.width // cfg.experts:
+        raise UsageError(f"--k {cfg.k} must be between 1 and the latents per expert ({cfg.width // cfg.experts} = width / experts): lower --k or raise --width")
+    if cfg.batch_size < 1 or cfg.tokens < cfg.batch_size:
+        raise UsageError(f"--tokens {cfg.tokens} is less than one batch of --batch-size {cfg.batch_size}: raise --tokens")
+    for path in cfg.text:
+        if not os.path.isfile(path):
+            raise UsageError(f"--text {path}: no such file; pass existing .txt, .jsonl or .jsonl.gz files")
+        if os.path.getsize(path) == 0:
+            raise UsageError(f"--text {path} is empty: pass a file with text in it")
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but torch sees no CUDA GPU: use --device cpu (or install a CUDA build of torch)")
+    if name not in ("cuda", "cpu"):
+        raise UsageError(f"unknown --device {name!r}: use auto, cuda or cpu")
+    return torch.device(name)
+
+
+# -----------------------------------------------------------------------------
+# capture: documents -> token contexts -> activations at one site of a causal LM
+
+
+def read_documents(cfg):
+    """Yield document texts forever-ish: local files shuffled once by seed, or a hub dataset streamed."""
+    if cfg.text:
+        docs = []
+        for path in cfg.text:
+            opener = gzip.open if path.endswith(".gz") else open
+            with opener(path, "rt", encoding="utf-8") as f:
+                if ".jsonl" in path:
+                    docs += [json.loads(line)["text"] for line in f if line.strip()]
+                else:  # plain text: blank lines separate documents
+                    docs += [d for d in f.read().split("\n\n") if d.strip()]
+        if not docs:
+            raise UsageError(f"--text {' '.join(cfg.text)} holds no documents: pass files with text in them")
+        random.Random(cfg.seed).shuffle(docs)  # local corpora are often grouped by source
+        yield from docs
+        return
+    try:
+        import datasets
+        stream = datasets.load_dataset(cfg.dataset, split="train", streaming=True)
+        for row in stream.shuffle(seed=cfg.seed, buffer_size=10_000):
+            yield row["text"]
+    except Exception as e:  # no network, unknown id: the fix is the same
+        raise UsageError(f"could not stream dataset {cfg.dataset!r} ({type(e).__name__}); without network pass local text with --text FILE.jsonl.gz") from None
+
+
+def token_contexts(cfg, tokenizer):
+    """Yield 1-D tensors of cfg.ctx token ids: each document's first ctx tokens (shorter ones skipped)."""
+
+    def tokenized(texts):
+        for ids in tokenizer(texts, truncation=True, max_length=cfg.ctx)["input_ids"]:
+            if len(ids) == cfg.ctx:
+                yield torch.tensor(ids)
+
+    texts = []
+    for text in read_documents(cfg):
+        texts.append(text[: cfg.ctx * 20])  # ctx tokens need far fewer characters; skip tokenizing the rest
+        if len(texts) == 256:
+            yield from tokenized(texts)
+            texts = []
+    yield from tokenized(texts)
+
+
+def take(contexts, n):
+    """The next n contexts as an (n, ctx) tensor."""
+    rows = list(itertools.islice(contexts, n))
+    if len(rows) < n:
+        raise UsageError(f"the text ran out: {n} more contexts were needed, {len(rows)} were left; give more text or lower --tokens / --eval-tokens")
+    return torch.stack(rows)
+
+
+def load_lm(cfg, device):
+    """A causal LM (bf16 on CUDA) and its tokenizer, from the hub or a local directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # keeps error output to the one line that matters
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype, attn_implementation="sdpa")
+    except OSError:
+        raise UsageError(f"could not load model {cfg.model!r}: no network, or no such hub id or directory; pass a local model directory with --model DIR") from None
+    return model.to(device).eval(), tokenizer
+
+
+def hooked_module(model, layer, site):
+    """The module whose output is the activation: block `layer` itself (resid), or its attention or MLP."""
+    n_layers = model.config.num_hidden_layers
+    if not 0 <= layer < n_layers:
+        raise UsageError(f"--layer {layer} is out of range: the model has {n_layers} layers, so use 0..{n_layers - 1}")
+    blocks = next(m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers)
+    if site == "resid":
+        return blocks[layer]
+    names = {"attn": ("attn", "self_attn", "attention"), "mlp": ("mlp", "feed_forward")}[site]
+    for name in names:
+        if hasattr(blocks[layer], name):
+            return getattr(blocks[layer], name)
+    raise UsageError(f"--site {site}: block {layer} has no submodule named {' or '.join(names)}; use --site resid")
+
+
+class StopForward(Exception):
+    """Raised by the capture hook so that layers past the hooked one never run."""
+
+
+def site_output(output):
+    return output[0] if isinstance(output, tuple) else output  # attention modules return (out, weights)
+
+
+@torch.no_grad()
+def lm_activations(model, module, tokens_NT, batch_size):
+    """Activations (N*T, d) in float32 at `module`'s output, staying on the model's device."""
+    captured = []
+
+    def hook(mod, inputs, output):
+        captured.append(site_output(output).flatten(0, 1).float())
+        raise StopForward
+
+    handle = module.register_forward_hook(hook)
+    try:
+        for tokens in tokens_NT.split(batch_size):
+            try:
+                model(tokens.to(model.device), use_cache=False)
+            except StopForward:
+                pass
+    finally:
+        handle.remove()
+    return torch.cat(captured)
+
+
+def activation_batches(cfg, model, module, contexts, start_step, steps, device):
+    """Yield (step, x_BD) for steps start_step..steps-1. Activations are captured buffer_tokens at a
+    time and served in a random order fixed by (seed, chunk), so a resumed run sees the same batches."""
+    B = cfg.batch_size
+    steps_per_chunk = max(1, cfg.buffer_tokens // B)
+    for chunk in range(math.ceil(steps / steps_per_chunk)):
+        chunk_steps = min(steps_per_chunk, steps - chunk * steps_per_chunk)
+        n_contexts = math.ceil(chunk_steps * B / cfg.ctx)
+        if (chunk + 1) * steps_per_chunk <= start_step:  # done before a resume: skip its text unread by the LM
+            for _ in itertools.islice(contexts, n_contexts):
+                pass
+            continue
+        acts = lm_activations(model, module, take(contexts, n_contexts), cfg.lm_batch_size).to(device)
+        order = torch.randperm(len(acts), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + chunk)).to(device)
+        for s in range(chunk_steps):
+            step = chunk * steps_per_chunk + s
+            if step >= start_step:
+                yield step, acts[order[s * B : (s + 1) * B]]
+
+
+# -----------------------------------------------------------------------------
+# model
+
+
+def use_grouped_mm(x):
+    """One grouped matmul for all experts on CUDA; a loop over experts elsewhere."""
+    return x.is_cuda and hasattr(F, "grouped_mm")
+
+
+def expert_matmul(x_TD, W_enc_MD, counts_N):
+    """Pre-activations (T, m): row t against its own expert's m encoder rows only.
+    x_TD is sorted by expert; counts_N says how many rows each expert owns."""
+    N = len(counts_N)
+    W_NmD = W_enc_MD.view(N, -1, W_enc_MD.shape[1])
+    if use_grouped_mm(x_TD):
+        dtype = torch.bfloat16 if x_TD.is_cuda else x_TD.dtype  # tensor cores; fp32 master weights stay fp32
+        offsets = counts_N.cumsum(0).to(torch.int32)  # stays on the device: no host sync
+        return F.grouped_mm(x_TD.to(dtype), W_NmD.to(dtype).transpose(1, 2), offs=offsets).float()
+    pre_Tm = x_TD.new_empty(len(x_TD), W_NmD.shape[1])
+    sizes = counts_N.tolist()
+    for x_i, W_i, pre_i in zip(x_TD.split(sizes), W_NmD, pre_Tm.split(sizes)):
+        torch.mm(x_i, W_i.T, out=pre_i)
+    return pre_Tm
+
+
+def scatter_rows(idx_TK, coef_TK, vec_TD, n_rows):
+    """G (n_rows, D) with G[idx[t,k]] += coef[t,k] * vec[t]: the transpose of a weighted embedding_bag,
+    taken from embedding_bag's own backward so the (T*K, D) products are never materialised."""
+    table = vec_TD.new_zeros(n_rows, vec_TD.shape[1], requires_grad=True)
+    with torch.enable_grad():
+        bags = F.embedding_bag(idx_TK, table, per_sample_weights=coef_TK, mode="sum")
+    return torch.autograd.grad(bags, table, vec_TD)[0]
+
+
+class RoutedTopK(torch.autograd.Function):
+    """Encoder of tokens sorted by expert: dense matmul within each token's expert, TopK, ReLU.
+    Optionally also the top k_aux of the expert's dead latents (AuxK). The backward is sparse: only the
+    selected (token, latent) pairs carry gradient, so it costs O(k d) per token instead of O(m d)."""
+
+    @staticmethod
+    def forward(ctx, x_TD, W_enc_MD, b_dec_D, expert_T, counts_N, k, dead_M, k_aux):
+        m = len(W_enc_MD) // len(counts_N)
+        xc_TD = x_TD - b_dec_D
+        pre_Tm = expert_matmul(xc_TD, W_enc_MD, counts_N)
+        offset_T1 = expert_T[:, None] * m
+        vals_TK, loc_TK = pre_Tm.topk(k, dim=1, sorted=False)
+        idx_TK = loc_TK + offset_T1
+        if k_aux:
+            pre_Tm.masked_fill_(~dead_M.view(len(counts_N), m)[expert_T], -math.inf)
+            aux_vals, aux_loc = pre_Tm.topk(k_aux, dim=1, sorted=False)
+            vals_TK, idx_TK = torch.cat([vals_TK, aux_vals], 1), torch.cat([idx_TK, aux_loc + offset_T1], 1)
+        acts_TK = vals_TK.relu()
+        ctx.save_for_backward(xc_TD, W_enc_MD, idx_TK, acts_TK)
+        ctx.mark_non_differentiable(idx_TK)
+        return acts_TK, idx_TK
+
+    @staticmethod
+    def backward(ctx, grad_acts_TK, _):
+        xc_TD, W_enc_MD, idx_TK, acts_TK = ctx.saved_tensors
+        g_TK = grad_acts_TK * (acts_TK > 0)
+        grad_x = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(idx_TK, W_enc_MD, per_sample_weights=g_TK, mode="sum")
+        if ctx.needs_input_grad[1]:
+            grad_W = scatter_rows(idx_TK, g_TK, xc_TD, len(W_enc_MD))
+        if ctx.needs_input_grad[2]:  # sum over tokens first: one (M,) x (M, D) product, not T of them
+            per_latent_M = torch.zeros(len(W_enc_MD), device=g_TK.device).index_add_(0, idx_TK.flatten(), g_TK.flatten())
+            grad_b = -(per_latent_M[None] @ W_enc_MD)[0]
+        return grad_x, grad_W, grad_b, None, None, None, None, None
+
+
+class SwitchSAE(nn.Module):
+    """N TopK experts of m = width / N latents behind a top-1 router (SPEC section 1)."""
+
+    def __init__(self, d_in, width, experts, k):
+        super().__init__()
+        assert width % experts == 0 and k <= width // experts
+        self.d_in, self.width, self.experts, self.k = d_in, width, experts, k
+        W_enc = nn.Linear(d_in, width, bias=False).weight.detach()
+        self.W_enc = nn.Parameter(W_enc.clone())  # (M, d); expert i owns rows [i m, (i+1) m)
+        self.W_dec = nn.Parameter(W_enc / W_enc.norm(dim=1, keepdim=True))  # (M, d), unit rows, tied at init only
+        self.W_router = nn.Parameter(nn.Linear(d_in, experts, bias=False).weight.detach().clone())  # (N, d)
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.b_router = nn.Parameter(torch.zeros(d_in))
+
+    def route(self, x_BD):
+        """Router probabilities (fp32) and the chosen expert of each token."""
+        probs_BN = F.softmax(((x_BD - self.b_router) @ self.W_router.T).float(), dim=-1)
+        return probs_BN, probs_BN.argmax(dim=-1)
+
+    def forward(self, x_BD, dead_M=None, k_aux=0):
+        """x_hat, latents (acts, global indices; with k_aux the AuxK ones appended), router probs and experts."""
+        probs_BN, expert_B = self.route(x_BD)
+        order_B = expert_B.argsort(stable=True)
+        counts_N = torch.bincount(expert_B, minlength=self.experts)
+        acts, idx = RoutedTopK.apply(x_BD[order_B], self.W_enc, self.b_dec, expert_B[order_B], counts_N, self.k, dead_M, k_aux)
+        unsort_B = order_B.argsort()
+        acts_BK, idx_BK = acts[unsort_B], idx[unsort_B]
+        gate_B = probs_BN.gather(1, expert_B[:, None])[:, 0]
+        x_hat_BD = self.decode(acts_BK[:, : self.k], idx_BK[:, : self.k], gate_B) + self.b_dec
+        return x_hat_BD, acts_BK, idx_BK, probs_BN, expert_B
+
+    def decode(self, acts_BK, idx_BK, gate_B):
+        """gate * sum_k acts_k W_dec[idx_k], reading only the k active decoder rows (no b_dec)."""
+        return F.embedding_bag(idx_BK, self.W_dec, per_sample_weights=acts_BK * gate_B[:, None].to(acts_BK.dtype), mode="sum")
+
+
+@torch.no_grad()
+def geometric_median(points_ND, iters=100, tol=1e-5):
+    """Weiszfeld's algorithm; SPEC section 1 initialises b_dec and b_router with it."""
+    median = points_ND.mean(0)
+    for _ in range(iters):
+        weights = 1 / (points_ND - median).norm(dim=1).clamp_min(1e-8)
+        new = (weights[:, None] * points_ND).sum(0) / weights.sum()
+        if (new - median).norm() < tol * median.norm().clamp_min(1):
+            return new
+        median = new
+    return median
+
+
+@torch.no_grad()
+def normalize_decoder(W_dec):
+    W_dec.div_(W_dec.norm(dim=1, keepdim=True))
+
+
+@torch.no_grad()
+def project_decoder_grad(W_dec):
+    """Remove the gradient component along each (unit) decoder row, so a step does not change its norm."""
+    parallel_M = torch.linalg.vecdot(W_dec.grad, W_dec)
+    W_dec.grad.addcmul_(W_dec, parallel_M[:, None], value=-1)
+
+
+# -----------------------------------------------------------------------------
+# losses
+
+
+def switch_sae_loss(sae, x_BD, out, lb_alpha=3.0, auxk_alpha=0.0):
+    """Reconstruction + lb_alpha * d * load balance (+ auxk_alpha * AuxK). Returns (loss, parts)."""
+    x_hat_BD, acts_BK, idx_BK, probs_BN, expert_B = out
+    recon = (x_hat_BD - x_BD).pow(2).sum(-1).mean()
+    load_N = torch.bincount(expert_B, minlength=sae.experts).float() / len(x_BD)  # f_i: no gradient
+    balance = sae.experts * (load_N * probs_BN.mean(0)).sum()  # 1 when uniform
+    loss = recon + lb_alpha * sae.d_in * balance
+    parts = {"recon": recon, "balance": balance}
+    if acts_BK.shape[1] > sae.k:  # AuxK: dead latents reconstruct what the live ones missed (Gao et al.)
+        gate_B = probs_BN.gather(1, expert_B[:, None])[:, 0]
+        error_hat_BD = sae.decode(acts_BK[:, sae.k :], idx_BK[:, sae.k :], gate_B)
+        parts["auxk"] = (error_hat_BD - (x_BD - x_hat_BD).detach()).pow(2).sum(-1).mean()
+        loss = loss + auxk_alpha * parts["auxk"]
+    return loss, parts
+
+
+# -----------------------------------------------------------------------------
+# FLOPs
+
+
+def flops_per_token(d, width, experts, k, batch_size):
+    """Training FLOPs per token, term by term, as this code runs them (SPEC section 4).
+    paper_encoder_only is the reference's convention: 2 d m forward + 2 d m backward of the encoder."""
+    m = width // experts
+    terms = {
+        "router_fwd": 2 * d * experts,
+        "router_bwd": 4 * d * experts,  # grads of W_router and of b_router through x
+        "encoder_fwd": 2 * d * m,  # only the routed expert's m latents
+        "encoder_bwd": 2 * k * d + 2 * width * d / batch_size,  # sparse W_enc grad; b_dec grad once per batch
+        "decoder_fwd": 2 * k * d,  # only the k active rows
+        "decoder_bwd": 4 * k * d,  # grads of W_dec rows and of the latents
+        "load_balance": 3 * experts,
+    }
+    terms["total"] = sum(terms.values())
+    terms["paper_encoder_only"] = 4 * d * m
+    return terms
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def lr_at(cfg, step, steps):
+    """Constant, then linear decay to 0 over the last (1 - decay_start) of training."""
+    base = cfg.lr or 2e-4 / math.sqrt(cfg.width / 2**14)
+    decay_from = int(cfg.decay_start * steps)
+    return base if step < decay_from else base * (steps - step) / max(1, steps - decay_from)
+
+
+def make_optimizer(sae):
+    return torch.optim.Adam(sae.parameters(), lr=0.0, betas=(0.9, 0.999), fused=True)
+
+
+def train_step(sae, opt, x_BD, cfg, lr, tokens_since_fired_M=None):
+    """One optimizer step; returns the loss parts (tensors, not synced). Updates the dead-latent clock."""
+    dead_M = None if tokens_since_fired_M is None else tokens_since_fired_M > cfg.dead_tokens
+    k_aux = min(sae.d_in // 2, sae.width // sae.experts) if cfg.auxk_alpha and dead_M is not None and bool(dead_M.any()) else 0
+    out = sae(x_BD, dead_M, k_aux)
+    loss, parts = switch_sae_loss(sae, x_BD, out, cfg.lb_alpha, cfg.auxk_alpha)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    project_decoder_grad(sae.W_dec)
+    torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.step()
+    normalize_decoder(sae.W_dec)
+    if tokens_since_fired_M is not None:
+        acts_BK, idx_BK = out[1][:, : sae.k], out[2][:, : sae.k]
+        fired_M = torch.zeros_like(tokens_since_fired_M).index_add_(0, idx_BK.flatten(), (acts_BK > 0).flatten().long())
+        tokens_since_fired_M.add_(len(x_BD)).masked_fill_(fired_M > 0, 0)
+    with torch.no_grad():
+        parts["fve"] = 1 - (out[0] - x_BD).var(0).sum() / x_BD.var(0).sum()
+    parts["loss"] = loss.detach()
+    return parts
+
+
+def train(cfg):
+    from tqdm import tqdm
+
+    if cfg.resume:
+        cfg = load_config(cfg.out)
+    check_config(cfg)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_lm(cfg, device)
+    module = hooked_module(model, cfg.layer, cfg.site)
+    contexts = token_contexts(cfg, tokenizer)
+    eval_tokens_NT = take(contexts, max(1, cfg.eval_tokens // cfg.ctx))  # held out: read first, never trained on
+
+    d = model.config.hidden_size
+    sae = SwitchSAE(d, cfg.width, cfg.experts, cfg.k).to(device)
+    opt = make_optimizer(sae)
+    tokens_since_fired_M = torch.zeros(cfg.width, dtype=torch.long, device=device)
+    steps = cfg.tokens // cfg.batch_size
+    start = load_checkpoint(cfg.out, sae, opt, tokens_since_fired_M) if cfg.resume else 0
+    os.makedirs(cfg.out, exist_ok=True)
+    write_json(os.path.join(cfg.out, "config.json"), dataclasses.asdict(cfg))
+    flops = flops_per_token(d, cfg.width, cfg.experts, cfg.k, cfg.batch_size)
+    print(f"{cfg.model} layer {cfg.layer} {cfg.site}: d={d}, {cfg.experts} experts x {cfg.width // cfg.experts} latents, k={cfg.k}, "
+          f"{steps} steps of {cfg.batch_size} tokens, {flops['total'] / 1e6:.2f} MFLOP/token ({flops['paper_encoder_only'] / 1e6:.2f} by the paper's count)")
+    if cfg.tokens < 819_200_000:
+        print("the paper trained on 819.2M tokens: add --tokens 819200000")
+
+    save_every = max(1, cfg.save_every // cfg.batch_size)
+    bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True)
+    for step, x_BD in activation_batches(cfg, model, module, contexts, start, steps, device):
+        if step == 0:
+            with torch.no_grad():
+                sae.b_dec.copy_(geometric_median(x_BD))
+                sae.b_router.copy_(sae.b_dec)
+        parts = train_step(sae, opt, x_BD, cfg, lr_at(cfg, step, steps), tokens_since_fired_M)
+        bar.update(1)
+        saving = (step + 1) % save_every == 0 or step + 1 == steps
+        if saving or (step + 1) % cfg.log_every == 0:
+            loss = parts["loss"].item()
+            if not math.isfinite(loss):  # checked before any save, so the last checkpoint stays good
+                raise RuntimeError(f"loss became {loss} at step {step}; the last good checkpoint in {cfg.out} is intact")
+            bar.set_postfix(loss=f"{loss:.1f}", fve=f"{parts['fve'].item():.3f}",
+                            tok_s=f"{(bar.format_dict['rate'] or 0) * cfg.batch_size:.0f}",
+                            pflop=f"{flops['total'] * (step + 1) * cfg.batch_size / 1e15:.4f}")
+        if saving:
+            save_checkpoint(cfg.out, sae, cfg, step + 1, opt, tokens_since_fired_M)
+    bar.close()
+
+    metrics = evaluate(sae, cfg, model, module, eval_tokens_NT)
+    metrics.update(train_tokens=steps * cfg.batch_size, flops_per_token=flops["total"],
+                   train_flops=flops["total"] * steps * cfg.batch_size, paper_flops_per_token=flops["paper_encoder_only"])
+    write_json(os.path.join(cfg.out, "metrics.json"), metrics)
+    print_table(metrics)
+    return metrics
+
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+
+@torch.no_grad()
+def lm_loss(model, module, tokens_NT, batch_size, patch=None):
+    """Mean next-token cross-entropy over all positions, with `patch` applied to the site's output."""
+
+    def hook(mod, inputs, output):
+        new = patch(site_output(output))
+        return (new,) + output[1:] if isinstance(output, tuple) else new
+
+    handle = module.register_forward_hook(hook) if patch else None
+    try:
+        losses = [model(t.to(model.device), labels=t.to(model.device), use_cache=False).loss.float() * len(t)
+                  for t in tokens_NT.split(batch_size)]
+    finally:
+        if handle:
+            handle.remove()
+    return (torch.stack(losses).sum() / len(tokens_NT)).item()
+
+
+@torch.no_grad()
+def evaluate(sae, cfg, model, module, tokens_NT, x_ND=None):
+    """SPEC section 5 metrics on held-out tokens."""
+    if x_ND is None:
+        x_ND = lm_activations(model, module, tokens_NT, cfg.lm_batch_size)
+    x_ND = x_ND.to(sae.W_enc.device)
+    sq_err, resid_sum, resid_sq, l0, n = 0.0, 0.0, 0.0, 0.0, len(x_ND)
+    fired_M = torch.zeros(sae.width, dtype=torch.bool, device=x_ND.device)
+    load_N = torch.zeros(sae.experts, device=x_ND.device)
+    for x in x_ND.split(cfg.batch_size):
+        x_hat, acts, idx, _, expert = sae(x)
+        resid = x - x_hat
+        sq_err += resid.pow(2).sum()
+        resid_sum, resid_sq = resid_sum + resid.sum(0), resid_sq + resid.pow(2).sum(0)
+        l0 += (acts > 0).sum()
+        fired_M[idx[acts > 0]] = True
+        load_N += torch.bincount(expert, minlength=sae.experts)
+    resid_var = (resid_sq / n - (resid_sum / n) ** 2).sum()
+    metrics = {
+        "mse": (sq_err / n).item(),
+        "fve": (1 - resid_var / x_ND.var(0, correction=0).sum()).item(),
+        "l0": (l0 / n).item(),
+        "dead_fraction": 1 - fired_M.float().mean().item(),
+        "expert_load": (load_N / n).tolist(),
+        "eval_tokens": n,
+    }
+    if model is not None:
+        def splice(h):
+            return sae(h.flatten(0, 1).float())[0].view_as(h).to(h.dtype)
+        ce_clean = lm_loss(model, module, tokens_NT, cfg.lm_batch_size)
+        ce_sae = lm_loss(model, module, tokens_NT, cfg.lm_batch_size, splice)
+        ce_zero = lm_loss(model, module, tokens_NT, cfg.lm_batch_size, torch.zeros_like)
+        metrics.update(ce_clean=ce_clean, ce_sae=ce_sae, ce_zero=ce_zero, delta_ce=ce_sae - ce_clean,
+                       frac_loss_recovered=(ce_sae - ce_zero) / (ce_clean - ce_zero))
+    return metrics
+
+
+def print_table(metrics):
+    for key, value in metrics.items():
+        shown = " ".join(f"{v:.3f}" for v in value) if isinstance(value, list) else f"{value:.4g}"
+        print(f"{key:>20}  {shown}")
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: one safetensors file holds the SAE, its config and (for --resume) the training state
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda tmp: open(tmp, "w").write(json.dumps(obj, indent=1)))
+
+
+def atomic_write(path, write):
+    """Write to a temporary file, then rename over `path`: a crash leaves the old file whole."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out_dir, sae, cfg, step, opt=None, tokens_since_fired_M=None):
+    from safetensors.torch import save_file
+
+    tensors = {name: p.detach().contiguous() for name, p in sae.state_dict().items()}
+    if opt is not None:
+        for i, state in opt.state_dict()["state"].items():
+            tensors.update({f"train.adam.{i}.{key}": value.contiguous() for key, value in state.items()})
+        tensors["train.tokens_since_fired"] = tokens_since_fired_M
+    meta = {"sae": json.dumps({"d_in": sae.d_in, "width": sae.width, "experts": sae.experts, "k": sae.k}),
+            "config": json.dumps(dataclasses.asdict(cfg)), "step": str(step)}
+    atomic_write(os.path.join(out_dir, "sae.safetensors"), lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def load_sae(path, device="cpu"):
+    """A trained SwitchSAE from a run directory or its sae.safetensors file."""
+    from safetensors import safe_open
+
+    path = os.path.join(path, "sae.safetensors") if os.path.isdir(path) else path
+    with safe_open(path, framework="pt", device=str(device)) as f:
+        sae = SwitchSAE(**json.loads(f.metadata()["sae"])).to(device)
+        sae.load_state_dict({name: f.get_tensor(name) for name in sae.state_dict()})
+    return sae
+
+
+def load_config(out_dir):
+    path = os.path.join(out_dir, "config.json")
+    if not os.path.isfile(path):
+        raise UsageError(f"--resume: no run to continue in {out_dir} (no config.json); drop --resume or point --out at the run")
+    fields = json.load(open(path))
+    fields["text"], fields["resume"] = tuple(fields["text"]), True
+    return Config(**fields)
+
+
+def load_checkpoint(out_dir, sae, opt, tokens_since_fired_M):
+    """Restore weights, Adam state and the dead-latent clock; returns the step to continue from."""
+    from safetensors import safe_open
+
+    path = os.path.join(out_dir, "sae.safetensors")
+    if not os.path.isfile(path):
+        raise UsageError(f"--resume: {out_dir} has no checkpoint yet; drop --resume to start the run afresh")
+    device = sae.W_enc.device
+    with safe_open(path, framework="pt", device=str(device)) as f:
+        sae.load_state_dict({name: f.get_tensor(name) for name in sae.state_dict()})
+        state = {}
+        for name in f.keys():
+            if name.startswith("train.adam."):
+                _, _, i, key = name.split(".")
+                state.setdefault(int(i), {})[key] = f.get_tensor(name)
+        tokens_since_fired_M.copy_(f.get_tensor("train.tokens_since_fired"))
+        step = int(f.metadata()["step"])
+    for value in state.values():
+        value["step"] = value["step"].cpu()  # Adam keeps its step count on the CPU
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    return step
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def parse_config(argv):
+    parser = argparse.ArgumentParser(description="Train and evaluate a Switch SAE on a causal LM's activations.")
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+        elif f.type is tuple:
+            parser.add_argument(flag, nargs="+", default=f.default, help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=f.type, default=f.default, help=f"{f.metadata['help']} (default {f.default})")
+    args = vars(parser.parse_args(argv))
+    args["text"] = tuple(args["text"])
+    return Config(**args)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["bench"]:
+            bench(parse_bench(argv[1:]))
+        else:
+            train(parse_config(argv))
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

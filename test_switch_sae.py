@@ -1,0 +1,360 @@
+"""Tests for switch_sae.py: offline, CPU, a few minutes. Each pins behaviour against an independent
+reference: a dense dense-then-mask Switch SAE, a plain TopK SAE, hand computations, FlopCounterMode,
+or a Hugging Face model's own output_hidden_states."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import switch_sae as S
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOL = dict(rtol=1e-4, atol=1e-5)  # float32, sums over a few hundred terms
+
+
+# -----------------------------------------------------------------------------
+# independent references
+
+
+def dense_switch(sae, x_BD):
+    """The authors' formulation: full dense encoder for every token, mask to the routed expert, TopK."""
+    m = sae.width // sae.experts
+    probs_BN = F.softmax((x_BD - sae.b_router) @ sae.W_router.T, dim=-1)
+    expert_B = probs_BN.argmax(-1)
+    pre_BM = (x_BD - sae.b_dec) @ sae.W_enc.T
+    owner_M = torch.arange(sae.width) // m
+    pre_BM = pre_BM.masked_fill(owner_M[None] != expert_B[:, None], -torch.inf)
+    vals, idx = pre_BM.topk(sae.k, dim=1)
+    z_BM = torch.zeros_like(pre_BM).scatter(1, idx, vals.relu())
+    gate_B1 = probs_BN.gather(1, expert_B[:, None])
+    x_hat = gate_B1 * (z_BM @ sae.W_dec) + sae.b_dec
+    load_N = torch.bincount(expert_B, minlength=sae.experts).float() / len(x_BD)
+    balance = sae.experts * (load_N * probs_BN.mean(0)).sum()
+    return x_hat, z_BM, balance
+
+
+def plain_topk(W_enc, W_dec, b_dec, x_BD, k):
+    """Gao et al.'s TopK SAE, written without any routing."""
+    pre = torch.relu((x_BD - b_dec) @ W_enc.T)
+    vals, idx = pre.topk(k, dim=1)
+    return torch.zeros_like(pre).scatter(1, idx, vals) @ W_dec + b_dec
+
+
+def random_sae(d=24, width=96, experts=4, k=5, seed=0):
+    torch.manual_seed(seed)
+    sae = S.SwitchSAE(d, width, experts, k)
+    with torch.no_grad():  # non-zero biases so their gradients are exercised
+        sae.b_dec.normal_()
+        sae.b_router.normal_()
+    return sae, torch.randn(300, d) * 2
+
+
+def grads(sae, loss):
+    sae.zero_grad()
+    loss.backward()
+    return {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in sae.named_parameters()}
+
+
+# -----------------------------------------------------------------------------
+# model and losses
+
+
+@pytest.mark.parametrize("experts", [1, 4])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_routed_equals_dense_reference(experts, grouped, monkeypatch):
+    monkeypatch.setattr(S, "use_grouped_mm", lambda x: grouped)  # the CUDA path, run here on CPU
+    sae, x = random_sae(experts=experts)
+    x_hat, acts, idx, probs, expert = sae(x)
+    loss, parts = S.switch_sae_loss(sae, x, (x_hat, acts, idx, probs, expert))
+    got = grads(sae, loss)
+
+    ref_hat, ref_z, ref_balance = dense_switch(sae, x)
+    ref_loss = (ref_hat - x).pow(2).sum(-1).mean() + 3.0 * sae.d_in * ref_balance
+    want = grads(sae, ref_loss)
+
+    torch.testing.assert_close(x_hat, ref_hat, **TOL)
+    torch.testing.assert_close(parts["balance"], ref_balance, **TOL)
+    z = torch.zeros(len(x), sae.width).scatter(1, idx, acts)
+    torch.testing.assert_close(z, ref_z.detach(), **TOL)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], **TOL, msg=name)
+    assert got["W_router"].abs().sum() > 0 or experts == 1
+
+
+def test_one_expert_is_a_plain_topk_sae():
+    sae, x = random_sae(experts=1, width=64, k=6)
+    x_hat = sae(x)[0]
+    W_enc, W_dec, b_dec = (p.detach().clone().requires_grad_() for p in (sae.W_enc, sae.W_dec, sae.b_dec))
+    ref = plain_topk(W_enc, W_dec, b_dec, x, 6)
+    torch.testing.assert_close(x_hat, ref, **TOL)
+    got = grads(sae, (x_hat - x).pow(2).sum(-1).mean())
+    (ref - x).pow(2).sum(-1).mean().backward()
+    for name, p in [("W_enc", W_enc), ("W_dec", W_dec), ("b_dec", b_dec)]:
+        torch.testing.assert_close(got[name], p.grad, **TOL, msg=name)
+
+
+def test_load_balance_is_one_when_uniform_and_n_when_collapsed():
+    sae, x = random_sae(experts=4)
+    expert = torch.arange(len(x)) % 4
+    uniform = torch.full((len(x), 4), 0.25)
+    collapsed = F.one_hot(torch.zeros(len(x), dtype=torch.long), 4).float()
+    dummy = torch.zeros(len(x), sae.k)
+    _, parts = S.switch_sae_loss(sae, x, (x, dummy, dummy.long(), uniform, expert))
+    assert parts["balance"].item() == pytest.approx(1.0)
+    _, parts = S.switch_sae_loss(sae, x, (x, dummy, dummy.long(), collapsed, torch.zeros(len(x), dtype=torch.long)))
+    assert parts["balance"].item() == pytest.approx(4.0)
+
+
+def test_load_balance_alone_trains_the_router():
+    sae, x = random_sae(experts=4)
+    out = sae(x)
+    _, parts = S.switch_sae_loss(sae, x, out)
+    g = grads(sae, parts["balance"])
+    assert g["W_router"].abs().max() > 1e-6 and g["b_router"].abs().max() > 1e-6
+    assert g["W_enc"].abs().max() == 0  # the balance term reaches only the router
+
+
+def test_decoder_rows_stay_unit_norm_and_grad_is_projected():
+    sae, x = random_sae()
+    cfg = S.Config(batch_size=len(x), lb_alpha=3.0)
+    opt = S.make_optimizer(sae)
+    for _ in range(3):
+        S.train_step(sae, opt, x, cfg, lr=1e-2)
+        torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(sae.width))
+    W = torch.nn.Parameter(F.normalize(torch.randn(6, 4), dim=1))
+    g = torch.randn(6, 4)
+    W.grad = g.clone()
+    S.project_decoder_grad(W)
+    expected = torch.stack([gi - (gi @ wi) * wi for gi, wi in zip(g, W.detach())])  # row by row, by hand
+    torch.testing.assert_close(W.grad, expected)
+    assert (W.grad * W).sum(1).abs().max() < 1e-6
+
+
+def test_geometric_median_of_known_point_sets():
+    triangle = torch.tensor([[0.0, 0.0], [2.0, 0.0], [1.0, 3**0.5]])  # equilateral: median is the centroid
+    torch.testing.assert_close(S.geometric_median(triangle), triangle.mean(0), atol=1e-4, rtol=0)
+    line = torch.tensor([[0.0], [1.0], [2.0], [3.0], [100.0]])  # 1-D: the ordinary median, not the mean 21.2
+    torch.testing.assert_close(S.geometric_median(line), torch.tensor([2.0]), atol=1e-3, rtol=0)
+
+
+def test_auxk_uses_only_dead_latents_of_the_routed_expert():
+    sae, x = random_sae(experts=4, width=96, k=3)
+    dead = torch.zeros(sae.width, dtype=torch.bool)
+    dead[::5] = True
+    x_hat, acts, idx, probs, expert = sae(x, dead, k_aux=4)
+    aux_idx = idx[:, sae.k :]
+    m = sae.width // sae.experts
+    live_aux = acts[:, sae.k :] > 0
+    assert dead[aux_idx[live_aux]].all()
+    assert (aux_idx // m == expert[:, None]).all()
+    # the aux latents are the top dead pre-activations of the routed expert, as a dense computation says
+    pre = (x - sae.b_dec) @ sae.W_enc.T
+    owner = torch.arange(sae.width) // m
+    pre = pre.masked_fill(~dead[None] | (owner[None] != expert[:, None]), -torch.inf)
+    torch.testing.assert_close(acts[:, sae.k :].sort(1).values, pre.topk(4).values.relu().sort(1).values.detach(), **TOL)
+    loss, parts = S.switch_sae_loss(sae, x, (x_hat, acts, idx, probs, expert), auxk_alpha=1 / 32)
+    g = grads(sae, parts["auxk"])
+    assert g["W_enc"][~dead].abs().max() == 0 and g["W_enc"][dead].abs().max() > 0
+
+
+# -----------------------------------------------------------------------------
+# FLOPs
+
+
+def test_flop_count_matches_flop_counter_on_equivalent_matmuls():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    d, width, experts, k, B = 64, 1024, 8, 16, 512
+    sae, _ = random_sae(d=d, width=width, experts=experts, k=k)
+    x = torch.randn(B, d)
+    # the real forward and backward: FlopCounterMode sees the router and encoder matmuls ...
+    with FlopCounterMode(display=False) as counter:
+        x_hat, acts, idx, probs, expert = sae(x)
+        loss, _ = S.switch_sae_loss(sae, x, (x_hat, acts, idx, probs, expert))
+        loss.backward()
+    counted = counter.get_total_flops()
+    # ... the sparse gathers (embedding_bag) it cannot see are counted as the batched matmuls they equal
+    with FlopCounterMode(display=False) as counter:
+        rows = sae.W_dec.detach()[idx].requires_grad_()  # (B, k, d)
+        a = acts.detach()[:, None, :].requires_grad_()  # (B, 1, k)
+        torch.bmm(a, rows).sum().backward()  # decoder forward, W_dec rows grad, latent grad
+        torch.bmm(acts.detach()[:, None, :], sae.W_enc.detach()[idx])  # sparse W_enc grad: same shape
+    counted += counter.get_total_flops()
+    analytic = S.flops_per_token(d, width, experts, k, B)
+    matmul_terms = analytic["total"] - analytic["load_balance"]
+    assert counted / B == pytest.approx(matmul_terms, rel=0.02)
+    assert analytic["paper_encoder_only"] == 4 * d * width // experts
+
+
+# -----------------------------------------------------------------------------
+# capture on real Hugging Face architectures (random weights, built from configs)
+
+
+WORDS = ("the of and to in is that it was for on are as with his they at be this from have or by one had "
+         "not but what all were when we there can an your which their said if do will each about how up out "
+         "them then she many some so these would other into has more her two like him see time could no make").split()
+
+
+def write_corpus(path, docs=300, seed=0):
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(docs):
+            f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 80)))}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny random GPT-2 with a tokenizer trained here, saved like a hub model, and a text file."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny")
+    corpus = str(root / "corpus.jsonl")
+    write_corpus(corpus)
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(special_tokens=["[UNK]"]))
+    model_dir = str(root / "gpt2-tiny")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(model_dir)
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=tok.get_vocab_size())
+    GPT2LMHeadModel(config).save_pretrained(model_dir)
+    return model_dir, corpus, root
+
+
+def tiny_args(tiny_run, out, **extra):
+    model_dir, corpus, _ = tiny_run
+    args = dict(model=model_dir, text=corpus, layer=0, ctx=16, experts=4, k=4, width=64, tokens=2048, batch_size=256,
+                buffer_tokens=1024, eval_tokens=256, lm_batch_size=16, out=str(out), device="cpu", save_every=512)
+    args.update(extra)
+    return [f"--{key.replace('_', '-')}={value}" for key, value in args.items()]
+
+
+def test_capture_equals_hidden_states_for_gpt2_and_llama():
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 50, (3, 10))
+    models = [GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=32, n_head=4, vocab_size=50)),
+              LlamaForCausalLM(LlamaConfig(num_hidden_layers=3, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                           num_key_value_heads=2, vocab_size=50))]
+    for model in models:
+        model.eval()
+        hidden = model(tokens, output_hidden_states=True).hidden_states
+        for layer in (0, 1):  # hidden_states[L + 1] is block L's output (the last one has the final norm)
+            got = S.lm_activations(model, S.hooked_module(model, layer, "resid"), tokens, batch_size=2)
+            torch.testing.assert_close(got, hidden[layer + 1].flatten(0, 1), **TOL)
+        # attention and MLP outputs add up to the block's change of the residual stream
+        attn = S.lm_activations(model, S.hooked_module(model, 1, "attn"), tokens, 2)
+        mlp = S.lm_activations(model, S.hooked_module(model, 1, "mlp"), tokens, 2)
+        torch.testing.assert_close(hidden[1].flatten(0, 1) + attn + mlp, hidden[2].flatten(0, 1), **TOL)
+
+
+def test_cli_trains_evaluates_and_checkpoint_reloads(tiny_run, tmp_path, capsys):
+    S.main(tiny_args(tiny_run, tmp_path))
+    printed = capsys.readouterr().out
+    metrics = json.load(open(tmp_path / "metrics.json"))
+    keys = "mse fve l0 dead_fraction expert_load ce_clean ce_sae ce_zero frac_loss_recovered delta_ce train_tokens train_flops flops_per_token"
+    assert set(keys.split()) <= set(metrics)
+    assert "frac_loss_recovered" in printed and metrics["train_tokens"] == 2048
+    assert metrics["l0"] <= 4 and len(metrics["expert_load"]) == 4
+    assert sum(metrics["expert_load"]) == pytest.approx(1.0)
+    assert metrics["ce_sae"] == pytest.approx(metrics["ce_clean"] + metrics["delta_ce"])
+    assert metrics["train_flops"] == metrics["flops_per_token"] * 2048
+    assert 0 < metrics["fve"] < 1  # trained: better than the mean, worse than perfect
+
+    # the checkpoint reloads to the same outputs, and eval MSE is what the reloaded SAE gives
+    sae = S.load_sae(tmp_path)
+    model_dir, _, _ = tiny_run
+    from transformers import AutoModelForCausalLM
+    lm = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    x = S.lm_activations(lm, S.hooked_module(lm, 0, "resid"), torch.randint(0, 50, (4, 16)), 4)
+    again = S.load_sae(str(tmp_path / "sae.safetensors"))
+    torch.testing.assert_close(sae(x)[0], again(x)[0], rtol=0, atol=0)
+    assert (sae.W_dec.norm(dim=1) - 1).abs().max() < 1e-5
+
+
+def test_resume_ends_with_the_same_weights(tiny_run, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    S.main(tiny_args(tiny_run, tmp_path / "whole"))
+    real_step = S.train_step
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 8:  # mid-way through the second buffer chunk; the last checkpoint was at step 6
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(S, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        S.main(tiny_args(tiny_run, tmp_path / "cut"))
+    monkeypatch.setattr(S, "train_step", real_step)
+    S.main(["--resume", f"--out={tmp_path / 'cut'}"])
+    whole, cut = load_file(tmp_path / "whole" / "sae.safetensors"), load_file(tmp_path / "cut" / "sae.safetensors")
+    assert whole.keys() == cut.keys()
+    for name in whole:
+        torch.testing.assert_close(cut[name], whole[name], rtol=0, atol=0, msg=name)
+    assert json.load(open(tmp_path / "cut" / "metrics.json"))["mse"] == json.load(open(tmp_path / "whole" / "metrics.json"))["mse"]
+
+
+# -----------------------------------------------------------------------------
+# bad input: one line naming the fix, exit status 2, no traceback
+
+
+BAD = [
+    (dict(width=100, experts=16), "not divisible by --experts"),
+    (dict(k=40, width=512, experts=16), "latents per expert"),
+    (dict(layer=7), "out of range"),
+    (dict(site="embed"), "unknown --site"),
+    (dict(text="/nonexistent/corpus.jsonl"), "no such file"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD)
+def test_bad_input_gets_one_line_and_exit_2(tiny_run, tmp_path, capsys, change, message):
+    with pytest.raises(SystemExit) as exit_info:
+        S.main(tiny_args(tiny_run, tmp_path, **change))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2
+    assert message in err and len(err.splitlines()) == 1 and err.startswith("error: ")
+
+
+def test_empty_text_file_is_refused(tiny_run, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(SystemExit):
+        S.main(tiny_args(tiny_run, tmp_path, text=empty))
+    assert "is empty" in capsys.readouterr().err
+
+
+def run_cli(*args, **env):
+    return subprocess.run([sys.executable, os.path.join(HERE, "switch_sae.py"), *args], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+def test_hub_model_without_network_names_the_local_flag(tmp_path):
+    result = run_cli("--model", "gpt2", "--text", __file__, "--out", str(tmp_path), "--device", "cpu", HF_HUB_OFFLINE="1")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "--model DIR" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_hub_dataset_without_network_names_the_text_flag(tiny_run, tmp_path):
+    args = [a for a in tiny_args(tiny_run, tmp_path) if not a.startswith("--text")]
+    result = run_cli(*args, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    assert result.returncode == 2 and "--text" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_for_but_absent(tiny_run, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        S.main(tiny_args(tiny_run, tmp_path, device="cuda"))
+    assert "--device cpu" in capsys.readouterr().err
