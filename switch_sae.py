@@ -48,6 +48,7 @@ class Config:
     text: tuple = arg((), "local .txt, .jsonl or .jsonl.gz files (a 'text' field per line) instead of --dataset")
     dataset: str = arg("Skylion007/openwebtext", "hub dataset streamed when no --text is given")
     ctx: int = arg(128, "tokens per context: each document's first ctx tokens, shorter documents skipped")
+    skip_positions: int = arg(1, "leading positions of each context not trained on, spliced or ablated: the first one is an attention sink with ~100x the usual norm (0 keeps them, as the paper did)")
     lm_batch_size: int = arg(32, "contexts per language-model forward")
     buffer_tokens: int = arg(2**20, "activations captured, then served in random order (the shuffle buffer)")
     # the SAE
@@ -83,6 +84,8 @@ def check_config(cfg):
         raise UsageError(f"unknown --site {cfg.site!r}: use resid, attn or mlp")
     if cfg.experts < 1 or cfg.width % cfg.experts:
         raise UsageError(f"--width {cfg.width} is not divisible by --experts {cfg.experts}: pick a width that is a multiple of the expert count")
+    if not 0 <= cfg.skip_positions < cfg.ctx:
+        raise UsageError(f"--skip-positions {cfg.skip_positions} must be at least 0 and below --ctx {cfg.ctx}")
     if not 1 <= cfg.k <= cfg.width // cfg.experts:
         raise UsageError(f"--k {cfg.k} must be between 1 and the latents per expert ({cfg.width // cfg.experts} = width / experts): lower --k or raise --width")
     if cfg.batch_size < 1 or cfg.tokens < cfg.batch_size:
@@ -197,12 +200,12 @@ def site_output(output):
 
 
 @torch.no_grad()
-def lm_activations(model, module, tokens_NT, batch_size):
-    """Activations (N*T, d) in float32 at `module`'s output, staying on the model's device."""
+def lm_activations(model, module, tokens_NT, batch_size, skip_positions=0):
+    """Activations (N*(T-skip), d) in float32 at `module`'s output, staying on the model's device."""
     captured = []
 
     def hook(mod, inputs, output):
-        captured.append(site_output(output).flatten(0, 1).float())
+        captured.append(site_output(output)[:, skip_positions:].flatten(0, 1).float())
         raise StopForward
 
     handle = module.register_forward_hook(hook)
@@ -224,12 +227,12 @@ def activation_batches(cfg, model, module, contexts, start_step, steps, device):
     steps_per_chunk = max(1, cfg.buffer_tokens // B)
     for chunk in range(math.ceil(steps / steps_per_chunk)):
         chunk_steps = min(steps_per_chunk, steps - chunk * steps_per_chunk)
-        n_contexts = math.ceil(chunk_steps * B / cfg.ctx)
+        n_contexts = math.ceil(chunk_steps * B / (cfg.ctx - cfg.skip_positions))
         if (chunk + 1) * steps_per_chunk <= start_step:  # done before a resume: skip its text unread by the LM
             for _ in itertools.islice(contexts, n_contexts):
                 pass
             continue
-        acts = lm_activations(model, module, take(contexts, n_contexts), cfg.lm_batch_size).to(device)
+        acts = lm_activations(model, module, take(contexts, n_contexts), cfg.lm_batch_size, cfg.skip_positions).to(device)
         order = torch.randperm(len(acts), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + chunk)).to(device)
         for s in range(chunk_steps):
             step = chunk * steps_per_chunk + s
@@ -511,11 +514,13 @@ def train(cfg):
 
 
 @torch.no_grad()
-def lm_loss(model, module, tokens_NT, batch_size, patch=None):
-    """Mean next-token cross-entropy over all positions, with `patch` applied to the site's output."""
+def lm_loss(model, module, tokens_NT, batch_size, patch=None, skip_positions=0):
+    """Mean next-token cross-entropy over all positions, with `patch` applied to the site's output
+    after the first skip_positions."""
 
     def hook(mod, inputs, output):
-        new = patch(site_output(output))
+        h = site_output(output)
+        new = torch.cat([h[:, :skip_positions], patch(h[:, skip_positions:])], 1)
         return (new,) + output[1:] if isinstance(output, tuple) else new
 
     handle = module.register_forward_hook(hook) if patch else None
@@ -532,7 +537,7 @@ def lm_loss(model, module, tokens_NT, batch_size, patch=None):
 def evaluate(sae, cfg, model, module, tokens_NT, x_ND=None):
     """SPEC section 5 metrics on held-out tokens."""
     if x_ND is None:
-        x_ND = lm_activations(model, module, tokens_NT, cfg.lm_batch_size)
+        x_ND = lm_activations(model, module, tokens_NT, cfg.lm_batch_size, cfg.skip_positions)
     x_ND = x_ND.to(sae.W_enc.device)
     sq_err, resid_sum, resid_sq, l0, n = 0.0, 0.0, 0.0, 0.0, len(x_ND)
     fired_M = torch.zeros(sae.width, dtype=torch.bool, device=x_ND.device)
@@ -558,8 +563,8 @@ def evaluate(sae, cfg, model, module, tokens_NT, x_ND=None):
         def splice(h):
             return sae(h.flatten(0, 1).float())[0].view_as(h).to(h.dtype)
         ce_clean = lm_loss(model, module, tokens_NT, cfg.lm_batch_size)
-        ce_sae = lm_loss(model, module, tokens_NT, cfg.lm_batch_size, splice)
-        ce_zero = lm_loss(model, module, tokens_NT, cfg.lm_batch_size, torch.zeros_like)
+        ce_sae = lm_loss(model, module, tokens_NT, cfg.lm_batch_size, splice, cfg.skip_positions)
+        ce_zero = lm_loss(model, module, tokens_NT, cfg.lm_batch_size, torch.zeros_like, cfg.skip_positions)
         metrics.update(ce_clean=ce_clean, ce_sae=ce_sae, ce_zero=ce_zero, delta_ce=ce_sae - ce_clean,
                        frac_loss_recovered=(ce_sae - ce_zero) / (ce_clean - ce_zero))
     return metrics
