@@ -25,6 +25,7 @@ import math
 import os
 import random
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -572,7 +573,7 @@ def evaluate(sae, cfg, model, module, tokens_NT, x_ND=None):
 
 def print_table(metrics):
     for key, value in metrics.items():
-        shown = " ".join(f"{v:.3f}" for v in value) if isinstance(value, list) else f"{value:.4g}"
+        shown = " ".join(f"{v:.3f}" for v in value) if isinstance(value, list) else value if isinstance(value, str) else f"{value:.4g}"
         print(f"{key:>20}  {shown}")
 
 
@@ -645,6 +646,139 @@ def load_checkpoint(out_dir, sae, opt, tokens_since_fired_M):
         value["step"] = value["step"].cpu()  # Adam keeps its step count on the CPU
     opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
     return step
+
+
+# -----------------------------------------------------------------------------
+# benchmark: does routing turn FLOPs saved into time saved?
+
+
+def parse_bench(argv):
+    parser = argparse.ArgumentParser(prog="switch_sae.py bench", description="Time training steps of a Switch SAE and of a TopK SAE of the same width, and LM activation capture.")
+    parser.add_argument("--experts", type=int, default=16, help="experts of the Switch SAE (the TopK SAE has 1)")
+    parser.add_argument("--width", type=int, default=24576, help="total latents of both SAEs")
+    parser.add_argument("--k", type=int, default=32, help="active latents per token")
+    parser.add_argument("--d-in", type=int, default=768, help="activation dimension")
+    parser.add_argument("--batch-size", type=int, default=4096, help="tokens per step")
+    parser.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the SAE weights and data")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps of each SAE, alternating, after 2 warm-up steps")
+    parser.add_argument("--model", default="", help="also time capture: a config name (gpt2, llama, ...) or a model directory; random weights")
+    parser.add_argument("--layer", type=int, default=8, help="capture layer")
+    parser.add_argument("--ctx", type=int, default=128, help="capture context length")
+    parser.add_argument("--lm-batch-size", type=int, default=64, help="contexts per capture forward")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    return parser.parse_args(argv)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory_reset(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:  # Linux: writing 5 resets the process's peak resident set size (VmHWM)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    status = open("/proc/self/status").read()  # whole-process peak resident memory on the CPU
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024
+
+
+def timed(fn, device, repeats):
+    """Median seconds of fn() over repeats, with the device synchronised around each call."""
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def bench_sae_steps(args, device, dtype):
+    """Median step time and peak memory of each SAE, timed alternately so drift hits both alike."""
+    cfg = Config(batch_size=args.batch_size, k=args.k, width=args.width)
+    x_BD = torch.randn(args.batch_size, args.d_in, device=device, dtype=dtype)
+    runs = {}
+    for name, experts in (("switch", args.experts), ("topk", 1)):
+        torch.manual_seed(0)
+        sae = SwitchSAE(args.d_in, args.width, experts, args.k).to(device, dtype)
+        with torch.no_grad():
+            sae.b_dec.copy_(geometric_median(x_BD.float()))
+        opt = make_optimizer(sae)
+        clock = torch.zeros(args.width, dtype=torch.long, device=device)
+        step = lambda sae=sae, opt=opt, clock=clock: train_step(sae, opt, x_BD, cfg, 1e-4, clock)
+        step()
+        peak_memory_reset(device)
+        step()
+        runs[name] = {"step": step, "times": [], "peak_mem_mb": peak_memory_mb(device)}
+    for _ in range(args.steps):
+        for run in runs.values():
+            run["times"].append(timed(run["step"], device, 1))
+    return {name: (sorted(r["times"])[len(r["times"]) // 2], r["peak_mem_mb"]) for name, r in runs.items()}
+
+
+def matmul_tflops(args, device, dtype):
+    """Measured dense matmul rate of the encoder's shape: the peak that MFU is reported against."""
+    a = torch.randn(args.batch_size, args.d_in, device=device, dtype=dtype)
+    b = torch.randn(args.d_in, args.width, device=device, dtype=dtype)
+    torch.mm(a, b)
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1] / timed(lambda: torch.mm(a, b), device, 3) / 1e12
+
+
+def bench_capture(args, device):
+    """Tokens per second and TFLOP/s of an LM forward stopped at the hooked layer (random weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = AutoConfig.from_pretrained(args.model) if os.path.isdir(args.model) else AutoConfig.for_model(args.model)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    module = hooked_module(model, args.layer, "resid")
+    tokens = torch.randint(0, config.vocab_size, (args.lm_batch_size, args.ctx), device=device)
+    capture = lambda: lm_activations(model, module, tokens, args.lm_batch_size)
+    capture()
+    with FlopCounterMode(display=False) as counter:
+        capture()
+    seconds = timed(capture, device, 3)
+    return tokens.numel() / seconds, counter.get_total_flops() / seconds / 1e12
+
+
+def bench(args):
+    device = pick_device(args.device)
+    dtype = getattr(torch, args.dtype)
+    check_config(Config(experts=args.experts, width=args.width, k=args.k, batch_size=args.batch_size, tokens=args.batch_size))
+    (switch_s, switch_mem), (topk_s, topk_mem) = bench_sae_steps(args, device, dtype).values()
+    flops = {n: flops_per_token(args.d_in, args.width, e, args.k, args.batch_size)["total"] for n, e in (("switch", args.experts), ("topk", 1))}
+    peak = matmul_tflops(args, device, dtype)
+    result = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "experts": args.experts, "width": args.width, "k": args.k, "d_in": args.d_in, "batch_size": args.batch_size, "dtype": args.dtype,
+        "switch_step_ms": switch_s * 1e3, "topk_step_ms": topk_s * 1e3, "speedup": topk_s / switch_s,
+        "switch_flops_per_token": flops["switch"], "topk_flops_per_token": flops["topk"], "flop_ratio": flops["topk"] / flops["switch"],
+        "achieved_tflops": flops["switch"] * args.batch_size / switch_s / 1e12,
+        "topk_achieved_tflops": flops["topk"] * args.batch_size / topk_s / 1e12,
+        "matmul_tflops": peak, "peak_mem_mb": switch_mem, "topk_peak_mem_mb": topk_mem,
+        "switch_tokens_per_s": args.batch_size / switch_s,
+    }
+    result["mfu"] = result["achieved_tflops"] / peak
+    if args.model:
+        tokens_per_s, capture_tflops = bench_capture(args, device)
+        lm_s, sae_s = 1 / tokens_per_s, switch_s / args.batch_size
+        result.update(capture_tokens_per_s=tokens_per_s, capture_tflops=capture_tflops, capture_mfu=capture_tflops / peak,
+                      lm_share=lm_s / (lm_s + sae_s), hours_for_819M_tokens=819.2e6 * (lm_s + sae_s) / 3600)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_table(result)
+    return result
 
 
 # -----------------------------------------------------------------------------
