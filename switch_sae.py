@@ -53,22 +53,25 @@ class Config:
     lm_batch_size: int = arg(32, "contexts per language-model forward")
     buffer_tokens: int = arg(2**20, "activations captured, then served in random order (the shuffle buffer)")
     # the SAE
+    arch: str = arg("switch", "switch (TopK experts behind a router; --experts 1 is TopK), or the baselines relu (L1) and gated")
     experts: int = arg(16, "N, the number of experts; 1 gives a plain TopK SAE")
     width: int = arg(24576, "M, total latents over all experts")
     k: int = arg(32, "active latents per token")
     # losses
     lb_alpha: float = arg(3.0, "load-balance weight alpha; the loss adds alpha * d * L_lb")
     auxk_alpha: float = arg(0.0, "AuxK weight (Gao et al. use 1/32); 0 as the paper ran")
+    l1_coeff: float = arg(5.0, "L1 weight of the relu and gated baselines (sweep it to trace a Pareto curve)")
     dead_tokens: int = arg(10_000_000, "a latent is dead after this many training tokens without firing")
     # training
     tokens: int = arg(50_000_000, "training tokens (the paper: 819_200_000)")
     batch_size: int = arg(8192, "tokens per step")
-    lr: float = arg(0.0, "learning rate; 0 means the paper's rule 2e-4 / sqrt(width / 2^14)")
+    lr: float = arg(0.0, "learning rate; 0 means the paper's: 2e-4 / sqrt(width / 2^14) for switch, 5e-5 relu, 3e-4 gated")
     decay_start: float = arg(0.8, "fraction of training after which lr decays linearly to 0")
     grad_clip: float = arg(1.0, "gradient-norm clip")
     seed: int = arg(0, "seed for the SAE init and the data order")
     device: str = arg("auto", "auto, cuda or cpu")
     # evaluation and checkpoints
+    acts: str = arg("", "activation cache from 'switch_sae.py cache' to train on instead of running the LM")
     eval_tokens: int = arg(16384, "held-out tokens for evaluation, never trained on")
     out: str = arg("out", "directory for checkpoints and metrics.json")
     save_every: int = arg(10_000_000, "training tokens between checkpoints")
@@ -81,6 +84,8 @@ class UsageError(Exception):
 
 
 def check_config(cfg):
+    if cfg.arch not in ("switch", "relu", "gated"):
+        raise UsageError(f"unknown --arch {cfg.arch!r}: use switch, relu or gated")
     if cfg.site not in ("resid", "attn", "mlp"):
         raise UsageError(f"unknown --site {cfg.site!r}: use resid, attn or mlp")
     if cfg.experts < 1 or cfg.width % cfg.experts:
@@ -221,24 +226,90 @@ def lm_activations(model, module, tokens_NT, batch_size, skip_positions=0):
     return torch.cat(captured)
 
 
-def activation_batches(cfg, model, module, contexts, start_step, steps, device):
-    """Yield (step, x_BD) for steps start_step..steps-1. Activations are captured buffer_tokens at a
-    time and served in a random order fixed by (seed, chunk), so a resumed run sees the same batches."""
+def chunk_plan(cfg):
+    """(first step, steps, contexts) of each shuffle-buffer chunk of a run: the same for live and cached runs."""
+    steps, per_chunk = cfg.tokens // cfg.batch_size, max(1, cfg.buffer_tokens // cfg.batch_size)
+    return [(first, min(per_chunk, steps - first), math.ceil(min(per_chunk, steps - first) * cfg.batch_size / (cfg.ctx - cfg.skip_positions)))
+            for first in range(0, steps, per_chunk)]
+
+
+def activation_batches(cfg, read_contexts, start_step, device):
+    """Yield (step, x_BD) from start_step on. Each chunk's activations are served in an order fixed by
+    (seed, chunk), so a resumed run sees the same batches. read_contexts(n, skip) gives the activations
+    of the next n contexts, or just passes over them when skip is true."""
     B = cfg.batch_size
-    steps_per_chunk = max(1, cfg.buffer_tokens // B)
-    for chunk in range(math.ceil(steps / steps_per_chunk)):
-        chunk_steps = min(steps_per_chunk, steps - chunk * steps_per_chunk)
-        n_contexts = math.ceil(chunk_steps * B / (cfg.ctx - cfg.skip_positions))
-        if (chunk + 1) * steps_per_chunk <= start_step:  # done before a resume: skip its text unread by the LM
-            for _ in itertools.islice(contexts, n_contexts):
-                pass
+    for chunk, (first, n_steps, n_contexts) in enumerate(chunk_plan(cfg)):
+        if first + n_steps <= start_step:  # trained on before a resume: pass over its text without the LM
+            read_contexts(n_contexts, skip=True)
             continue
-        acts = lm_activations(model, module, take(contexts, n_contexts), cfg.lm_batch_size, cfg.skip_positions).to(device)
+        acts = read_contexts(n_contexts).to(device)
         order = torch.randperm(len(acts), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + chunk)).to(device)
-        for s in range(chunk_steps):
-            step = chunk * steps_per_chunk + s
-            if step >= start_step:
-                yield step, acts[order[s * B : (s + 1) * B]]
+        for s in range(max(0, start_step - first), n_steps):
+            yield first + s, acts[order[s * B : (s + 1) * B]]
+
+
+def live_reader(cfg, model, module, contexts):
+    def read_contexts(n, skip=False):
+        tokens_NT = take(contexts, n)
+        return None if skip else lm_activations(model, module, tokens_NT, cfg.lm_batch_size, cfg.skip_positions)
+
+    return read_contexts
+
+
+# activation cache: FILE holds bf16 activations row after row, FILE.tokens the int32 contexts they came
+# from, FILE.json a header; the held-out evaluation contexts come first, as in a live run.
+
+
+def write_cache(cfg):
+    import numpy as np
+    from tqdm import tqdm
+
+    check_config(cfg)
+    device = pick_device(cfg.device)
+    model, tokenizer = load_lm(cfg, device)
+    module = hooked_module(model, cfg.layer, cfg.site)
+    contexts = token_contexts(cfg, tokenizer)
+    n_eval = max(1, cfg.eval_tokens // cfg.ctx)
+    n_total = n_eval + sum(n for _, _, n in chunk_plan(cfg))
+    header = {"model": cfg.model, "layer": cfg.layer, "site": cfg.site, "ctx": cfg.ctx, "skip_positions": cfg.skip_positions,
+              "d": model.config.hidden_size, "dtype": "bfloat16", "eval_contexts": n_eval, "contexts": n_total,
+              "rows": n_total * (cfg.ctx - cfg.skip_positions), "seed": cfg.seed, "complete": False}
+    write_json(cfg.out + ".json", header)  # says "incomplete" until the last row is written
+    with open(cfg.out, "wb") as acts_file, open(cfg.out + ".tokens", "wb") as tokens_file:
+        for first in tqdm(range(0, n_total, cfg.lm_batch_size), desc="cache", unit_scale=cfg.lm_batch_size, unit="ctx"):
+            tokens_NT = take(contexts, min(cfg.lm_batch_size, n_total - first))
+            acts = lm_activations(model, module, tokens_NT, cfg.lm_batch_size, cfg.skip_positions)
+            acts_file.write(acts.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
+            tokens_file.write(tokens_NT.to(torch.int32).numpy().tobytes())
+    write_json(cfg.out + ".json", {**header, "complete": True})
+    print(f"wrote {header['rows']} activations of {cfg.model} layer {cfg.layer} {cfg.site} to {cfg.out} ({n_eval} held-out contexts first)")
+
+
+def open_cache(path):
+    """Header, activation rows (memory-mapped) and contexts of a cache; refuses one left incomplete."""
+    import numpy as np
+
+    if not os.path.isfile(path + ".json"):
+        raise UsageError(f"--acts {path}: no cache there (no {path}.json); write one with 'switch_sae.py cache --out {path}'")
+    header = json.load(open(path + ".json"))
+    if not header["complete"] or os.path.getsize(path) != header["rows"] * header["d"] * 2:
+        raise UsageError(f"--acts {path} is incomplete (its cache run was stopped): write it again with 'switch_sae.py cache'")
+    rows = np.memmap(path, dtype=np.int16, mode="r", shape=(header["rows"], header["d"]))
+    tokens = np.fromfile(path + ".tokens", dtype=np.int32).reshape(header["contexts"], header["ctx"])
+    return header, rows, torch.from_numpy(tokens).long()
+
+
+def cache_reader(path, rows, header, first_context):
+    per_context, position = header["ctx"] - header["skip_positions"], [first_context]
+
+    def read_contexts(n, skip=False):
+        start = position[0]
+        position[0] += n
+        if position[0] > header["contexts"]:
+            raise UsageError(f"--acts {path} holds {header['contexts']} contexts and this run needs more: write the cache with this run's --tokens, --batch-size and --buffer-tokens")
+        return None if skip else torch.from_numpy(rows[start * per_context : (start + n) * per_context].copy()).view(torch.bfloat16).float()
+
+    return read_contexts
 
 
 # -----------------------------------------------------------------------------
@@ -348,6 +419,68 @@ class SwitchSAE(nn.Module):
         return F.embedding_bag(idx_BK, self.W_dec, per_sample_weights=acts_BK * gate_B[:, None].to(acts_BK.dtype), mode="sum")
 
 
+class ReluSAE(nn.Module):
+    """Baseline: ReLU SAE, L1 penalty weighted by decoder norms (Anthropic's April 2024 update)."""
+
+    def __init__(self, d_in, width):
+        super().__init__()
+        self.d_in, self.width = d_in, width
+        W_dec = torch.randn(width, d_in)
+        self.W_dec = nn.Parameter(0.1 * W_dec / W_dec.norm(dim=1, keepdim=True))  # rows of norm 0.1
+        self.W_enc = nn.Parameter(self.W_dec.detach().clone())  # encoder = decoder transpose at init
+        self.b_enc = nn.Parameter(torch.zeros(width))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+
+    def forward(self, x_BD):
+        """x_hat and the dense latents f (B, M)."""
+        f_BM = F.relu(x_BD @ self.W_enc.T + self.b_enc)
+        return f_BM @ self.W_dec + self.b_dec, f_BM
+
+
+class GatedSAE(nn.Module):
+    """Baseline: Gated SAE (Rajamanoharan et al. 2024): a gate decides which latents fire, a
+    magnitude path (the gate's weights rescaled per latent) decides how strongly."""
+
+    def __init__(self, d_in, width):
+        super().__init__()
+        self.d_in, self.width = d_in, width
+        W_dec = torch.randn(width, d_in)
+        self.W_dec = nn.Parameter(W_dec / W_dec.norm(dim=1, keepdim=True))
+        self.W_gate = nn.Parameter(self.W_dec.detach().clone())
+        self.r_mag = nn.Parameter(torch.zeros(width))
+        self.b_gate = nn.Parameter(torch.zeros(width))
+        self.b_mag = nn.Parameter(torch.zeros(width))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+
+    def forward(self, x_BD):
+        """x_hat, the dense latents f (B, M) and the gate pre-activations."""
+        pre_BM = (x_BD - self.b_dec) @ self.W_gate.T
+        gate_pre_BM = pre_BM + self.b_gate
+        f_BM = (gate_pre_BM > 0) * F.relu(pre_BM * self.r_mag.exp() + self.b_mag)
+        return f_BM @ self.W_dec + self.b_dec, f_BM, gate_pre_BM
+
+
+def make_sae(arch, d_in, width, experts=1, k=32):
+    return SwitchSAE(d_in, width, experts, k) if arch == "switch" else {"relu": ReluSAE, "gated": GatedSAE}[arch](d_in, width)
+
+
+def sae_config(sae):
+    """What make_sae needs to rebuild `sae`."""
+    arch = {SwitchSAE: "switch", ReluSAE: "relu", GatedSAE: "gated"}[type(sae)]
+    extra = {"experts": sae.experts, "k": sae.k} if arch == "switch" else {}
+    return {"arch": arch, "d_in": sae.d_in, "width": sae.width, **extra}
+
+
+def latent_activity(sae, out):
+    """Which latents fired on some token of the batch (M,), and the number of active latents summed over tokens."""
+    if isinstance(sae, SwitchSAE):
+        active_BK = out[1][:, : sae.k] > 0
+        fired_M = torch.zeros(sae.width, device=active_BK.device).index_add_(0, out[2][:, : sae.k].flatten(), active_BK.flatten().float())
+        return fired_M > 0, active_BK.sum()
+    active_BM = out[1] > 0
+    return active_BM.any(0), active_BM.sum()
+
+
 @torch.no_grad()
 def geometric_median(points_ND, iters=100, tol=1e-5):
     """Weiszfeld's algorithm; SPEC section 1 initialises b_dec and b_router with it."""
@@ -393,13 +526,38 @@ def switch_sae_loss(sae, x_BD, out, lb_alpha=3.0, auxk_alpha=0.0):
     return loss, parts
 
 
+def relu_sae_loss(sae, x_BD, out, l1_coeff):
+    x_hat_BD, f_BM = out
+    recon = (x_hat_BD - x_BD).pow(2).sum(-1).mean()
+    l1 = (f_BM * sae.W_dec.norm(dim=1)).sum(-1).mean()
+    return recon + l1_coeff * l1, {"recon": recon, "l1": l1}
+
+
+def gated_sae_loss(sae, x_BD, out, l1_coeff):
+    """Reconstruction + L1 on the gate + the gate's own reconstruction through the frozen decoder."""
+    x_hat_BD, f_BM, gate_pre_BM = out
+    recon = (x_hat_BD - x_BD).pow(2).sum(-1).mean()
+    gate_BM = F.relu(gate_pre_BM)
+    l1 = gate_BM.sum(-1).mean()
+    aux = (gate_BM @ sae.W_dec.detach() + sae.b_dec.detach() - x_BD).pow(2).sum(-1).mean()
+    return recon + l1_coeff * l1 + aux, {"recon": recon, "l1": l1, "aux": aux}
+
+
 # -----------------------------------------------------------------------------
 # FLOPs
 
 
-def flops_per_token(d, width, experts, k, batch_size):
+def flops_per_token(d, width, experts, k, batch_size, arch="switch"):
     """Training FLOPs per token, term by term, as this code runs them (SPEC section 4).
     paper_encoder_only is the reference's convention: 2 d m forward + 2 d m backward of the encoder."""
+    if arch != "switch":  # dense baselines: every latent of every token, forward and backward
+        terms = {"encoder_fwd": 2 * d * width, "encoder_bwd": 2 * d * width * (1 if arch == "relu" else 2),
+                 "decoder_fwd": 2 * d * width, "decoder_bwd": 4 * d * width}
+        if arch == "gated":  # the gate's reconstruction through the frozen decoder
+            terms.update(gate_aux_fwd=2 * d * width, gate_aux_bwd=2 * d * width)
+        terms["total"] = sum(terms.values())
+        terms["paper_encoder_only"] = 4 * d * width
+        return terms
     m = width // experts
     terms = {
         "router_fwd": 2 * d * experts,
@@ -420,38 +578,61 @@ def flops_per_token(d, width, experts, k, batch_size):
 
 
 def lr_at(cfg, step, steps):
-    """Constant, then linear decay to 0 over the last (1 - decay_start) of training."""
-    base = cfg.lr or 2e-4 / math.sqrt(cfg.width / 2**14)
+    """Constant (after a 1000-step warm-up for gated), then linear decay to 0 after decay_start."""
+    base = cfg.lr or {"switch": 2e-4 / math.sqrt(cfg.width / 2**14), "relu": 5e-5, "gated": 3e-4}[cfg.arch]
+    if cfg.arch == "gated":
+        base *= min(1.0, (step + 1) / 1000)
     decay_from = int(cfg.decay_start * steps)
     return base if step < decay_from else base * (steps - step) / max(1, steps - decay_from)
+
+
+def l1_at(cfg, step, steps):
+    """The relu baseline's L1 weight warms up linearly over the first 5% of steps."""
+    return cfg.l1_coeff * min(1.0, (step + 1) / max(1, 0.05 * steps)) if cfg.arch == "relu" else cfg.l1_coeff
 
 
 def make_optimizer(sae):
     return torch.optim.Adam(sae.parameters(), lr=0.0, betas=(0.9, 0.999), fused=True)
 
 
-def train_step(sae, opt, x_BD, cfg, lr, tokens_since_fired_M=None):
+def train_step(sae, opt, x_BD, cfg, lr, tokens_since_fired_M=None, l1_coeff=None):
     """One optimizer step; returns the loss parts (tensors, not synced). Updates the dead-latent clock."""
-    dead_M = None if tokens_since_fired_M is None else tokens_since_fired_M > cfg.dead_tokens
-    k_aux = min(sae.d_in // 2, sae.width // sae.experts) if cfg.auxk_alpha and dead_M is not None and bool(dead_M.any()) else 0
-    out = sae(x_BD, dead_M, k_aux)
-    loss, parts = switch_sae_loss(sae, x_BD, out, cfg.lb_alpha, cfg.auxk_alpha)
+    if isinstance(sae, SwitchSAE):
+        dead_M = None if tokens_since_fired_M is None else tokens_since_fired_M > cfg.dead_tokens
+        k_aux = min(sae.d_in // 2, sae.width // sae.experts) if cfg.auxk_alpha and dead_M is not None and bool(dead_M.any()) else 0
+        out = sae(x_BD, dead_M, k_aux)
+        loss, parts = switch_sae_loss(sae, x_BD, out, cfg.lb_alpha, cfg.auxk_alpha)
+    else:
+        out = sae(x_BD)
+        loss, parts = (relu_sae_loss if isinstance(sae, ReluSAE) else gated_sae_loss)(sae, x_BD, out, cfg.l1_coeff if l1_coeff is None else l1_coeff)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    project_decoder_grad(sae.W_dec)
+    unit_decoder = not isinstance(sae, ReluSAE)  # the relu baseline lets norms float and pays for them in L1
+    if unit_decoder:
+        project_decoder_grad(sae.W_dec)
     torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
     for group in opt.param_groups:
         group["lr"] = lr
     opt.step()
-    normalize_decoder(sae.W_dec)
+    if unit_decoder:
+        normalize_decoder(sae.W_dec)
     if tokens_since_fired_M is not None:
-        acts_BK, idx_BK = out[1][:, : sae.k], out[2][:, : sae.k]
-        fired_M = torch.zeros_like(tokens_since_fired_M).index_add_(0, idx_BK.flatten(), (acts_BK > 0).flatten().long())
-        tokens_since_fired_M.add_(len(x_BD)).masked_fill_(fired_M > 0, 0)
+        fired_M, _ = latent_activity(sae, out)
+        tokens_since_fired_M.add_(len(x_BD)).masked_fill_(fired_M, 0)
     with torch.no_grad():
         parts["fve"] = 1 - (out[0] - x_BD).var(0).sum() / x_BD.var(0).sum()
     parts["loss"] = loss.detach()
     return parts
+
+
+def lm_for_evaluation(cfg, device):
+    """The cached run's LM for loss-recovered evaluation, or (None, None) with a note saying why not."""
+    try:
+        model, _ = load_lm(cfg, device)
+    except UsageError as e:
+        print(f"note: loss recovered needs the model and is left out: {e}")
+        return None, None
+    return model, hooked_module(model, cfg.layer, cfg.site)
 
 
 def train(cfg):
@@ -462,20 +643,28 @@ def train(cfg):
     check_config(cfg)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_lm(cfg, device)
-    module = hooked_module(model, cfg.layer, cfg.site)
-    contexts = token_contexts(cfg, tokenizer)
-    eval_tokens_NT = take(contexts, max(1, cfg.eval_tokens // cfg.ctx))  # held out: read first, never trained on
+    if cfg.acts:  # activations from the cache; the LM is needed only for loss-recovered evaluation
+        header, rows, cache_tokens = open_cache(cfg.acts)
+        cfg = dataclasses.replace(cfg, **{key: header[key] for key in ("model", "layer", "site", "ctx", "skip_positions")})
+        eval_tokens_NT, d = cache_tokens[: header["eval_contexts"]], header["d"]
+        eval_x = cache_reader(cfg.acts, rows, header, 0)(header["eval_contexts"])
+        read_contexts = cache_reader(cfg.acts, rows, header, header["eval_contexts"])
+        model, module = lm_for_evaluation(cfg, device)
+    else:
+        model, tokenizer = load_lm(cfg, device)
+        module = hooked_module(model, cfg.layer, cfg.site)
+        contexts = token_contexts(cfg, tokenizer)
+        eval_tokens_NT = take(contexts, max(1, cfg.eval_tokens // cfg.ctx))  # held out: read first, never trained on
+        read_contexts, d, eval_x = live_reader(cfg, model, module, contexts), model.config.hidden_size, None
 
-    d = model.config.hidden_size
-    sae = SwitchSAE(d, cfg.width, cfg.experts, cfg.k).to(device)
+    sae = make_sae(cfg.arch, d, cfg.width, cfg.experts, cfg.k).to(device)
     opt = make_optimizer(sae)
     tokens_since_fired_M = torch.zeros(cfg.width, dtype=torch.long, device=device)
     steps = cfg.tokens // cfg.batch_size
     start = load_checkpoint(cfg.out, sae, opt, tokens_since_fired_M) if cfg.resume else 0
     os.makedirs(cfg.out, exist_ok=True)
     write_json(os.path.join(cfg.out, "config.json"), dataclasses.asdict(cfg))
-    flops = flops_per_token(d, cfg.width, cfg.experts, cfg.k, cfg.batch_size)
+    flops = flops_per_token(d, cfg.width, cfg.experts, cfg.k, cfg.batch_size, cfg.arch)
     print(f"{cfg.model} layer {cfg.layer} {cfg.site}: d={d}, {cfg.experts} experts x {cfg.width // cfg.experts} latents, k={cfg.k}, "
           f"{steps} steps of {cfg.batch_size} tokens, {flops['total'] / 1e6:.2f} MFLOP/token ({flops['paper_encoder_only'] / 1e6:.2f} by the paper's count)")
     if cfg.tokens < 819_200_000:
@@ -483,12 +672,12 @@ def train(cfg):
 
     save_every = max(1, cfg.save_every // cfg.batch_size)
     bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True)
-    for step, x_BD in activation_batches(cfg, model, module, contexts, start, steps, device):
-        if step == 0:
+    for step, x_BD in activation_batches(cfg, read_contexts, start, device):
+        if step == 0 and cfg.arch == "switch":
             with torch.no_grad():
                 sae.b_dec.copy_(geometric_median(x_BD))
                 sae.b_router.copy_(sae.b_dec)
-        parts = train_step(sae, opt, x_BD, cfg, lr_at(cfg, step, steps), tokens_since_fired_M)
+        parts = train_step(sae, opt, x_BD, cfg, lr_at(cfg, step, steps), tokens_since_fired_M, l1_at(cfg, step, steps))
         bar.update(1)
         saving = (step + 1) % save_every == 0 or step + 1 == steps
         if saving or (step + 1) % cfg.log_every == 0:
@@ -502,7 +691,7 @@ def train(cfg):
             save_checkpoint(cfg.out, sae, cfg, step + 1, opt, tokens_since_fired_M)
     bar.close()
 
-    metrics = evaluate(sae, cfg, model, module, eval_tokens_NT)
+    metrics = evaluate(sae, cfg, model, module, eval_tokens_NT, eval_x)
     metrics.update(train_tokens=steps * cfg.batch_size, flops_per_token=flops["total"],
                    train_flops=flops["total"] * steps * cfg.batch_size, paper_flops_per_token=flops["paper_encoder_only"])
     write_json(os.path.join(cfg.out, "metrics.json"), metrics)
@@ -542,15 +731,16 @@ def evaluate(sae, cfg, model, module, tokens_NT, x_ND=None):
     x_ND = x_ND.to(sae.W_enc.device)
     sq_err, resid_sum, resid_sq, l0, n = 0.0, 0.0, 0.0, 0.0, len(x_ND)
     fired_M = torch.zeros(sae.width, dtype=torch.bool, device=x_ND.device)
-    load_N = torch.zeros(sae.experts, device=x_ND.device)
-    for x in x_ND.split(cfg.batch_size):
-        x_hat, acts, idx, _, expert = sae(x)
-        resid = x - x_hat
+    load_N = torch.zeros(getattr(sae, "experts", 1), device=x_ND.device)
+    for x in x_ND.split(1024):  # dense baselines hold (batch, width) latents
+        out = sae(x)
+        resid = x - out[0]
         sq_err += resid.pow(2).sum()
         resid_sum, resid_sq = resid_sum + resid.sum(0), resid_sq + resid.pow(2).sum(0)
-        l0 += (acts > 0).sum()
-        fired_M[idx[acts > 0]] = True
-        load_N += torch.bincount(expert, minlength=sae.experts)
+        fired, active = latent_activity(sae, out)
+        fired_M |= fired
+        l0 += active
+        load_N += torch.bincount(out[4], minlength=len(load_N)) if isinstance(sae, SwitchSAE) else len(x)
     resid_var = (resid_sq / n - (resid_sum / n) ** 2).sum()
     metrics = {
         "mse": (sq_err / n).item(),
@@ -600,18 +790,18 @@ def save_checkpoint(out_dir, sae, cfg, step, opt=None, tokens_since_fired_M=None
         for i, state in opt.state_dict()["state"].items():
             tensors.update({f"train.adam.{i}.{key}": value.contiguous() for key, value in state.items()})
         tensors["train.tokens_since_fired"] = tokens_since_fired_M
-    meta = {"sae": json.dumps({"d_in": sae.d_in, "width": sae.width, "experts": sae.experts, "k": sae.k}),
+    meta = {"sae": json.dumps(sae_config(sae)),
             "config": json.dumps(dataclasses.asdict(cfg)), "step": str(step)}
     atomic_write(os.path.join(out_dir, "sae.safetensors"), lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def load_sae(path, device="cpu"):
-    """A trained SwitchSAE from a run directory or its sae.safetensors file."""
+    """A trained SAE (SwitchSAE, or a baseline) from a run directory or its sae.safetensors file."""
     from safetensors import safe_open
 
     path = os.path.join(path, "sae.safetensors") if os.path.isdir(path) else path
     with safe_open(path, framework="pt", device=str(device)) as f:
-        sae = SwitchSAE(**json.loads(f.metadata()["sae"])).to(device)
+        sae = make_sae(**json.loads(f.metadata()["sae"])).to(device)
         sae.load_state_dict({name: f.get_tensor(name) for name in sae.state_dict()})
     return sae
 
@@ -805,6 +995,8 @@ def main(argv=None):
     try:
         if argv[:1] == ["bench"]:
             bench(parse_bench(argv[1:]))
+        elif argv[:1] == ["cache"]:
+            write_cache(parse_config(argv[1:]))
         else:
             train(parse_config(argv))
     except UsageError as e:

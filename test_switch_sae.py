@@ -163,6 +163,45 @@ def test_auxk_uses_only_dead_latents_of_the_routed_expert():
     assert g["W_enc"][~dead].abs().max() == 0 and g["W_enc"][dead].abs().max() > 0
 
 
+def test_relu_baseline_matches_the_april_update_recipe():
+    torch.manual_seed(0)
+    sae, x = S.ReluSAE(24, 96), torch.randn(300, 24) * 2
+    with torch.no_grad():
+        sae.b_enc.normal_()
+        sae.b_dec.normal_()
+    out = sae(x)
+    loss, _ = S.relu_sae_loss(sae, x, out, l1_coeff=0.7)
+    got = grads(sae, loss)
+    f = torch.einsum("bd,md->bm", x, sae.W_enc).add(sae.b_enc).clamp(min=0)
+    x_hat = torch.einsum("bm,md->bd", f, sae.W_dec) + sae.b_dec
+    ref = ((x - x_hat) ** 2).sum(1).mean() + 0.7 * (f * torch.sqrt((sae.W_dec**2).sum(1))).sum(1).mean()
+    torch.testing.assert_close(out[0], x_hat, **TOL)
+    torch.testing.assert_close(loss, ref, **TOL)
+    for name, g in grads(sae, ref).items():
+        torch.testing.assert_close(got[name], g, **TOL, msg=name)
+
+
+def test_gated_baseline_matches_the_paper():
+    torch.manual_seed(0)
+    sae, x = S.GatedSAE(24, 96), torch.randn(300, 24) * 2
+    with torch.no_grad():
+        for p in (sae.r_mag, sae.b_gate, sae.b_mag, sae.b_dec):
+            p.normal_(0, 0.3)
+    out = sae(x)
+    loss, _ = S.gated_sae_loss(sae, x, out, l1_coeff=0.7)
+    got = grads(sae, loss)
+    pi_gate = torch.einsum("bd,md->bm", x - sae.b_dec, sae.W_gate) + sae.b_gate
+    W_mag = torch.exp(sae.r_mag)[:, None] * sae.W_gate
+    f = (pi_gate > 0).float() * torch.einsum("bd,md->bm", x - sae.b_dec, W_mag).add(sae.b_mag).clamp(min=0)
+    x_hat = f @ sae.W_dec + sae.b_dec
+    x_hat_gate = pi_gate.clamp(min=0) @ sae.W_dec.detach() + sae.b_dec.detach()
+    ref = ((x - x_hat) ** 2).sum(1).mean() + 0.7 * pi_gate.clamp(min=0).sum(1).mean() + ((x - x_hat_gate) ** 2).sum(1).mean()
+    torch.testing.assert_close(out[0], x_hat, **TOL)
+    torch.testing.assert_close(loss, ref, **TOL)
+    for name, g in grads(sae, ref).items():
+        torch.testing.assert_close(got[name], g, **TOL, msg=name)
+
+
 # -----------------------------------------------------------------------------
 # FLOPs
 
@@ -190,6 +229,18 @@ def test_flop_count_matches_flop_counter_on_equivalent_matmuls():
     matmul_terms = analytic["total"] - analytic["load_balance"]
     assert counted / B == pytest.approx(matmul_terms, rel=0.02)
     assert analytic["paper_encoder_only"] == 4 * d * width // experts
+
+
+@pytest.mark.parametrize("arch", ["relu", "gated"])
+def test_baseline_flop_count_matches_flop_counter(arch):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    d, width, B = 32, 256, 128
+    sae, x = S.make_sae(arch, d, width), torch.randn(B, d)
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = (S.relu_sae_loss if arch == "relu" else S.gated_sae_loss)(sae, x, sae(x), 1.0)
+        loss.backward()
+    assert counter.get_total_flops() / B == pytest.approx(S.flops_per_token(d, width, 1, 1, B, arch)["total"], rel=0.02)
 
 
 # -----------------------------------------------------------------------------
@@ -305,6 +356,38 @@ def test_resume_ends_with_the_same_weights(tiny_run, tmp_path, monkeypatch):
     assert json.load(open(tmp_path / "cut" / "metrics.json"))["mse"] == json.load(open(tmp_path / "whole" / "metrics.json"))["mse"]
 
 
+def test_cache_holds_the_live_stream_and_refuses_a_partial_file(tiny_run, tmp_path, capsys):
+    path = str(tmp_path / "acts.bin")
+    S.main(["cache", *tiny_args(tiny_run, path)])
+    header = json.load(open(path + ".json"))
+    assert header["complete"] and header["d"] == 32 and header["layer"] == 0
+    # the batches a cached run trains on are the live run's batches, rounded to bf16
+    cfg = S.parse_config(tiny_args(tiny_run, tmp_path / "run"))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    lm = AutoModelForCausalLM.from_pretrained(cfg.model).eval()
+    contexts = S.token_contexts(cfg, AutoTokenizer.from_pretrained(cfg.model))
+    _, rows, tokens = S.open_cache(path)
+    assert torch.equal(S.take(contexts, header["eval_contexts"]), tokens[: header["eval_contexts"]])
+    live = S.activation_batches(cfg, S.live_reader(cfg, lm, S.hooked_module(lm, 0, "resid"), contexts), 0, "cpu")
+    cached = S.activation_batches(cfg, S.cache_reader(path, rows, header, header["eval_contexts"]), 0, "cpu")
+    pairs = list(zip(live, cached, strict=True))
+    assert len(pairs) == cfg.tokens // cfg.batch_size
+    for (step, x_live), (step_c, x_cached) in pairs:
+        assert step == step_c
+        torch.testing.assert_close(x_cached, x_live.to(torch.bfloat16).float(), rtol=0, atol=0)
+    # training from the cache runs without capturing and still measures loss recovered with the model
+    S.main(tiny_args(tiny_run, tmp_path / "run", acts=path))
+    metrics = json.load(open(tmp_path / "run" / "metrics.json"))
+    assert 0 < metrics["fve"] < 1 and "frac_loss_recovered" in metrics
+    # a cache cut short is refused, not read
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        S.main(tiny_args(tiny_run, tmp_path / "run2", acts=path))
+    assert "incomplete" in capsys.readouterr().err
+
+
 # -----------------------------------------------------------------------------
 # bad input: one line naming the fix, exit status 2, no traceback
 
@@ -314,6 +397,7 @@ BAD = [
     (dict(k=40, width=512, experts=16), "latents per expert"),
     (dict(layer=7), "out of range"),
     (dict(site="embed"), "unknown --site"),
+    (dict(arch="dense"), "unknown --arch"),
     (dict(text="/nonexistent/corpus.jsonl"), "no such file"),
 ]
 
@@ -358,3 +442,11 @@ def test_cuda_asked_for_but_absent(tiny_run, tmp_path, capsys):
     with pytest.raises(SystemExit):
         S.main(tiny_args(tiny_run, tmp_path, device="cuda"))
     assert "--device cpu" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["relu", "gated"])
+def test_baselines_train_through_the_same_loop(tiny_run, tmp_path, arch):
+    S.main(tiny_args(tiny_run, tmp_path, arch=arch, l1_coeff=0.01, lr=1e-3))
+    metrics = json.load(open(tmp_path / "metrics.json"))
+    assert 0 < metrics["l0"] < 64 and 0 < metrics["fve"] < 1
+    assert type(S.load_sae(tmp_path)).__name__ == {"relu": "ReluSAE", "gated": "GatedSAE"}[arch]
