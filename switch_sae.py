@@ -728,7 +728,7 @@ def evaluate(sae, cfg, model, module, tokens_NT, x_ND=None):
     """SPEC section 5 metrics on held-out tokens."""
     if x_ND is None:
         x_ND = lm_activations(model, module, tokens_NT, cfg.lm_batch_size, cfg.skip_positions)
-    x_ND = x_ND.to(sae.W_enc.device)
+    x_ND = x_ND.to(sae.W_dec.device)
     sq_err, resid_sum, resid_sq, l0, n = 0.0, 0.0, 0.0, 0.0, len(x_ND)
     fired_M = torch.zeros(sae.width, dtype=torch.bool, device=x_ND.device)
     load_N = torch.zeros(getattr(sae, "experts", 1), device=x_ND.device)
@@ -822,7 +822,7 @@ def load_checkpoint(out_dir, sae, opt, tokens_since_fired_M):
     path = os.path.join(out_dir, "sae.safetensors")
     if not os.path.isfile(path):
         raise UsageError(f"--resume: {out_dir} has no checkpoint yet; drop --resume to start the run afresh")
-    device = sae.W_enc.device
+    device = sae.W_dec.device
     with safe_open(path, framework="pt", device=str(device)) as f:
         sae.load_state_dict({name: f.get_tensor(name) for name in sae.state_dict()})
         state = {}
