@@ -69,6 +69,7 @@ class Config:
     decay_start: float = arg(0.8, "fraction of training after which lr decays linearly to 0")
     grad_clip: float = arg(1.0, "gradient-norm clip")
     seed: int = arg(0, "seed for the SAE init and the data order")
+    expert_parallel: bool = arg(False, "under torchrun: split the experts over the ranks (experts divisible by ranks)")
     device: str = arg("auto", "auto, cuda or cpu")
     # evaluation and checkpoints
     acts: str = arg("", "activation cache from 'switch_sae.py cache' to train on instead of running the LM")
@@ -299,15 +300,20 @@ def open_cache(path):
     return header, rows, torch.from_numpy(tokens).long()
 
 
-def cache_reader(path, rows, header, first_context):
+def cache_reader(path, rows, header, first_context, stride=1):
+    """read_contexts over a cache: contexts first_context, first_context + stride, ... (stride: ranks)."""
     per_context, position = header["ctx"] - header["skip_positions"], [first_context]
+    by_context = rows.reshape(header["contexts"], per_context, header["d"])
 
     def read_contexts(n, skip=False):
         start = position[0]
-        position[0] += n
-        if position[0] > header["contexts"]:
+        position[0] += n * stride
+        if start + (n - 1) * stride >= header["contexts"]:
             raise UsageError(f"--acts {path} holds {header['contexts']} contexts and this run needs more: write the cache with this run's --tokens, --batch-size and --buffer-tokens")
-        return None if skip else torch.from_numpy(rows[start * per_context : (start + n) * per_context].copy()).view(torch.bfloat16).float()
+        if skip:
+            return None
+        block = by_context[start : start + n * stride : stride].reshape(-1, header["d"])
+        return torch.from_numpy(block.copy()).view(torch.bfloat16).float()
 
     return read_contexts
 
@@ -466,7 +472,7 @@ def make_sae(arch, d_in, width, experts=1, k=32):
 
 def sae_config(sae):
     """What make_sae needs to rebuild `sae`."""
-    arch = {SwitchSAE: "switch", ReluSAE: "relu", GatedSAE: "gated"}[type(sae)]
+    arch = "switch" if isinstance(sae, SwitchSAE) else "relu" if isinstance(sae, ReluSAE) else "gated"
     extra = {"experts": sae.experts, "k": sae.k} if arch == "switch" else {}
     return {"arch": arch, "d_in": sae.d_in, "width": sae.width, **extra}
 
@@ -475,7 +481,7 @@ def latent_activity(sae, out):
     """Which latents fired on some token of the batch (M,), and the number of active latents summed over tokens."""
     if isinstance(sae, SwitchSAE):
         active_BK = out[1][:, : sae.k] > 0
-        fired_M = torch.zeros(sae.width, device=active_BK.device).index_add_(0, out[2][:, : sae.k].flatten(), active_BK.flatten().float())
+        fired_M = torch.zeros(len(sae.W_dec), device=active_BK.device).index_add_(0, out[2][:, : sae.k].flatten(), active_BK.flatten().float())
         return fired_M > 0, active_BK.sum()
     active_BM = out[1] > 0
     return active_BM.any(0), active_BM.sum()
@@ -510,11 +516,13 @@ def project_decoder_grad(W_dec):
 # losses
 
 
-def switch_sae_loss(sae, x_BD, out, lb_alpha=3.0, auxk_alpha=0.0):
-    """Reconstruction + lb_alpha * d * load balance (+ auxk_alpha * AuxK). Returns (loss, parts)."""
+def switch_sae_loss(sae, x_BD, out, lb_alpha=3.0, auxk_alpha=0.0, load_N=None):
+    """Reconstruction + lb_alpha * d * load balance (+ auxk_alpha * AuxK). Returns (loss, parts).
+    load_N, the fraction of tokens routed to each expert, defaults to this batch's."""
     x_hat_BD, acts_BK, idx_BK, probs_BN, expert_B = out
     recon = (x_hat_BD - x_BD).pow(2).sum(-1).mean()
-    load_N = torch.bincount(expert_B, minlength=sae.experts).float() / len(x_BD)  # f_i: no gradient
+    if load_N is None:
+        load_N = torch.bincount(expert_B, minlength=sae.experts).float() / len(x_BD)  # f_i: no gradient
     balance = sae.experts * (load_N * probs_BN.mean(0)).sum()  # 1 when uniform
     loss = recon + lb_alpha * sae.d_in * balance
     parts = {"recon": recon, "balance": balance}
@@ -541,6 +549,120 @@ def gated_sae_loss(sae, x_BD, out, l1_coeff):
     l1 = gate_BM.sum(-1).mean()
     aux = (gate_BM @ sae.W_dec.detach() + sae.b_dec.detach() - x_BD).pow(2).sum(-1).mean()
     return recon + l1_coeff * l1 + aux, {"recon": recon, "l1": l1, "aux": aux}
+
+
+# -----------------------------------------------------------------------------
+# distributed: data and expert parallelism over torch.distributed (run under torchrun)
+
+
+def world():
+    """(rank, number of ranks); (0, 1) outside torchrun."""
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def all_reduce(t):
+    """Sum over ranks, in place; nothing outside torchrun."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def gather_rows(t):
+    """Concatenate every rank's t along dim 0 (the whole tensor from its shards)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def shard_rows(t):
+    rank, ranks = world()
+    return t[rank * len(t) // ranks : (rank + 1) * len(t) // ranks]
+
+
+def start_distributed(device):
+    """Join the process group when started by torchrun (NCCL on GPU, gloo on CPU); returns this rank's device."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or dist.is_initialized():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+class ExpertParallelSwitchSAE(SwitchSAE):
+    """A SwitchSAE whose experts are split over the ranks: router and biases are replicated, rank r holds
+    the encoder and decoder rows of experts [r N/G, (r+1) N/G). Each token travels to its expert's rank
+    and its decoded vector back, by all_to_all; gradients take the same roads in reverse."""
+
+    def __init__(self, d_in, width, experts, k):
+        super().__init__(d_in, width, experts, k)  # built whole from the seed, so shards match a 1-rank run
+        rank, ranks = world()
+        assert experts % ranks == 0
+        rows = slice(rank * width // ranks, (rank + 1) * width // ranks)
+        self.W_enc = nn.Parameter(self.W_enc.detach()[rows].clone())
+        self.W_dec = nn.Parameter(self.W_dec.detach()[rows].clone())
+        self.rank, self.experts_here = rank, experts // ranks
+
+    def forward(self, x_BD, dead_M=None, k_aux=0):
+        """x_hat, router probs and experts for this rank's tokens; acts and shard-local indices for the
+        tokens this rank's experts received."""
+        import torch.distributed as dist
+        from torch.distributed._functional_collectives import all_to_all_single_autograd as exchange
+
+        assert not k_aux, "AuxK is not supported with expert parallelism"
+        group = dist.group.WORLD
+        probs_BN, expert_B = self.route(x_BD)
+        order_B = expert_B.argsort(stable=True)  # by expert, hence by destination rank
+        send_G = torch.bincount(expert_B // self.experts_here, minlength=world()[1])
+        recv_G = torch.empty_like(send_G)
+        dist.all_to_all_single(recv_G, send_G)  # counts first, so the sizes are known
+        send, recv = send_G.tolist(), recv_G.tolist()
+        x_in = exchange(x_BD[order_B], recv, send, group)
+        expert_in = exchange(expert_B[order_B], recv, send, group) - self.rank * self.experts_here
+        order_in = expert_in.argsort(stable=True)
+        counts = torch.bincount(expert_in, minlength=self.experts_here)
+        acts, idx = RoutedTopK.apply(x_in[order_in], self.W_enc, self.b_dec, expert_in[order_in], counts, self.k, dead_M, 0)
+        decoded_in = F.embedding_bag(idx, self.W_dec, per_sample_weights=acts, mode="sum")[order_in.argsort()]
+        decoded_B = exchange(decoded_in, send, recv, group)[order_B.argsort()]
+        gate_B = probs_BN.gather(1, expert_B[:, None])[:, 0]
+        return decoded_B * gate_B[:, None] + self.b_dec, acts, idx, probs_BN, expert_B
+
+
+def is_sharded(sae, name):
+    return isinstance(sae, ExpertParallelSwitchSAE) and name in ("W_enc", "W_dec")
+
+
+def average_gradients(sae):
+    """Make every rank's gradient that of the mean loss over all ranks' tokens. Replicated parameters
+    are summed over ranks; expert shards already hold the sum, gathered through the all_to_all."""
+    _, ranks = world()
+    for name, p in sae.named_parameters():
+        if p.grad is not None and ranks > 1:
+            if not is_sharded(sae, name):
+                all_reduce(p.grad)
+            p.grad.div_(ranks)
+
+
+def clip_gradients(sae, max_norm):
+    """torch.nn.utils.clip_grad_norm_'s rule, with the norm taken over all ranks' expert shards."""
+    replicated = [p.grad.pow(2).sum() for n, p in sae.named_parameters() if p.grad is not None and not is_sharded(sae, n)]
+    sharded = [p.grad.pow(2).sum() for n, p in sae.named_parameters() if p.grad is not None and is_sharded(sae, n)]
+    total = torch.stack(replicated).sum() + (all_reduce(torch.stack(sharded).sum()) if sharded else 0)
+    scale = (max_norm / (total.sqrt() + 1e-6)).clamp(max=1.0)
+    for p in sae.parameters():
+        if p.grad is not None:
+            p.grad.mul_(scale)
 
 
 # -----------------------------------------------------------------------------
@@ -601,24 +723,29 @@ def train_step(sae, opt, x_BD, cfg, lr, tokens_since_fired_M=None, l1_coeff=None
         dead_M = None if tokens_since_fired_M is None else tokens_since_fired_M > cfg.dead_tokens
         k_aux = min(sae.d_in // 2, sae.width // sae.experts) if cfg.auxk_alpha and dead_M is not None and bool(dead_M.any()) else 0
         out = sae(x_BD, dead_M, k_aux)
-        loss, parts = switch_sae_loss(sae, x_BD, out, cfg.lb_alpha, cfg.auxk_alpha)
+        tokens = all_reduce(torch.tensor(float(len(x_BD)), device=x_BD.device))
+        load_N = all_reduce(torch.bincount(out[4], minlength=sae.experts).float()) / tokens  # over all ranks' tokens
+        loss, parts = switch_sae_loss(sae, x_BD, out, cfg.lb_alpha, cfg.auxk_alpha, load_N)
     else:
         out = sae(x_BD)
         loss, parts = (relu_sae_loss if isinstance(sae, ReluSAE) else gated_sae_loss)(sae, x_BD, out, cfg.l1_coeff if l1_coeff is None else l1_coeff)
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    average_gradients(sae)
     unit_decoder = not isinstance(sae, ReluSAE)  # the relu baseline lets norms float and pays for them in L1
     if unit_decoder:
         project_decoder_grad(sae.W_dec)
-    torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+    clip_gradients(sae, cfg.grad_clip)
     for group in opt.param_groups:
         group["lr"] = lr
     opt.step()
     if unit_decoder:
         normalize_decoder(sae.W_dec)
-    if tokens_since_fired_M is not None:
+    if tokens_since_fired_M is not None:  # expert shards saw all their tokens; replicas must pool theirs
         fired_M, _ = latent_activity(sae, out)
-        tokens_since_fired_M.add_(len(x_BD)).masked_fill_(fired_M, 0)
+        if not isinstance(sae, ExpertParallelSwitchSAE):
+            fired_M = all_reduce(fired_M.float()) > 0
+        tokens_since_fired_M.add_(len(x_BD) * world()[1]).masked_fill_(fired_M, 0)
     with torch.no_grad():
         parts["fve"] = 1 - (out[0] - x_BD).var(0).sum() / x_BD.var(0).sum()
     parts["loss"] = loss.detach()
@@ -635,67 +762,103 @@ def lm_for_evaluation(cfg, device):
     return model, hooked_module(model, cfg.layer, cfg.site)
 
 
+def stop_on_signals():
+    """The first SIGINT or SIGTERM sets a flag, so the run saves and exits cleanly at its next log step;
+    a second one interrupts at once."""
+    import signal
+
+    flag = torch.zeros(1)
+
+    def handler(signum, frame):
+        if flag.item():
+            raise KeyboardInterrupt
+        flag.fill_(1)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+    return flag
+
+
 def train(cfg):
     from tqdm import tqdm
 
     if cfg.resume:
         cfg = load_config(cfg.out)
     check_config(cfg)
-    device = pick_device(cfg.device)
+    device = start_distributed(pick_device(cfg.device))
+    rank, ranks = world()
+    if cfg.expert_parallel and (cfg.arch != "switch" or cfg.auxk_alpha):
+        raise UsageError("--expert-parallel needs --arch switch and --auxk-alpha 0 (AuxK across ranks is not supported yet)")
+    if cfg.batch_size % ranks or (cfg.expert_parallel and cfg.experts % ranks):
+        raise UsageError(f"--batch-size {cfg.batch_size} and, with --expert-parallel, --experts {cfg.experts} must be divisible by the {ranks} ranks")
+    local = dataclasses.replace(cfg, batch_size=cfg.batch_size // ranks, buffer_tokens=cfg.buffer_tokens // ranks)  # this rank's share
     torch.manual_seed(cfg.seed)
     if cfg.acts:  # activations from the cache; the LM is needed only for loss-recovered evaluation
         header, rows, cache_tokens = open_cache(cfg.acts)
-        cfg = dataclasses.replace(cfg, **{key: header[key] for key in ("model", "layer", "site", "ctx", "skip_positions")})
+        cfg = local = dataclasses.replace(local, **{key: header[key] for key in ("model", "layer", "site", "ctx", "skip_positions")})
         eval_tokens_NT, d = cache_tokens[: header["eval_contexts"]], header["d"]
         eval_x = cache_reader(cfg.acts, rows, header, 0)(header["eval_contexts"])
-        read_contexts = cache_reader(cfg.acts, rows, header, header["eval_contexts"])
-        model, module = lm_for_evaluation(cfg, device)
+        read_contexts = cache_reader(cfg.acts, rows, header, header["eval_contexts"] + rank, ranks)
+        model, module = lm_for_evaluation(cfg, device) if rank == 0 else (None, None)
     else:
         model, tokenizer = load_lm(cfg, device)
         module = hooked_module(model, cfg.layer, cfg.site)
         contexts = token_contexts(cfg, tokenizer)
         eval_tokens_NT = take(contexts, max(1, cfg.eval_tokens // cfg.ctx))  # held out: read first, never trained on
+        contexts = itertools.islice(contexts, rank, None, ranks)  # each rank reads its own share of the text
         read_contexts, d, eval_x = live_reader(cfg, model, module, contexts), model.config.hidden_size, None
 
-    sae = make_sae(cfg.arch, d, cfg.width, cfg.experts, cfg.k).to(device)
+    expert_parallel = cfg.expert_parallel and ranks > 1
+    sae = (ExpertParallelSwitchSAE(d, cfg.width, cfg.experts, cfg.k) if expert_parallel else make_sae(cfg.arch, d, cfg.width, cfg.experts, cfg.k)).to(device)
     opt = make_optimizer(sae)
-    tokens_since_fired_M = torch.zeros(cfg.width, dtype=torch.long, device=device)
+    tokens_since_fired_M = torch.zeros(len(sae.W_dec), dtype=torch.long, device=device)
     steps = cfg.tokens // cfg.batch_size
     start = load_checkpoint(cfg.out, sae, opt, tokens_since_fired_M) if cfg.resume else 0
     os.makedirs(cfg.out, exist_ok=True)
-    write_json(os.path.join(cfg.out, "config.json"), dataclasses.asdict(cfg))
+    if rank == 0:
+        write_json(os.path.join(cfg.out, "config.json"), dataclasses.asdict(cfg))
     flops = flops_per_token(d, cfg.width, cfg.experts, cfg.k, cfg.batch_size, cfg.arch)
-    print(f"{cfg.model} layer {cfg.layer} {cfg.site}: d={d}, {cfg.experts} experts x {cfg.width // cfg.experts} latents, k={cfg.k}, "
-          f"{steps} steps of {cfg.batch_size} tokens, {flops['total'] / 1e6:.2f} MFLOP/token ({flops['paper_encoder_only'] / 1e6:.2f} by the paper's count)")
-    if cfg.tokens < 819_200_000:
-        print("the paper trained on 819.2M tokens: add --tokens 819200000")
+    if rank == 0:
+        print(f"{cfg.model} layer {cfg.layer} {cfg.site}: d={d}, {cfg.experts} experts x {cfg.width // cfg.experts} latents, k={cfg.k}, "
+              f"{steps} steps of {cfg.batch_size} tokens on {ranks} rank(s), {flops['total'] / 1e6:.2f} MFLOP/token ({flops['paper_encoder_only'] / 1e6:.2f} by the paper's count)")
+        if cfg.tokens < 819_200_000:
+            print("the paper trained on 819.2M tokens: add --tokens 819200000")
 
+    stop = stop_on_signals()
     save_every = max(1, cfg.save_every // cfg.batch_size)
-    bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True)
-    for step, x_BD in activation_batches(cfg, read_contexts, start, device):
+    bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True, disable=rank > 0)
+    for step, x_BD in activation_batches(local, read_contexts, start, device):
         if step == 0 and cfg.arch == "switch":
             with torch.no_grad():
-                sae.b_dec.copy_(geometric_median(x_BD))
+                sae.b_dec.copy_(geometric_median(gather_rows(x_BD)))  # of the whole first batch, on every rank
                 sae.b_router.copy_(sae.b_dec)
         parts = train_step(sae, opt, x_BD, cfg, lr_at(cfg, step, steps), tokens_since_fired_M, l1_at(cfg, step, steps))
         bar.update(1)
         saving = (step + 1) % save_every == 0 or step + 1 == steps
-        if saving or (step + 1) % cfg.log_every == 0:
-            loss = parts["loss"].item()
+        if saving or (step + 1) % cfg.log_every == 0:  # every rank checks together: one collective, then agree
+            loss, stopping = all_reduce(torch.stack([parts["loss"], stop.to(device)[0]])).tolist()
             if not math.isfinite(loss):  # checked before any save, so the last checkpoint stays good
                 raise RuntimeError(f"loss became {loss} at step {step}; the last good checkpoint in {cfg.out} is intact")
-            bar.set_postfix(loss=f"{loss:.1f}", fve=f"{parts['fve'].item():.3f}",
+            bar.set_postfix(loss=f"{loss / ranks:.1f}", fve=f"{parts['fve'].item():.3f}",
                             tok_s=f"{(bar.format_dict['rate'] or 0) * cfg.batch_size:.0f}",
                             pflop=f"{flops['total'] * (step + 1) * cfg.batch_size / 1e15:.4f}")
-        if saving:
-            save_checkpoint(cfg.out, sae, cfg, step + 1, opt, tokens_since_fired_M)
+            if saving or stopping:
+                save_checkpoint(cfg.out, sae, cfg, step + 1, opt, tokens_since_fired_M)
+            if stopping:
+                bar.close()
+                if rank == 0:
+                    print(f"stopped by a signal after step {step + 1}: checkpoint saved in {cfg.out}; continue with --resume --out {cfg.out}")
+                return None
     bar.close()
 
-    metrics = evaluate(sae, cfg, model, module, eval_tokens_NT, eval_x)
-    metrics.update(train_tokens=steps * cfg.batch_size, flops_per_token=flops["total"],
-                   train_flops=flops["total"] * steps * cfg.batch_size, paper_flops_per_token=flops["paper_encoder_only"])
-    write_json(os.path.join(cfg.out, "metrics.json"), metrics)
-    print_table(metrics)
+    metrics = None
+    if rank == 0:
+        whole = load_sae(cfg.out, device) if expert_parallel else sae
+        metrics = evaluate(whole, cfg, model, module, eval_tokens_NT, eval_x)
+        metrics.update(train_tokens=steps * cfg.batch_size, flops_per_token=flops["total"],
+                       train_flops=flops["total"] * steps * cfg.batch_size, paper_flops_per_token=flops["paper_encoder_only"])
+        write_json(os.path.join(cfg.out, "metrics.json"), metrics)
+        print_table(metrics)
     return metrics
 
 
@@ -783,16 +946,19 @@ def atomic_write(path, write):
 
 
 def save_checkpoint(out_dir, sae, cfg, step, opt=None, tokens_since_fired_M=None):
+    """Every rank calls this; expert shards are gathered, so the file is the same for any number of ranks."""
     from safetensors.torch import save_file
 
-    tensors = {name: p.detach().contiguous() for name, p in sae.state_dict().items()}
+    names = list(sae.state_dict())
+    whole = lambda name, t: gather_rows(t) if is_sharded(sae, name) else t
+    tensors = {name: whole(name, t.detach()).contiguous() for name, t in sae.state_dict().items()}
     if opt is not None:
         for i, state in opt.state_dict()["state"].items():
-            tensors.update({f"train.adam.{i}.{key}": value.contiguous() for key, value in state.items()})
-        tensors["train.tokens_since_fired"] = tokens_since_fired_M
-    meta = {"sae": json.dumps(sae_config(sae)),
-            "config": json.dumps(dataclasses.asdict(cfg)), "step": str(step)}
-    atomic_write(os.path.join(out_dir, "sae.safetensors"), lambda tmp: save_file(tensors, tmp, metadata=meta))
+            tensors.update({f"train.adam.{i}.{key}": (whole(names[i], v) if v.dim() else v).contiguous() for key, v in state.items()})
+        tensors["train.tokens_since_fired"] = gather_rows(tokens_since_fired_M) if isinstance(sae, ExpertParallelSwitchSAE) else tokens_since_fired_M
+    meta = {"sae": json.dumps(sae_config(sae)), "config": json.dumps(dataclasses.asdict(cfg)), "step": str(step)}
+    if world()[0] == 0:
+        atomic_write(os.path.join(out_dir, "sae.safetensors"), lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def load_sae(path, device="cpu"):
@@ -811,26 +977,29 @@ def load_config(out_dir):
     if not os.path.isfile(path):
         raise UsageError(f"--resume: no run to continue in {out_dir} (no config.json); drop --resume or point --out at the run")
     fields = json.load(open(path))
-    fields["text"], fields["resume"] = tuple(fields["text"]), True
+    fields.update(text=tuple(fields["text"]), resume=True, out=out_dir)  # the run may have been moved
     return Config(**fields)
 
 
 def load_checkpoint(out_dir, sae, opt, tokens_since_fired_M):
-    """Restore weights, Adam state and the dead-latent clock; returns the step to continue from."""
+    """Restore weights, Adam state and the dead-latent clock (this rank's shard of each); returns the step to continue from."""
     from safetensors import safe_open
 
     path = os.path.join(out_dir, "sae.safetensors")
     if not os.path.isfile(path):
         raise UsageError(f"--resume: {out_dir} has no checkpoint yet; drop --resume to start the run afresh")
-    device = sae.W_dec.device
-    with safe_open(path, framework="pt", device=str(device)) as f:
-        sae.load_state_dict({name: f.get_tensor(name) for name in sae.state_dict()})
+    names = list(sae.state_dict())
+    mine = lambda name, t: shard_rows(t) if is_sharded(sae, name) else t
+    with safe_open(path, framework="pt", device=str(sae.W_dec.device)) as f:
+        sae.load_state_dict({name: mine(name, f.get_tensor(name)) for name in names})
         state = {}
-        for name in f.keys():
-            if name.startswith("train.adam."):
-                _, _, i, key = name.split(".")
-                state.setdefault(int(i), {})[key] = f.get_tensor(name)
-        tokens_since_fired_M.copy_(f.get_tensor("train.tokens_since_fired"))
+        for key in f.keys():
+            if key.startswith("train.adam."):
+                _, _, i, field = key.split(".")
+                value = f.get_tensor(key)
+                state.setdefault(int(i), {})[field] = mine(names[int(i)], value) if value.dim() else value
+        clock = f.get_tensor("train.tokens_since_fired")
+        tokens_since_fired_M.copy_(shard_rows(clock) if isinstance(sae, ExpertParallelSwitchSAE) else clock)
         step = int(f.metadata()["step"])
     for value in state.values():
         value["step"] = value["step"].cpu()  # Adam keeps its step count on the CPU

@@ -5,6 +5,7 @@ or a Hugging Face model's own output_hidden_states."""
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -450,3 +451,97 @@ def test_baselines_train_through_the_same_loop(tiny_run, tmp_path, arch):
     metrics = json.load(open(tmp_path / "metrics.json"))
     assert 0 < metrics["l0"] < 64 and 0 < metrics["fve"] < 1
     assert type(S.load_sae(tmp_path)).__name__ == {"relu": "ReluSAE", "gated": "GatedSAE"}[arch]
+
+
+# -----------------------------------------------------------------------------
+# distributed: two gloo processes on this machine
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def steps_on_ranks(rank, ranks, port, mode, x_global, out_dir, steps):
+    """Run `steps` training steps of one rank on its share of the global batch, then save a checkpoint."""
+    import torch.distributed as dist
+
+    if ranks > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=ranks)
+    torch.manual_seed(0)
+    d, width, experts, k = x_global.shape[1], 64, 4, 4
+    sae = S.ExpertParallelSwitchSAE(d, width, experts, k) if mode == "expert" else S.SwitchSAE(d, width, experts, k)
+    opt, clock = S.make_optimizer(sae), torch.zeros(len(sae.W_dec), dtype=torch.long)
+    cfg = S.Config(batch_size=len(x_global), width=width, experts=experts, k=k)
+    x = x_global.chunk(ranks)[rank]
+    with torch.no_grad():
+        sae.b_dec.copy_(S.geometric_median(S.gather_rows(x)))
+        sae.b_router.copy_(sae.b_dec)
+    losses = [S.all_reduce(S.train_step(sae, opt, x, cfg, 1e-2, clock)["loss"]).item() / ranks for _ in range(steps)]
+    S.save_checkpoint(out_dir, sae, cfg, steps, opt, clock)
+    if rank == 0:
+        json.dump(losses, open(os.path.join(out_dir, "losses.json"), "w"))
+    if ranks > 1:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["data", "expert"])
+def test_two_ranks_match_one_process_on_the_same_global_batch(mode, tmp_path):
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    torch.manual_seed(1)
+    x_global = torch.randn(256, 16) * 3 + 1
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    steps_on_ranks(0, 1, None, "data", x_global, str(tmp_path / "one"), 4)
+    mp.spawn(steps_on_ranks, args=(2, free_port(), mode, x_global, str(tmp_path / "two"), 4), nprocs=2)
+    one, two = load_file(tmp_path / "one" / "sae.safetensors"), load_file(tmp_path / "two" / "sae.safetensors")
+    assert one.keys() == two.keys()  # the same layout whatever the number of ranks
+    for name in one:  # float32 sums in another order: agreement to about 1e-5, after Adam's division by sqrt(v)
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+    losses_one, losses_two = (json.load(open(tmp_path / run / "losses.json")) for run in ("one", "two"))
+    assert losses_two == pytest.approx(losses_one, rel=1e-5)
+
+
+def torchrun(*args, **kwargs):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+               os.path.join(HERE, "switch_sae.py"), *args]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, **kwargs)
+
+
+def test_expert_parallel_run_survives_sigterm_and_resumes_to_the_same_weights(tiny_run, tmp_path):
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    corpus = str(tmp_path / "big.jsonl")
+    write_corpus(corpus, docs=8000, seed=1)
+    args = lambda out: tiny_args(tiny_run, out, text=corpus, tokens=256 * 200, buffer_tokens=256 * 50, save_every=256 * 10,
+                                 log_every=5, eval_tokens=64) + ["--expert-parallel"]
+    whole = torchrun(*args(tmp_path / "whole"))
+    assert whole.wait(timeout=600) == 0, whole.stdout.read()
+    cut = torchrun(*args(tmp_path / "cut"))
+    checkpoint = tmp_path / "cut" / "sae.safetensors"
+    while not checkpoint.exists() and cut.poll() is None:
+        time.sleep(0.05)
+    cut.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks
+    output = cut.communicate(timeout=600)[0]
+    assert "stopped by a signal" in output, output
+    assert not (tmp_path / "cut" / "metrics.json").exists()
+    shutil.copytree(tmp_path / "cut", tmp_path / "cut_one")
+    resumed = torchrun("--resume", f"--out={tmp_path / 'cut'}")
+    assert resumed.wait(timeout=600) == 0, resumed.stdout.read()
+    want, got = load_file(tmp_path / "whole" / "sae.safetensors"), load_file(checkpoint)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
+    # the 2-rank checkpoint loads into one process, and one process carries the interrupted run on
+    sae = S.load_sae(tmp_path / "whole")
+    assert sae.W_enc.shape == (64, 32) and sae.experts == 4
+    S.main(["--resume", f"--out={tmp_path / 'cut_one'}"])
+    assert json.load(open(tmp_path / "cut_one" / "metrics.json"))["train_tokens"] == 256 * 200
