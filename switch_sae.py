@@ -26,6 +26,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -344,12 +345,17 @@ def expert_matmul(x_TD, W_enc_MD, counts_N):
 
 
 def scatter_rows(idx_TK, coef_TK, vec_TD, n_rows):
-    """G (n_rows, D) with G[idx[t,k]] += coef[t,k] * vec[t]: the transpose of a weighted embedding_bag,
-    taken from embedding_bag's own backward so the (T*K, D) products are never materialised."""
-    table = vec_TD.new_zeros(n_rows, vec_TD.shape[1], requires_grad=True)
-    with torch.enable_grad():
-        bags = F.embedding_bag(idx_TK, table, per_sample_weights=coef_TK, mode="sum")
-    return torch.autograd.grad(bags, table, vec_TD)[0]
+    """G (n_rows, D) with G[idx[t,k]] += coef[t,k] * vec[t], as one sparse (CSR) matrix product, so the
+    (T*K, D) products are never materialised. It is the weight gradient of a sparse encoder or decoder."""
+    T, K = idx_TK.shape
+    flat = idx_TK.flatten()
+    order = flat.argsort()
+    row_starts = torch.zeros(n_rows + 1, dtype=torch.long, device=flat.device)
+    row_starts[1:] = torch.bincount(flat, minlength=n_rows).cumsum(0)
+    with warnings.catch_warnings():  # sparse CSR is marked beta; its product here is tested against a dense one
+        warnings.simplefilter("ignore")
+        G = torch.sparse_csr_tensor(row_starts, order // K, coef_TK.flatten()[order].to(vec_TD.dtype), (n_rows, T), check_invariants=False)
+        return G @ vec_TD
 
 
 class RoutedTopK(torch.autograd.Function):
@@ -656,9 +662,10 @@ def average_gradients(sae):
 
 def clip_gradients(sae, max_norm):
     """torch.nn.utils.clip_grad_norm_'s rule, with the norm taken over all ranks' expert shards."""
-    replicated = [p.grad.pow(2).sum() for n, p in sae.named_parameters() if p.grad is not None and not is_sharded(sae, n)]
-    sharded = [p.grad.pow(2).sum() for n, p in sae.named_parameters() if p.grad is not None and is_sharded(sae, n)]
-    total = torch.stack(replicated).sum() + (all_reduce(torch.stack(sharded).sum()) if sharded else 0)
+    squares = lambda sharded: [torch.linalg.vector_norm(p.grad) ** 2 for n, p in sae.named_parameters()
+                               if p.grad is not None and is_sharded(sae, n) == sharded]
+    sharded = squares(True)
+    total = torch.stack(squares(False)).sum() + (all_reduce(torch.stack(sharded).sum()) if sharded else 0)
     scale = (max_norm / (total.sqrt() + 1e-6)).clamp(max=1.0)
     for p in sae.parameters():
         if p.grad is not None:
@@ -746,8 +753,9 @@ def train_step(sae, opt, x_BD, cfg, lr, tokens_since_fired_M=None, l1_coeff=None
         if not isinstance(sae, ExpertParallelSwitchSAE):
             fired_M = all_reduce(fired_M.float()) > 0
         tokens_since_fired_M.add_(len(x_BD) * world()[1]).masked_fill_(fired_M, 0)
-    with torch.no_grad():
-        parts["fve"] = 1 - (out[0] - x_BD).var(0).sum() / x_BD.var(0).sum()
+    with torch.no_grad():  # sum_j Var(r_j) = E|r|^2 - |E r|^2, for r the residual and for x
+        resid_BD = x_BD - out[0]
+        parts["fve"] = 1 - ((resid_BD.pow(2).sum(1).mean() - resid_BD.mean(0).pow(2).sum()) / (x_BD.pow(2).sum(1).mean() - x_BD.mean(0).pow(2).sum()))
     parts["loss"] = loss.detach()
     return parts
 
@@ -1025,6 +1033,7 @@ def parse_bench(argv):
     parser.add_argument("--layer", type=int, default=8, help="capture layer")
     parser.add_argument("--ctx", type=int, default=128, help="capture context length")
     parser.add_argument("--lm-batch-size", type=int, default=64, help="contexts per capture forward")
+    parser.add_argument("--expert-parallel", action="store_true", help="under torchrun: time an expert-parallel step on every rank (global batch --batch-size)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser.parse_args(argv)
 
@@ -1084,6 +1093,28 @@ def bench_sae_steps(args, device, dtype):
     return {name: (sorted(r["times"])[len(r["times"]) // 2], r["peak_mem_mb"]) for name, r in runs.items()}
 
 
+def bench_expert_parallel(args, device):
+    """Per-rank step time of an expert-parallel Switch SAE and the bytes each rank sends per step."""
+    rank, ranks = world()
+    cfg = Config(batch_size=args.batch_size, k=args.k, width=args.width, experts=args.experts)
+    torch.manual_seed(rank)
+    x_BD = torch.randn(args.batch_size // ranks, args.d_in, device=device)
+    torch.manual_seed(0)
+    sae = ExpertParallelSwitchSAE(args.d_in, args.width, args.experts, args.k).to(device)
+    opt, clock = make_optimizer(sae), torch.zeros(len(sae.W_dec), dtype=torch.long, device=device)
+    step = lambda: train_step(sae, opt, x_BD, cfg, 1e-4, clock)
+    step()
+    seconds = torch.tensor([timed(step, device, args.steps)], device=device)
+    with torch.no_grad():
+        leaving = (sae.route(x_BD)[1] // sae.experts_here != rank).sum().item()
+    replicated = sum(p.numel() for n, p in sae.named_parameters() if not is_sharded(sae, n))
+    # each token leaving: its activation and expert id out, its decoded vector back, that vector's gradient out
+    sent = leaving * (3 * args.d_in * 4 + 8) + 2 * ranks * 8 + 2 * (ranks - 1) / ranks * replicated * 4  # + counts, ring all-reduce
+    stats = gather_rows(torch.tensor([[seconds.item() * 1e3, sent]], device=device)).tolist()
+    return {"ranks": ranks, "step_ms_per_rank": [ms for ms, _ in stats], "bytes_sent_per_rank": [b for _, b in stats],
+            "global_batch": args.batch_size, "tokens_per_s": args.batch_size / max(ms for ms, _ in stats) * 1e3}
+
+
 def matmul_tflops(args, device, dtype):
     """Measured dense matmul rate of the encoder's shape: the peak that MFU is reported against."""
     a = torch.randn(args.batch_size, args.d_in, device=device, dtype=dtype)
@@ -1111,9 +1142,14 @@ def bench_capture(args, device):
 
 
 def bench(args):
-    device = pick_device(args.device)
+    device = start_distributed(pick_device(args.device))
     dtype = getattr(torch, args.dtype)
     check_config(Config(experts=args.experts, width=args.width, k=args.k, batch_size=args.batch_size, tokens=args.batch_size))
+    if args.expert_parallel:
+        result = bench_expert_parallel(args, device)
+        if world()[0] == 0:
+            print(json.dumps(result) if args.json else "\n".join(f"{key:>20}  {value}" for key, value in result.items()))
+        return result
     (switch_s, switch_mem), (topk_s, topk_mem) = bench_sae_steps(args, device, dtype).values()
     flops = {n: flops_per_token(args.d_in, args.width, e, args.k, args.batch_size)["total"] for n, e in (("switch", args.experts), ("topk", 1))}
     peak = matmul_tflops(args, device, dtype)
