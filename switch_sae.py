@@ -75,6 +75,7 @@ class Config:
     # evaluation and checkpoints
     acts: str = arg("", "activation cache from 'switch_sae.py cache' to train on instead of running the LM")
     eval_tokens: int = arg(16384, "held-out tokens for evaluation, never trained on")
+    skip_ce: bool = arg(False, "leave out loss-recovered evaluation (three full LM passes over the held-out contexts)")
     out: str = arg("out", "directory for checkpoints and metrics.json")
     save_every: int = arg(10_000_000, "training tokens between checkpoints")
     resume: bool = arg(False, "continue the run saved in --out")
@@ -90,11 +91,11 @@ def check_config(cfg):
         raise UsageError(f"unknown --arch {cfg.arch!r}: use switch, relu or gated")
     if cfg.site not in ("resid", "attn", "mlp"):
         raise UsageError(f"unknown --site {cfg.site!r}: use resid, attn or mlp")
-    if cfg.experts < 1 or cfg.width % cfg.experts:
+    if cfg.arch == "switch" and (cfg.experts < 1 or cfg.width % cfg.experts):
         raise UsageError(f"--width {cfg.width} is not divisible by --experts {cfg.experts}: pick a width that is a multiple of the expert count")
     if not 0 <= cfg.skip_positions < cfg.ctx:
         raise UsageError(f"--skip-positions {cfg.skip_positions} must be at least 0 and below --ctx {cfg.ctx}")
-    if not 1 <= cfg.k <= cfg.width // cfg.experts:
+    if cfg.arch == "switch" and not 1 <= cfg.k <= cfg.width // cfg.experts:
         raise UsageError(f"--k {cfg.k} must be between 1 and the latents per expert ({cfg.width // cfg.experts} = width / experts): lower --k or raise --width")
     if cfg.batch_size < 1 or cfg.tokens < cfg.batch_size:
         raise UsageError(f"--tokens {cfg.tokens} is less than one batch of --batch-size {cfg.batch_size}: raise --tokens")
@@ -807,7 +808,7 @@ def train(cfg):
         eval_tokens_NT, d = cache_tokens[: header["eval_contexts"]], header["d"]
         eval_x = cache_reader(cfg.acts, rows, header, 0)(header["eval_contexts"])
         read_contexts = cache_reader(cfg.acts, rows, header, header["eval_contexts"] + rank, ranks)
-        model, module = lm_for_evaluation(cfg, device) if rank == 0 else (None, None)
+        model, module = lm_for_evaluation(cfg, device) if rank == 0 and not cfg.skip_ce else (None, None)
     else:
         model, tokenizer = load_lm(cfg, device)
         module = hooked_module(model, cfg.layer, cfg.site)
@@ -862,7 +863,7 @@ def train(cfg):
     metrics = None
     if rank == 0:
         whole = load_sae(cfg.out, device) if expert_parallel else sae
-        metrics = evaluate(whole, cfg, model, module, eval_tokens_NT, eval_x)
+        metrics = evaluate(whole, cfg, None if cfg.skip_ce else model, module, eval_tokens_NT, eval_x)
         metrics.update(train_tokens=steps * cfg.batch_size, flops_per_token=flops["total"],
                        train_flops=flops["total"] * steps * cfg.batch_size, paper_flops_per_token=flops["paper_encoder_only"])
         write_json(os.path.join(cfg.out, "metrics.json"), metrics)

@@ -557,3 +557,23 @@ def test_expert_parallel_run_survives_sigterm_and_resumes_to_the_same_weights(ti
     assert sae.W_enc.shape == (64, 32) and sae.experts == 4
     S.main(["--resume", f"--out={tmp_path / 'cut_one'}"])
     assert json.load(open(tmp_path / "cut_one" / "metrics.json"))["train_tokens"] == 256 * 200
+
+
+# -----------------------------------------------------------------------------
+# notebooks
+
+
+@pytest.mark.parametrize("name", ["scaling_laws", "pareto", "feature_geometry"])
+def test_notebooks_run_at_smoke_scale(name, tmp_path, monkeypatch):
+    """Each notebook runs top to bottom at SCALE=smoke (a random tiny GPT-2 it builds itself), writing only under tmp_path."""
+    import nbclient
+    import nbformat
+
+    notebooks = os.path.join(HERE, "notebooks")
+    notebook = nbformat.read(os.path.join(notebooks, f"{name}.ipynb"), as_version=4)  # a copy: the file is not touched
+    monkeypatch.setenv("SCALE", "smoke")
+    monkeypatch.setenv("RESULTS", str(tmp_path / "runs"))
+    monkeypatch.setenv("CACHE", str(tmp_path / "cache" / "smoke.bin"))
+    client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": notebooks}})
+    client.execute()  # raises CellExecutionError, with the cell and its traceback, on any error
+    assert os.listdir(tmp_path / "runs" / name)  # the runs went where RESULTS points
