@@ -330,14 +330,14 @@ def use_grouped_mm(x):
 
 
 def expert_matmul(x_TD, W_enc_MD, counts_N):
-    """Pre-activations (T, m): row t against its own expert's m encoder rows only.
+    """Pre-activations (T, m): row t against its own expert's m encoder rows only (bf16 on CUDA).
     x_TD is sorted by expert; counts_N says how many rows each expert owns."""
     N = len(counts_N)
     W_NmD = W_enc_MD.view(N, -1, W_enc_MD.shape[1])
     if use_grouped_mm(x_TD):
         dtype = torch.bfloat16 if x_TD.is_cuda else x_TD.dtype  # tensor cores; fp32 master weights stay fp32
         offsets = counts_N.cumsum(0).to(torch.int32)  # stays on the device: no host sync
-        return F.grouped_mm(x_TD.to(dtype), W_NmD.to(dtype).transpose(1, 2), offs=offsets).float()
+        return F.grouped_mm(x_TD.to(dtype), W_NmD.to(dtype).transpose(1, 2), offs=offsets)  # TopK runs on it as is
     pre_Tm = x_TD.new_empty(len(x_TD), W_NmD.shape[1])
     sizes = counts_N.tolist()
     for x_i, W_i, pre_i in zip(x_TD.split(sizes), W_NmD, pre_Tm.split(sizes)):
@@ -376,7 +376,7 @@ class RoutedTopK(torch.autograd.Function):
             pre_Tm.masked_fill_(~dead_M.view(len(counts_N), m)[expert_T], -math.inf)
             aux_vals, aux_loc = pre_Tm.topk(k_aux, dim=1, sorted=False)
             vals_TK, idx_TK = torch.cat([vals_TK, aux_vals], 1), torch.cat([idx_TK, aux_loc + offset_T1], 1)
-        acts_TK = vals_TK.relu()
+        acts_TK = vals_TK.to(x_TD.dtype).relu()
         ctx.save_for_backward(xc_TD, W_enc_MD, idx_TK, acts_TK)
         ctx.mark_non_differentiable(idx_TK)
         return acts_TK, idx_TK
