@@ -23,8 +23,10 @@ import itertools
 import json
 import math
 import os
+import queue
 import random
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -51,7 +53,7 @@ class Config:
     dataset: str = arg("Skylion007/openwebtext", "hub dataset streamed when no --text is given")
     ctx: int = arg(128, "tokens per context: each document's first ctx tokens, shorter documents skipped")
     skip_positions: int = arg(1, "leading positions of each context not trained on, spliced or ablated: the first one is an attention sink with ~100x the usual norm (0 keeps them, as the paper did)")
-    lm_batch_size: int = arg(32, "contexts per language-model forward")
+    lm_batch_size: int = arg(64, "contexts per language-model forward")
     buffer_tokens: int = arg(2**20, "activations captured, then served in random order (the shuffle buffer)")
     # the SAE
     arch: str = arg("switch", "switch (TopK experts behind a router; --experts 1 is TopK), or the baselines relu (L1) and gated")
@@ -146,20 +148,40 @@ def read_documents(cfg):
 
 
 def token_contexts(cfg, tokenizer):
-    """Yield 1-D tensors of cfg.ctx token ids: each document's first ctx tokens (shorter ones skipped)."""
+    """Yield 1-D tensors of cfg.ctx token ids: each document's first ctx tokens (shorter ones skipped).
+    A background thread tokenizes ahead, so tokenizing overlaps the LM forward."""
 
-    def tokenized(texts):
-        for ids in tokenizer(texts, truncation=True, max_length=cfg.ctx)["input_ids"]:
-            if len(ids) == cfg.ctx:
-                yield torch.tensor(ids)
+    def tokenized_batches():
+        texts = []
+        for text in read_documents(cfg):
+            texts.append(text[: cfg.ctx * 20])  # ctx tokens need far fewer characters; skip tokenizing the rest
+            if len(texts) == 256:
+                yield tokenizer(texts, truncation=True, max_length=cfg.ctx)["input_ids"]
+                texts = []
+        yield tokenizer(texts, truncation=True, max_length=cfg.ctx)["input_ids"] if texts else []
 
-    texts = []
-    for text in read_documents(cfg):
-        texts.append(text[: cfg.ctx * 20])  # ctx tokens need far fewer characters; skip tokenizing the rest
-        if len(texts) == 256:
-            yield from tokenized(texts)
-            texts = []
-    yield from tokenized(texts)
+    for batch in prefetched(tokenized_batches()):
+        yield from (torch.tensor(ids) for ids in batch if len(ids) == cfg.ctx)
+
+
+def prefetched(items, depth=8):
+    """Iterate over `items` produced in a background thread, up to `depth` ahead, in the same order."""
+    queue_ = queue.Queue(depth)
+    end = object()
+
+    def produce():
+        try:
+            for item in items:
+                queue_.put(item)
+            queue_.put(end)
+        except BaseException as e:  # handed to the consumer, which raises it
+            queue_.put(e)
+
+    threading.Thread(target=produce, daemon=True).start()
+    while (item := queue_.get()) is not end:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 def take(contexts, n):
@@ -847,7 +869,7 @@ def train(cfg):
         if saving or (step + 1) % cfg.log_every == 0:  # every rank checks together: one collective, then agree
             loss, stopping = all_reduce(torch.stack([parts["loss"], stop.to(device)[0]])).tolist()
             if not math.isfinite(loss):  # checked before any save, so the last checkpoint stays good
-                raise RuntimeError(f"loss became {loss} at step {step}; the last good checkpoint in {cfg.out} is intact")
+                raise UsageError(f"the loss became {loss} by step {step + 1}: the last good checkpoint in {cfg.out} is intact; lower --lr and continue with --resume --out {cfg.out}")
             bar.set_postfix(loss=f"{loss / ranks:.1f}", fve=f"{parts['fve'].item():.3f}",
                             tok_s=f"{(bar.format_dict['rate'] or 0) * cfg.batch_size:.0f}",
                             pflop=f"{flops['total'] * (step + 1) * cfg.batch_size / 1e15:.4f}")

@@ -577,3 +577,25 @@ def test_notebooks_run_at_smoke_scale(name, tmp_path, monkeypatch):
     client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": notebooks}})
     client.execute()  # raises CellExecutionError, with the cell and its traceback, on any error
     assert os.listdir(tmp_path / "runs" / name)  # the runs went where RESULTS points
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_run, tmp_path, monkeypatch, capsys):
+    from safetensors import safe_open
+
+    real_step = S.train_step
+    calls = []
+
+    def diverging(*args, **kwargs):
+        parts = real_step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) >= 5:  # from step 5 on, as a too-large learning rate would
+            parts["loss"] = torch.tensor(float("nan"))
+        return parts
+
+    monkeypatch.setattr(S, "train_step", diverging)
+    with pytest.raises(SystemExit) as exit_info:
+        S.main(tiny_args(tiny_run, tmp_path, log_every=1))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "the loss became nan by step 5" in err and "--resume" in err
+    with safe_open(str(tmp_path / "sae.safetensors"), "pt") as f:
+        assert f.metadata()["step"] == "4"  # saved every 2 steps: the checkpoint of step 4, not a broken one
