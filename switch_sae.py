@@ -377,8 +377,8 @@ def scatter_rows(idx_TK, coef_TK, vec_TD, n_rows):
     row_starts[1:] = torch.bincount(flat, minlength=n_rows).cumsum(0)
     with warnings.catch_warnings():  # sparse CSR is marked beta; its product here is tested against a dense one
         warnings.simplefilter("ignore")
-        G = torch.sparse_csr_tensor(row_starts, order // K, coef_TK.flatten()[order].to(vec_TD.dtype), (n_rows, T), check_invariants=False)
-        return G @ vec_TD
+        G = torch.sparse_csr_tensor(row_starts, order // K, coef_TK.flatten()[order].float(), (n_rows, T), check_invariants=False)
+        return (G @ vec_TD.float()).to(vec_TD.dtype)  # sparse products want float32 on some backends
 
 
 class RoutedTopK(torch.autograd.Function):
@@ -413,7 +413,7 @@ class RoutedTopK(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_W = scatter_rows(idx_TK, g_TK, xc_TD, len(W_enc_MD))
         if ctx.needs_input_grad[2]:  # sum over tokens first: one (M,) x (M, D) product, not T of them
-            per_latent_M = torch.zeros(len(W_enc_MD), device=g_TK.device).index_add_(0, idx_TK.flatten(), g_TK.flatten())
+            per_latent_M = g_TK.new_zeros(len(W_enc_MD)).index_add_(0, idx_TK.flatten(), g_TK.flatten())
             grad_b = -(per_latent_M[None] @ W_enc_MD)[0]
         return grad_x, grad_W, grad_b, None, None, None, None, None
 
