@@ -286,7 +286,6 @@ def live_reader(cfg, model, module, contexts):
 
 
 def write_cache(cfg):
-    import numpy as np
     from tqdm import tqdm
 
     check_config(cfg)
@@ -299,6 +298,7 @@ def write_cache(cfg):
     header = {"model": cfg.model, "layer": cfg.layer, "site": cfg.site, "ctx": cfg.ctx, "skip_positions": cfg.skip_positions,
               "d": model.config.hidden_size, "dtype": "bfloat16", "eval_contexts": n_eval, "contexts": n_total,
               "rows": n_total * (cfg.ctx - cfg.skip_positions), "seed": cfg.seed, "complete": False}
+    os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
     write_json(cfg.out + ".json", header)  # says "incomplete" until the last row is written
     with open(cfg.out, "wb") as acts_file, open(cfg.out + ".tokens", "wb") as tokens_file:
         for first in tqdm(range(0, n_total, cfg.lm_batch_size), desc="cache", unit_scale=cfg.lm_batch_size, unit="ctx"):
@@ -823,10 +823,10 @@ def train(cfg):
     if cfg.batch_size % ranks or (cfg.expert_parallel and cfg.experts % ranks):
         raise UsageError(f"--batch-size {cfg.batch_size} and, with --expert-parallel, --experts {cfg.experts} must be divisible by the {ranks} ranks")
     local = dataclasses.replace(cfg, batch_size=cfg.batch_size // ranks, buffer_tokens=cfg.buffer_tokens // ranks)  # this rank's share
-    torch.manual_seed(cfg.seed)
     if cfg.acts:  # activations from the cache; the LM is needed only for loss-recovered evaluation
         header, rows, cache_tokens = open_cache(cfg.acts)
-        cfg = local = dataclasses.replace(local, **{key: header[key] for key in ("model", "layer", "site", "ctx", "skip_positions")})
+        source = {key: header[key] for key in ("model", "layer", "site", "ctx", "skip_positions")}
+        cfg, local = dataclasses.replace(cfg, **source), dataclasses.replace(local, **source)
         eval_tokens_NT, d = cache_tokens[: header["eval_contexts"]], header["d"]
         eval_x = cache_reader(cfg.acts, rows, header, 0)(header["eval_contexts"])
         read_contexts = cache_reader(cfg.acts, rows, header, header["eval_contexts"] + rank, ranks)
@@ -840,6 +840,7 @@ def train(cfg):
         read_contexts, d, eval_x = live_reader(cfg, model, module, contexts), model.config.hidden_size, None
 
     expert_parallel = cfg.expert_parallel and ranks > 1
+    torch.manual_seed(cfg.seed)  # here, so loading the LM (or not, from a cache) cannot change the SAE's init
     sae = (ExpertParallelSwitchSAE(d, cfg.width, cfg.experts, cfg.k) if expert_parallel else make_sae(cfg.arch, d, cfg.width, cfg.experts, cfg.k)).to(device)
     opt = make_optimizer(sae)
     tokens_since_fired_M = torch.zeros(len(sae.W_dec), dtype=torch.long, device=device)
