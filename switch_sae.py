@@ -99,6 +99,8 @@ def check_config(cfg):
         raise UsageError(f"--skip-positions {cfg.skip_positions} must be at least 0 and below --ctx {cfg.ctx}")
     if cfg.arch == "switch" and not 1 <= cfg.k <= cfg.width // cfg.experts:
         raise UsageError(f"--k {cfg.k} must be between 1 and the latents per expert ({cfg.width // cfg.experts} = width / experts): lower --k or raise --width")
+    if cfg.log_every < 1 or cfg.save_every < 1:
+        raise UsageError("--log-every and --save-every must be at least 1")
     if cfg.batch_size < 1 or cfg.tokens < cfg.batch_size:
         raise UsageError(f"--tokens {cfg.tokens} is less than one batch of --batch-size {cfg.batch_size}: raise --tokens")
     for path in cfg.text:
@@ -128,11 +130,14 @@ def read_documents(cfg):
         docs = []
         for path in cfg.text:
             opener = gzip.open if path.endswith(".gz") else open
-            with opener(path, "rt", encoding="utf-8") as f:
-                if ".jsonl" in path:
-                    docs += [json.loads(line)["text"] for line in f if line.strip()]
-                else:  # plain text: blank lines separate documents
-                    docs += [d for d in f.read().split("\n\n") if d.strip()]
+            try:
+                with opener(path, "rt", encoding="utf-8") as f:
+                    if ".jsonl" in path:
+                        docs += [json.loads(line)["text"] for line in f if line.strip()]
+                    else:  # plain text: blank lines separate documents
+                        docs += [d for d in f.read().split("\n\n") if d.strip()]
+            except (ValueError, KeyError, TypeError, OSError) as e:  # bad JSON or UTF-8, no "text" field, bad gzip
+                raise UsageError(f"--text {path}: cannot read documents ({type(e).__name__}: {e}); give UTF-8 .txt, or .jsonl(.gz) with a \"text\" field per line") from None
         if not docs:
             raise UsageError(f"--text {' '.join(cfg.text)} holds no documents: pass files with text in them")
         random.Random(cfg.seed).shuffle(docs)  # local corpora are often grouped by source
@@ -212,7 +217,9 @@ def hooked_module(model, layer, site):
     n_layers = model.config.num_hidden_layers
     if not 0 <= layer < n_layers:
         raise UsageError(f"--layer {layer} is out of range: the model has {n_layers} layers, so use 0..{n_layers - 1}")
-    blocks = next(m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers)
+    blocks = next((m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers), None)
+    if blocks is None:
+        raise UsageError(f"found no list of the model's {n_layers} blocks to hook: this architecture is not supported yet")
     if site == "resid":
         return blocks[layer]
     names = {"attn": ("attn", "self_attn", "attention"), "mlp": ("mlp", "feed_forward")}[site]
@@ -298,6 +305,8 @@ def write_cache(cfg):
     header = {"model": cfg.model, "layer": cfg.layer, "site": cfg.site, "ctx": cfg.ctx, "skip_positions": cfg.skip_positions,
               "d": model.config.hidden_size, "dtype": "bfloat16", "eval_contexts": n_eval, "contexts": n_total,
               "rows": n_total * (cfg.ctx - cfg.skip_positions), "seed": cfg.seed, "complete": False}
+    if os.path.isdir(cfg.out):
+        raise UsageError(f"cache --out {cfg.out} is a directory: name the cache file, e.g. --out {os.path.join(cfg.out, 'acts.bin')}")
     os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
     write_json(cfg.out + ".json", header)  # says "incomplete" until the last row is written
     with open(cfg.out, "wb") as acts_file, open(cfg.out + ".tokens", "wb") as tokens_file:
@@ -324,20 +333,18 @@ def open_cache(path):
     return header, rows, torch.from_numpy(tokens).long()
 
 
-def cache_reader(path, rows, header, first_context, stride=1):
-    """read_contexts over a cache: contexts first_context, first_context + stride, ... (stride: ranks)."""
+def cache_reader(path, rows, header, first_context):
+    """read_contexts over a cache, from context first_context on."""
     per_context, position = header["ctx"] - header["skip_positions"], [first_context]
-    by_context = rows.reshape(header["contexts"], per_context, header["d"])
 
     def read_contexts(n, skip=False):
         start = position[0]
-        position[0] += n * stride
-        if start + (n - 1) * stride >= header["contexts"]:
+        position[0] += n
+        if position[0] > header["contexts"]:
             raise UsageError(f"--acts {path} holds {header['contexts']} contexts and this run needs more: write the cache with this run's --tokens, --batch-size and --buffer-tokens")
         if skip:
             return None
-        block = by_context[start : start + n * stride : stride].reshape(-1, header["d"])
-        return torch.from_numpy(block.copy()).view(torch.bfloat16).float()
+        return torch.from_numpy(rows[start * per_context : (start + n) * per_context].copy()).view(torch.bfloat16).float()
 
     return read_contexts
 
@@ -347,8 +354,18 @@ def cache_reader(path, rows, header, first_context, stride=1):
 
 
 def use_grouped_mm(x):
-    """One grouped matmul for all experts on CUDA; a loop over experts elsewhere."""
-    return x.is_cuda and hasattr(F, "grouped_mm")
+    """One grouped matmul for all experts on CUDA (Ampere or newer; bf16 rows 16-byte aligned); a loop elsewhere."""
+    return x.is_cuda and hasattr(F, "grouped_mm") and x.shape[1] % 8 == 0 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+
+
+def count(values, n):
+    """How often each of 0..n-1 occurs in `values`: torch.bincount without its host sync on CUDA."""
+    return torch.zeros(n, dtype=torch.long, device=values.device).scatter_add_(0, values, torch.ones_like(values))
+
+
+def routed_gate(probs_BN, expert_B):
+    """p_i* of each token: the router's only reconstruction gradient (SPEC section 1)."""
+    return probs_BN.gather(1, expert_B[:, None])[:, 0]
 
 
 def expert_matmul(x_TD, W_enc_MD, counts_N):
@@ -372,9 +389,9 @@ def scatter_rows(idx_TK, coef_TK, vec_TD, n_rows):
     (T*K, D) products are never materialised. It is the weight gradient of a sparse encoder or decoder."""
     T, K = idx_TK.shape
     flat = idx_TK.flatten()
-    order = flat.argsort()
+    order = flat.argsort(stable=True)  # stable: each row's columns (tokens) come sorted, sums are deterministic
     row_starts = torch.zeros(n_rows + 1, dtype=torch.long, device=flat.device)
-    row_starts[1:] = torch.bincount(flat, minlength=n_rows).cumsum(0)
+    row_starts[1:] = count(flat, n_rows).cumsum(0)
     with warnings.catch_warnings():  # sparse CSR is marked beta; its product here is tested against a dense one
         warnings.simplefilter("ignore")
         G = torch.sparse_csr_tensor(row_starts, order // K, coef_TK.flatten()[order].float(), (n_rows, T), check_invariants=False)
@@ -441,11 +458,11 @@ class SwitchSAE(nn.Module):
         """x_hat, latents (acts, global indices; with k_aux the AuxK ones appended), router probs and experts."""
         probs_BN, expert_B = self.route(x_BD)
         order_B = expert_B.argsort(stable=True)
-        counts_N = torch.bincount(expert_B, minlength=self.experts)
+        counts_N = count(expert_B, self.experts)
         acts, idx = RoutedTopK.apply(x_BD[order_B], self.W_enc, self.b_dec, expert_B[order_B], counts_N, self.k, dead_M, k_aux)
         unsort_B = order_B.argsort()
         acts_BK, idx_BK = acts[unsort_B], idx[unsort_B]
-        gate_B = probs_BN.gather(1, expert_B[:, None])[:, 0]
+        gate_B = routed_gate(probs_BN, expert_B)
         x_hat_BD = self.decode(acts_BK[:, : self.k], idx_BK[:, : self.k], gate_B) + self.b_dec
         return x_hat_BD, acts_BK, idx_BK, probs_BN, expert_B
 
@@ -551,12 +568,12 @@ def switch_sae_loss(sae, x_BD, out, lb_alpha=3.0, auxk_alpha=0.0, load_N=None):
     x_hat_BD, acts_BK, idx_BK, probs_BN, expert_B = out
     recon = (x_hat_BD - x_BD).pow(2).sum(-1).mean()
     if load_N is None:
-        load_N = torch.bincount(expert_B, minlength=sae.experts).float() / len(x_BD)  # f_i: no gradient
+        load_N = count(expert_B, sae.experts).float() / len(x_BD)  # f_i: no gradient
     balance = sae.experts * (load_N * probs_BN.mean(0)).sum()  # 1 when uniform
     loss = recon + lb_alpha * sae.d_in * balance
     parts = {"recon": recon, "balance": balance}
     if acts_BK.shape[1] > sae.k:  # AuxK: dead latents reconstruct what the live ones missed (Gao et al.)
-        gate_B = probs_BN.gather(1, expert_B[:, None])[:, 0]
+        gate_B = routed_gate(probs_BN, expert_B).detach()  # AuxK trains the dead latents, not the router
         error_hat_BD = sae.decode(acts_BK[:, sae.k :], idx_BK[:, sae.k :], gate_B)
         parts["auxk"] = (error_hat_BD - (x_BD - x_hat_BD).detach()).pow(2).sum(-1).mean()
         loss = loss + auxk_alpha * parts["auxk"]
@@ -653,18 +670,18 @@ class ExpertParallelSwitchSAE(SwitchSAE):
         group = dist.group.WORLD
         probs_BN, expert_B = self.route(x_BD)
         order_B = expert_B.argsort(stable=True)  # by expert, hence by destination rank
-        send_G = torch.bincount(expert_B // self.experts_here, minlength=world()[1])
+        send_G = count(expert_B // self.experts_here, world()[1])
         recv_G = torch.empty_like(send_G)
         dist.all_to_all_single(recv_G, send_G)  # counts first, so the sizes are known
         send, recv = send_G.tolist(), recv_G.tolist()
         x_in = exchange(x_BD[order_B], recv, send, group)
         expert_in = exchange(expert_B[order_B], recv, send, group) - self.rank * self.experts_here
         order_in = expert_in.argsort(stable=True)
-        counts = torch.bincount(expert_in, minlength=self.experts_here)
+        counts = count(expert_in, self.experts_here)
         acts, idx = RoutedTopK.apply(x_in[order_in], self.W_enc, self.b_dec, expert_in[order_in], counts, self.k, dead_M, 0)
         decoded_in = F.embedding_bag(idx, self.W_dec, per_sample_weights=acts, mode="sum")[order_in.argsort()]
         decoded_B = exchange(decoded_in, send, recv, group)[order_B.argsort()]
-        gate_B = probs_BN.gather(1, expert_B[:, None])[:, 0]
+        gate_B = routed_gate(probs_BN, expert_B)
         return decoded_B * gate_B[:, None] + self.b_dec, acts, idx, probs_BN, expert_B
 
 
@@ -754,7 +771,7 @@ def train_step(sae, opt, x_BD, cfg, lr, tokens_since_fired_M=None, l1_coeff=None
         k_aux = min(sae.d_in // 2, sae.width // sae.experts) if cfg.auxk_alpha and dead_M is not None and bool(dead_M.any()) else 0
         out = sae(x_BD, dead_M, k_aux)
         tokens = all_reduce(torch.tensor(float(len(x_BD)), device=x_BD.device))
-        load_N = all_reduce(torch.bincount(out[4], minlength=sae.experts).float()) / tokens  # over all ranks' tokens
+        load_N = all_reduce(count(out[4], sae.experts).float()) / tokens  # over all ranks' tokens
         loss, parts = switch_sae_loss(sae, x_BD, out, cfg.lb_alpha, cfg.auxk_alpha, load_N)
     else:
         out = sae(x_BD)
@@ -822,14 +839,14 @@ def train(cfg):
         raise UsageError("--expert-parallel needs --arch switch and --auxk-alpha 0 (AuxK across ranks is not supported yet)")
     if cfg.batch_size % ranks or (cfg.expert_parallel and cfg.experts % ranks):
         raise UsageError(f"--batch-size {cfg.batch_size} and, with --expert-parallel, --experts {cfg.experts} must be divisible by the {ranks} ranks")
-    local = dataclasses.replace(cfg, batch_size=cfg.batch_size // ranks, buffer_tokens=cfg.buffer_tokens // ranks)  # this rank's share
+    local = dataclasses.replace(cfg, tokens=cfg.tokens // ranks, batch_size=cfg.batch_size // ranks, buffer_tokens=cfg.buffer_tokens // ranks)  # this rank's share of each batch
     if cfg.acts:  # activations from the cache; the LM is needed only for loss-recovered evaluation
         header, rows, cache_tokens = open_cache(cfg.acts)
         source = {key: header[key] for key in ("model", "layer", "site", "ctx", "skip_positions")}
         cfg, local = dataclasses.replace(cfg, **source), dataclasses.replace(local, **source)
         eval_tokens_NT, d = cache_tokens[: header["eval_contexts"]], header["d"]
         eval_x = cache_reader(cfg.acts, rows, header, 0)(header["eval_contexts"])
-        read_contexts = cache_reader(cfg.acts, rows, header, header["eval_contexts"] + rank, ranks)
+        read_contexts = cache_reader(cfg.acts, rows, header, header["eval_contexts"])
         model, module = lm_for_evaluation(cfg, device) if rank == 0 and not cfg.skip_ce else (None, None)
     else:
         model, tokenizer = load_lm(cfg, device)
@@ -859,7 +876,8 @@ def train(cfg):
     stop = stop_on_signals()
     save_every = max(1, cfg.save_every // cfg.batch_size)
     bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True, disable=rank > 0)
-    for step, x_BD in activation_batches(local, read_contexts, start, device):
+    for step, x_BD in activation_batches(cfg if cfg.acts else local, read_contexts, start, device):
+        x_BD = x_BD.chunk(ranks)[rank] if cfg.acts else x_BD  # from a cache each rank keeps its share of the global batch
         if step == 0 and cfg.arch == "switch":
             with torch.no_grad():
                 sae.b_dec.copy_(geometric_median(gather_rows(x_BD)))  # of the whole first batch, on every rank
@@ -884,10 +902,14 @@ def train(cfg):
     bar.close()
 
     metrics = None
+    clock_M = gather_rows(tokens_since_fired_M) if expert_parallel else tokens_since_fired_M
     if rank == 0:
         whole = load_sae(cfg.out, device) if expert_parallel else sae
-        metrics = evaluate(whole, cfg, None if cfg.skip_ce else model, module, eval_tokens_NT, eval_x)
-        metrics.update(train_tokens=steps * cfg.batch_size, flops_per_token=flops["total"],
+        if eval_x is None:
+            eval_x = lm_activations(model, module, eval_tokens_NT, cfg.lm_batch_size, cfg.skip_positions)
+        metrics = evaluate(whole, cfg, eval_x, None if cfg.skip_ce else model, module, eval_tokens_NT)
+        metrics.update(dead_fraction_train=(clock_M > cfg.dead_tokens).float().mean().item(),
+                       train_tokens=steps * cfg.batch_size, flops_per_token=flops["total"],
                        train_flops=flops["total"] * steps * cfg.batch_size, paper_flops_per_token=flops["paper_encoder_only"])
         write_json(os.path.join(cfg.out, "metrics.json"), metrics)
         print_table(metrics)
@@ -919,10 +941,9 @@ def lm_loss(model, module, tokens_NT, batch_size, patch=None, skip_positions=0):
 
 
 @torch.no_grad()
-def evaluate(sae, cfg, model, module, tokens_NT, x_ND=None):
-    """SPEC section 5 metrics on held-out tokens."""
-    if x_ND is None:
-        x_ND = lm_activations(model, module, tokens_NT, cfg.lm_batch_size, cfg.skip_positions)
+def evaluate(sae, cfg, x_ND, model=None, module=None, tokens_NT=None):
+    """SPEC section 5 metrics on held-out activations x_ND; with the LM, its held-out contexts and the
+    hooked module also the cross-entropy ones. dead_fraction counts latents that never fire on x_ND."""
     x_ND = x_ND.to(sae.W_dec.device)
     sq_err, resid_sum, resid_sq, l0, n = 0.0, 0.0, 0.0, 0.0, len(x_ND)
     fired_M = torch.zeros(sae.width, dtype=torch.bool, device=x_ND.device)
@@ -935,7 +956,7 @@ def evaluate(sae, cfg, model, module, tokens_NT, x_ND=None):
         fired, active = latent_activity(sae, out)
         fired_M |= fired
         l0 += active
-        load_N += torch.bincount(out[4], minlength=len(load_N)) if isinstance(sae, SwitchSAE) else len(x)
+        load_N += count(out[4], len(load_N)) if isinstance(sae, SwitchSAE) else len(x)
     resid_var = (resid_sq / n - (resid_sum / n) ** 2).sum()
     metrics = {
         "mse": (sq_err / n).item(),
@@ -981,7 +1002,7 @@ def save_checkpoint(out_dir, sae, cfg, step, opt=None, tokens_since_fired_M=None
     """Every rank calls this; expert shards are gathered, so the file is the same for any number of ranks."""
     from safetensors.torch import save_file
 
-    names = list(sae.state_dict())
+    names = [name for name, _ in sae.named_parameters()]  # Adam numbers its states in this order
     whole = lambda name, t: gather_rows(t) if is_sharded(sae, name) else t
     tensors = {name: whole(name, t.detach()).contiguous() for name, t in sae.state_dict().items()}
     if opt is not None:
@@ -1020,7 +1041,7 @@ def load_checkpoint(out_dir, sae, opt, tokens_since_fired_M):
     path = os.path.join(out_dir, "sae.safetensors")
     if not os.path.isfile(path):
         raise UsageError(f"--resume: {out_dir} has no checkpoint yet; drop --resume to start the run afresh")
-    names = list(sae.state_dict())
+    names = [name for name, _ in sae.named_parameters()]
     mine = lambda name, t: shard_rows(t) if is_sharded(sae, name) else t
     with safe_open(path, framework="pt", device=str(sae.W_dec.device)) as f:
         sae.load_state_dict({name: mine(name, f.get_tensor(name)) for name in names})
@@ -1033,8 +1054,6 @@ def load_checkpoint(out_dir, sae, opt, tokens_since_fired_M):
         clock = f.get_tensor("train.tokens_since_fired")
         tokens_since_fired_M.copy_(shard_rows(clock) if isinstance(sae, ExpertParallelSwitchSAE) else clock)
         step = int(f.metadata()["step"])
-    for value in state.values():
-        value["step"] = value["step"].cpu()  # Adam keeps its step count on the CPU
     opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
     return step
 

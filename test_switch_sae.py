@@ -297,7 +297,24 @@ def tiny_args(tiny_run, out, **extra):
     args = dict(model=model_dir, text=corpus, layer=0, ctx=16, experts=4, k=4, width=64, tokens=2048, batch_size=256,
                 buffer_tokens=1024, eval_tokens=256, lm_batch_size=16, out=str(out), device="cpu", save_every=512)
     args.update(extra)
-    return [f"--{key.replace('_', '-')}={value}" for key, value in args.items()]
+    return [f"--{key.replace('_', '-')}" + ("" if value is True else f"={value}") for key, value in args.items()]
+
+
+def checkpoint_step(run_dir):
+    from safetensors import safe_open
+
+    with safe_open(str(run_dir / "sae.safetensors"), "pt") as f:
+        return int(f.metadata()["step"])
+
+
+def test_lr_schedule_by_hand():
+    cfg = S.Config(width=65536, decay_start=0.8)  # the paper's rule: 2e-4 / sqrt(65536 / 16384) = 1e-4
+    assert S.lr_at(cfg, 0, 100) == pytest.approx(1e-4)
+    assert S.lr_at(cfg, 79, 100) == pytest.approx(1e-4)
+    assert S.lr_at(cfg, 90, 100) == pytest.approx(0.5e-4)  # halfway through the decay over steps 80..100
+    assert S.lr_at(cfg, 99, 100) == pytest.approx(0.05e-4)  # the last step still moves, never a negative lr
+    gated = S.Config(arch="gated")
+    assert S.lr_at(gated, 0, 10_000) == pytest.approx(3e-4 / 1000) and S.lr_at(gated, 999, 10_000) == pytest.approx(3e-4)
 
 
 def test_capture_equals_hidden_states_for_gpt2_and_llama():
@@ -331,6 +348,7 @@ def test_cli_trains_evaluates_and_checkpoint_reloads(tiny_run, tmp_path, capsys)
     assert sum(metrics["expert_load"]) == pytest.approx(1.0)
     assert metrics["ce_sae"] == pytest.approx(metrics["ce_clean"] + metrics["delta_ce"])
     assert metrics["train_flops"] == metrics["flops_per_token"] * 2048
+    assert checkpoint_step(tmp_path) == 2048 // 256  # the steps actually taken, as the checkpoint records them
     assert 0 < metrics["fve"] < 1  # trained: better than the mean, worse than perfect
 
     # the checkpoint reloads to the same outputs, and eval MSE is what the reloaded SAE gives
@@ -545,10 +563,12 @@ def test_expert_parallel_run_survives_sigterm_and_resumes_to_the_same_weights(ti
     cut.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks
     output = cut.communicate(timeout=600)[0]
     assert "stopped by a signal" in output, output
+    assert 0 < checkpoint_step(tmp_path / "cut") < 200
     assert not (tmp_path / "cut" / "metrics.json").exists()
     shutil.copytree(tmp_path / "cut", tmp_path / "cut_one")
     resumed = torchrun("--resume", f"--out={tmp_path / 'cut'}")
     assert resumed.wait(timeout=600) == 0, resumed.stdout.read()
+    assert checkpoint_step(tmp_path / "whole") == checkpoint_step(tmp_path / "cut") == 200  # 256 * 200 tokens, 256 a step
     want, got = load_file(tmp_path / "whole" / "sae.safetensors"), load_file(checkpoint)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
@@ -599,3 +619,23 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_run, tmp_
     assert exit_info.value.code == 2 and "the loss became nan by step 5" in err and "--resume" in err
     with safe_open(str(tmp_path / "sae.safetensors"), "pt") as f:
         assert f.metadata()["step"] == "4"  # saved every 2 steps: the checkpoint of step 4, not a broken one
+
+
+def test_cached_run_on_two_ranks_equals_one_process(tiny_run, tmp_path):
+    from safetensors.torch import load_file
+
+    cache = str(tmp_path / "acts.bin")
+    S.main(["cache", *tiny_args(tiny_run, cache)])
+    S.main(tiny_args(tiny_run, tmp_path / "one", acts=cache, skip_ce=True))
+    two = torchrun(*tiny_args(tiny_run, tmp_path / "two", acts=cache, skip_ce=True))
+    assert two.wait(timeout=600) == 0, two.stdout.read()
+    assert checkpoint_step(tmp_path / "two") == checkpoint_step(tmp_path / "one") == 2048 // 256
+    one, two = load_file(tmp_path / "one" / "sae.safetensors"), load_file(tmp_path / "two" / "sae.safetensors")
+    for name in one:  # the same global batches; float32 sums in another order
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_skip_ce_on_a_live_run_still_measures_reconstruction(tiny_run, tmp_path):
+    S.main(tiny_args(tiny_run, tmp_path, skip_ce=True))
+    metrics = json.load(open(tmp_path / "metrics.json"))
+    assert 0 < metrics["fve"] < 1 and "ce_sae" not in metrics and metrics["eval_tokens"] == 16 * 15
