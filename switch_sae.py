@@ -800,6 +800,26 @@ def train_step(sae, opt, x_BD, cfg, lr, tokens_since_fired_M=None, l1_coeff=None
     return parts
 
 
+def activation_source(cfg, device):
+    """Where a run's activations come from: the config (with a cache's model, layer and site filled in)
+    and (d, read_contexts, held-out contexts, their activations or None, LM, hooked module). Live, each
+    rank reads its own share of the text; from a cache, every rank reads the same global stream."""
+    rank, ranks = world()
+    if cfg.acts:  # the LM is needed only for loss-recovered evaluation
+        header, rows, cache_tokens = open_cache(cfg.acts)
+        cfg = dataclasses.replace(cfg, **{key: header[key] for key in ("model", "layer", "site", "ctx", "skip_positions")})
+        eval_x = cache_reader(cfg.acts, rows, header, 0)(header["eval_contexts"])
+        model, module = lm_for_evaluation(cfg, device) if rank == 0 and not cfg.skip_ce else (None, None)
+        read_contexts = cache_reader(cfg.acts, rows, header, header["eval_contexts"])
+        return cfg, (header["d"], read_contexts, cache_tokens[: header["eval_contexts"]], eval_x, model, module)
+    model, tokenizer = load_lm(cfg, device)
+    module = hooked_module(model, cfg.layer, cfg.site)
+    contexts = token_contexts(cfg, tokenizer)
+    eval_tokens_NT = take(contexts, max(1, cfg.eval_tokens // cfg.ctx))  # held out: read first, never trained on
+    contexts = itertools.islice(contexts, rank, None, ranks)
+    return cfg, (model.config.hidden_size, live_reader(cfg, model, module, contexts), eval_tokens_NT, None, model, module)
+
+
 def lm_for_evaluation(cfg, device):
     """The cached run's LM for loss-recovered evaluation, or (None, None) with a note saying why not."""
     try:
@@ -839,22 +859,8 @@ def train(cfg):
         raise UsageError("--expert-parallel needs --arch switch and --auxk-alpha 0 (AuxK across ranks is not supported yet)")
     if cfg.batch_size % ranks or (cfg.expert_parallel and cfg.experts % ranks):
         raise UsageError(f"--batch-size {cfg.batch_size} and, with --expert-parallel, --experts {cfg.experts} must be divisible by the {ranks} ranks")
+    cfg, (d, read_contexts, eval_tokens_NT, eval_x, model, module) = activation_source(cfg, device)
     local = dataclasses.replace(cfg, tokens=cfg.tokens // ranks, batch_size=cfg.batch_size // ranks, buffer_tokens=cfg.buffer_tokens // ranks)  # this rank's share of each batch
-    if cfg.acts:  # activations from the cache; the LM is needed only for loss-recovered evaluation
-        header, rows, cache_tokens = open_cache(cfg.acts)
-        source = {key: header[key] for key in ("model", "layer", "site", "ctx", "skip_positions")}
-        cfg, local = dataclasses.replace(cfg, **source), dataclasses.replace(local, **source)
-        eval_tokens_NT, d = cache_tokens[: header["eval_contexts"]], header["d"]
-        eval_x = cache_reader(cfg.acts, rows, header, 0)(header["eval_contexts"])
-        read_contexts = cache_reader(cfg.acts, rows, header, header["eval_contexts"])
-        model, module = lm_for_evaluation(cfg, device) if rank == 0 and not cfg.skip_ce else (None, None)
-    else:
-        model, tokenizer = load_lm(cfg, device)
-        module = hooked_module(model, cfg.layer, cfg.site)
-        contexts = token_contexts(cfg, tokenizer)
-        eval_tokens_NT = take(contexts, max(1, cfg.eval_tokens // cfg.ctx))  # held out: read first, never trained on
-        contexts = itertools.islice(contexts, rank, None, ranks)  # each rank reads its own share of the text
-        read_contexts, d, eval_x = live_reader(cfg, model, module, contexts), model.config.hidden_size, None
 
     expert_parallel = cfg.expert_parallel and ranks > 1
     torch.manual_seed(cfg.seed)  # here, so loading the LM (or not, from a cache) cannot change the SAE's init
