@@ -25,6 +25,7 @@ import math
 import os
 import queue
 import random
+import statistics
 import sys
 import threading
 import time
@@ -655,9 +656,8 @@ class ExpertParallelSwitchSAE(SwitchSAE):
         super().__init__(d_in, width, experts, k)  # built whole from the seed, so shards match a 1-rank run
         rank, ranks = world()
         assert experts % ranks == 0
-        rows = slice(rank * width // ranks, (rank + 1) * width // ranks)
-        self.W_enc = nn.Parameter(self.W_enc.detach()[rows].clone())
-        self.W_dec = nn.Parameter(self.W_dec.detach()[rows].clone())
+        self.W_enc = nn.Parameter(shard_rows(self.W_enc.detach()).clone())
+        self.W_dec = nn.Parameter(shard_rows(self.W_dec.detach()).clone())
         self.rank, self.experts_here = rank, experts // ranks
 
     def forward(self, x_BD, dead_M=None, k_aux=0):
@@ -770,8 +770,7 @@ def train_step(sae, opt, x_BD, cfg, lr, tokens_since_fired_M=None, l1_coeff=None
         dead_M = None if tokens_since_fired_M is None else tokens_since_fired_M > cfg.dead_tokens
         k_aux = min(sae.d_in // 2, sae.width // sae.experts) if cfg.auxk_alpha and dead_M is not None and bool(dead_M.any()) else 0
         out = sae(x_BD, dead_M, k_aux)
-        tokens = all_reduce(torch.tensor(float(len(x_BD)), device=x_BD.device))
-        load_N = all_reduce(count(out[4], sae.experts).float()) / tokens  # over all ranks' tokens
+        load_N = all_reduce(count(out[4], sae.experts).float()) / (len(x_BD) * world()[1])  # over all ranks' (equal) batches
         loss, parts = switch_sae_loss(sae, x_BD, out, cfg.lb_alpha, cfg.auxk_alpha, load_N)
     else:
         out = sae(x_BD)
@@ -1116,7 +1115,7 @@ def timed(fn, device, repeats):
         fn()
         sync(device)
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)
 
 
 def bench_sae_steps(args, device, dtype):
@@ -1139,7 +1138,7 @@ def bench_sae_steps(args, device, dtype):
     for _ in range(args.steps):
         for run in runs.values():
             run["times"].append(timed(run["step"], device, 1))
-    return {name: (sorted(r["times"])[len(r["times"]) // 2], r["peak_mem_mb"]) for name, r in runs.items()}
+    return {name: (statistics.median(r["times"]), r["peak_mem_mb"]) for name, r in runs.items()}
 
 
 def bench_expert_parallel(args, device):
