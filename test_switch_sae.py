@@ -218,6 +218,11 @@ def test_scatter_rows_equals_index_add():
     torch.testing.assert_close(S.scatter_rows(idx, coef, vec, 50), scatter_rows_by_index_add(idx, coef, vec, 50), **TOL)
 
 
+def test_gathered_dots_equals_gather_then_dot():
+    idx, W, vec = torch.randint(0, 50, (40, 6)), torch.randn(50, 8), torch.randn(40, 8)
+    torch.testing.assert_close(S.gathered_dots(idx, W, vec), (W[idx] * vec[:, None, :]).sum(-1), **TOL)
+
+
 def test_flop_count_matches_flop_counter_on_equivalent_matmuls(monkeypatch):
     from torch.utils.flop_counter import FlopCounterMode
 
