@@ -18,6 +18,7 @@ only the k active decoder rows, and the encoder backward is sparse. So FLOPs sav
 
 import argparse
 import dataclasses
+import functools
 import gzip
 import itertools
 import json
@@ -74,6 +75,7 @@ class Config:
     grad_clip: float = arg(1.0, "gradient-norm clip")
     seed: int = arg(0, "seed for the SAE init and the data order")
     expert_parallel: bool = arg(False, "under torchrun: split the experts over the ranks (experts divisible by ranks)")
+    compile: bool = arg(False, "torch.compile the passes over the (width, d) matrices between backward and Adam (gradient projection and clipping) and the decoder renormalisation, so each is fused into fewer sweeps")
     device: str = arg("auto", "auto, cuda or cpu")
     # evaluation and checkpoints
     acts: str = arg("", "activation cache from 'switch_sae.py cache' to train on instead of running the LM")
@@ -730,6 +732,14 @@ def average_gradients(sae):
             p.grad.div_(ranks)
 
 
+@torch.no_grad()
+def prepare_gradients(sae, max_norm, unit_decoder):
+    """Between backward and the optimizer: keep the decoder rows' norms (unit_decoder), clip the norm."""
+    if unit_decoder:
+        project_decoder_grad(sae.W_dec)
+    clip_gradients(sae, max_norm)
+
+
 def clip_gradients(sae, max_norm):
     """torch.nn.utils.clip_grad_norm_'s rule, with the norm taken over all ranks' expert shards."""
     squares = lambda sharded: [p.grad.flatten().dot(p.grad.flatten()) for n, p in sae.named_parameters()  # dot: 2x vector_norm's speed on CPU
@@ -794,6 +804,11 @@ def make_optimizer(sae):
     return torch.optim.Adam(sae.parameters(), lr=0.0, betas=(0.9, 0.999), fused=True)
 
 
+@functools.cache
+def compiled(fn):
+    return torch.compile(fn)
+
+
 def train_step(sae, opt, x_BD, cfg, lr, tokens_since_fired_M=None, l1_coeff=None):
     """One optimizer step; returns the loss parts (tensors, not synced). Updates the dead-latent clock."""
     if isinstance(sae, SwitchSAE):
@@ -809,14 +824,13 @@ def train_step(sae, opt, x_BD, cfg, lr, tokens_since_fired_M=None, l1_coeff=None
     loss.backward()
     average_gradients(sae)
     unit_decoder = not isinstance(sae, ReluSAE)  # the relu baseline lets norms float and pays for them in L1
-    if unit_decoder:
-        project_decoder_grad(sae.W_dec)
-    clip_gradients(sae, cfg.grad_clip)
+    fused = compiled if cfg.compile else lambda fn: fn
+    fused(prepare_gradients)(sae, cfg.grad_clip, unit_decoder)
     for group in opt.param_groups:
         group["lr"] = lr
     opt.step()
     if unit_decoder:
-        normalize_decoder(sae.W_dec)
+        fused(normalize_decoder)(sae.W_dec)
     if tokens_since_fired_M is not None:  # expert shards saw all their tokens; replicas must pool theirs
         fired_M, _ = latent_activity(sae, out)
         if not isinstance(sae, ExpertParallelSwitchSAE):
@@ -1107,6 +1121,8 @@ def parse_bench(argv):
     parser.add_argument("--device", default="auto", help="auto, cuda or cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the SAE weights and data")
     parser.add_argument("--steps", type=int, default=5, help="timed steps of each SAE, alternating, after 2 warm-up steps")
+    parser.add_argument("--compile", action="store_true", help="as in training: torch.compile the gradient projection, clipping and renormalisation")
+    parser.add_argument("--profile", action="store_true", help="also print where each SAE's step time goes (torch.profiler, top ops), on stderr")
     parser.add_argument("--model", default="", help="also time capture: a config name (gpt2, llama, ...) or a model directory; random weights")
     parser.add_argument("--layer", type=int, default=8, help="capture layer")
     parser.add_argument("--ctx", type=int, default=128, help="capture context length")
@@ -1150,7 +1166,7 @@ def timed(fn, device, repeats):
 
 def bench_sae_steps(args, device, dtype):
     """Median step time and peak memory of each SAE, timed alternately so drift hits both alike."""
-    cfg = Config(batch_size=args.batch_size, k=args.k, width=args.width)
+    cfg = Config(batch_size=args.batch_size, k=args.k, width=args.width, compile=args.compile)
     x_BD = torch.randn(args.batch_size, args.d_in, device=device, dtype=dtype)
     runs = {}
     for name, experts in (("switch", args.experts), ("topk", 1)):
@@ -1168,6 +1184,12 @@ def bench_sae_steps(args, device, dtype):
     for _ in range(args.steps):
         for run in runs.values():
             run["times"].append(timed(run["step"], device, 1))
+    if args.profile:
+        for name, run in runs.items():
+            with torch.profiler.profile() as prof:
+                timed(run["step"], device, 3)
+            sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            print(f"{name}: 3 steps\n" + prof.key_averages().table(sort_by=sort_by, row_limit=15), file=sys.stderr)
     return {name: (statistics.median(r["times"]), r["peak_mem_mb"]) for name, r in runs.items()}
 
 

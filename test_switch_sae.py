@@ -137,6 +137,33 @@ def test_decoder_rows_stay_unit_norm_and_grad_is_projected():
     assert (W.grad * W).sum(1).abs().max() < 1e-6
 
 
+def test_clip_gradients_equals_torch_clip_grad_norm():
+    sae, x = random_sae()
+    grads(sae, S.switch_sae_loss(sae, x, sae(x))[0])
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in sae.parameters()]
+    for copy, p in zip(copies, sae.parameters()):
+        copy.grad = p.grad.clone()
+    torch.nn.utils.clip_grad_norm_(copies, 0.5)  # the reference rule, on copies
+    S.clip_gradients(sae, 0.5)
+    assert sum(c.grad.norm() ** 2 for c in copies).sqrt() == pytest.approx(0.5, rel=1e-4)  # it did clip
+    for p, copy in zip(sae.parameters(), copies):
+        torch.testing.assert_close(p.grad, copy.grad)
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_step_equals_eager_step():
+    params = []
+    for compile in (False, True):
+        sae, x = random_sae()
+        cfg = S.Config(batch_size=len(x), grad_clip=0.05, compile=compile)  # a small clip, so clipping acts
+        opt = S.make_optimizer(sae)
+        for _ in range(3):
+            S.train_step(sae, opt, x, cfg, lr=1e-2)
+        params.append(dict(sae.named_parameters()))
+    for name, p in params[0].items():
+        torch.testing.assert_close(params[1][name], p, msg=name)
+
+
 def test_geometric_median_of_known_point_sets():
     triangle = torch.tensor([[0.0, 0.0], [2.0, 0.0], [1.0, 3**0.5]])  # equilateral: median is the centroid
     torch.testing.assert_close(S.geometric_median(triangle), triangle.mean(0), atol=1e-4, rtol=0)
