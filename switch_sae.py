@@ -26,6 +26,7 @@ import math
 import os
 import queue
 import random
+import shutil
 import statistics
 import sys
 import threading
@@ -83,7 +84,7 @@ class Config:
     skip_ce: bool = arg(False, "leave out loss-recovered evaluation (three full LM passes over the held-out contexts)")
     out: str = arg("out", "directory for checkpoints and metrics.json")
     save_every: int = arg(10_000_000, "training tokens between checkpoints")
-    resume: bool = arg(False, "continue the run saved in --out")
+    resume: bool = arg(False, "continue the run saved in --out, with its saved settings (but this command's --device and --compile)")
     log_every: int = arg(10, "steps between progress updates (each one waits for the GPU)")
 
 
@@ -102,6 +103,8 @@ def check_config(cfg):
         raise UsageError(f"--skip-positions {cfg.skip_positions} must be at least 0 and below --ctx {cfg.ctx}")
     if cfg.arch == "switch" and not 1 <= cfg.k <= cfg.width // cfg.experts:
         raise UsageError(f"--k {cfg.k} must be between 1 and the latents per expert ({cfg.width // cfg.experts} = width / experts): lower --k or raise --width")
+    if cfg.compile and not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
+        raise UsageError("--compile needs a C/C++ compiler on PATH (torch.compile builds its kernels with one): install g++ or drop --compile")
     if cfg.log_every < 1 or cfg.save_every < 1:
         raise UsageError("--log-every and --save-every must be at least 1")
     if cfg.batch_size < 1 or cfg.tokens < cfg.batch_size:
@@ -398,25 +401,30 @@ def scatter_rows(idx_TK, coef_TK, vec_TD, n_rows):
     with warnings.catch_warnings():  # sparse CSR is marked beta; its product here is tested against a dense one
         warnings.simplefilter("ignore")
         G = torch.sparse_csr_tensor(row_starts, order // K, coef_TK.flatten()[order].float(), (n_rows, T), check_invariants=False)
-        out = vec_TD.new_empty(n_rows, vec_TD.shape[1], dtype=torch.float32)  # sparse products want float32 on some backends
-        return torch.addmm(out, G, vec_TD.float(), beta=0, out=out).to(vec_TD.dtype)  # out=: no zero fill, no copy
+        # CPU: addmm with beta=0 into an uninitialised buffer saves the product's own zero fill and copy (~10 ms
+        # at width 24576). CUDA: cuSPARSE is not documented to ignore C when beta=0, and a memset costs ~nothing.
+        out = (torch.zeros if vec_TD.is_cuda else torch.empty)(n_rows, vec_TD.shape[1], device=vec_TD.device)
+        return torch.addmm(out, G, vec_TD.float(), beta=0, out=out).to(vec_TD.dtype)  # sparse products want float32 on some backends
 
 
 def gathered_dots(idx_TK, W_MD, vec_TD):
-    """<vec[t], W[idx[t,k]]> for every (t, k), as a sampled (SDDMM) product: no (T, K, D) gather."""
+    """<vec[t], W[idx[t,k]]> for every (t, k), as a sampled (SDDMM) product: no (T, K, D) gather.
+    Each row of idx holds distinct indices (a TopK's), as a CSR pattern must."""
     T, K = idx_TK.shape
     cols_TK, order_TK = idx_TK.sort(dim=1)  # CSR wants each row's columns sorted
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pattern = torch.sparse_csr_tensor(torch.arange(0, T * K + 1, K, device=idx_TK.device), cols_TK.flatten(),
                                           vec_TD.new_zeros(T * K, dtype=torch.float32), (T, len(W_MD)), check_invariants=False)
-        dots = torch.sparse.sampled_addmm(pattern, vec_TD.float(), W_MD.float().T, beta=0).values().view(T, K)
+        # float32 and dense layouts: CUDA's SDDMM has no bf16 kernel and wants row- or column-major inputs
+        dots = torch.sparse.sampled_addmm(pattern, vec_TD.float().contiguous(), W_MD.float().T, beta=0).values().view(T, K)
     return torch.empty_like(dots).scatter_(1, order_TK, dots).to(vec_TD.dtype)
 
 
 class SparseDecode(torch.autograd.Function):
-    """sum_k coef[t,k] W[idx[t,k]]. Forward and backward read and write only the k active rows of W,
-    and W's gradient is built in one sparse product, not zero-filled and added to row by row."""
+    """sum_k coef[t,k] W[idx[t,k]], idx distinct within each row. The forward and the latent gradients
+    read only the k active rows of W (fp32 W; other dtypes are cast whole); W's (M, D) gradient is
+    written once by one sparse product, not zero-filled and then added to row by row."""
 
     @staticmethod
     def forward(ctx, coef_TK, idx_TK, W_MD):
@@ -740,10 +748,14 @@ def prepare_gradients(sae, max_norm, unit_decoder):
     clip_gradients(sae, max_norm)
 
 
+def squared_norm(t):
+    """|t|^2 as dot products: twice vector_norm's speed on CPU. In chunks, as dot counts in 32-bit ints."""
+    return sum(chunk.dot(chunk) for chunk in t.flatten().split(2**30))
+
+
 def clip_gradients(sae, max_norm):
     """torch.nn.utils.clip_grad_norm_'s rule, with the norm taken over all ranks' expert shards."""
-    squares = lambda sharded: [p.grad.flatten().dot(p.grad.flatten()) for n, p in sae.named_parameters()  # dot: 2x vector_norm's speed on CPU
-                               if p.grad is not None and is_sharded(sae, n) == sharded]
+    squares = lambda sharded: [squared_norm(p.grad) for n, p in sae.named_parameters() if p.grad is not None and is_sharded(sae, n) == sharded]
     sharded = squares(True)
     total = torch.stack(squares(False)).sum() + (all_reduce(torch.stack(sharded).sum()) if sharded else 0)
     scale = (max_norm / (total.sqrt() + 1e-6)).clamp(max=1.0)
@@ -804,7 +816,7 @@ def make_optimizer(sae):
     return torch.optim.Adam(sae.parameters(), lr=0.0, betas=(0.9, 0.999), fused=True)
 
 
-@functools.cache
+@functools.cache  # one compiled wrapper per function, so Dynamo's cache is reused step after step
 def compiled(fn):
     return torch.compile(fn)
 
@@ -824,13 +836,12 @@ def train_step(sae, opt, x_BD, cfg, lr, tokens_since_fired_M=None, l1_coeff=None
     loss.backward()
     average_gradients(sae)
     unit_decoder = not isinstance(sae, ReluSAE)  # the relu baseline lets norms float and pays for them in L1
-    fused = compiled if cfg.compile else lambda fn: fn
-    fused(prepare_gradients)(sae, cfg.grad_clip, unit_decoder)
+    (compiled(prepare_gradients) if cfg.compile else prepare_gradients)(sae, cfg.grad_clip, unit_decoder)
     for group in opt.param_groups:
         group["lr"] = lr
     opt.step()
     if unit_decoder:
-        fused(normalize_decoder)(sae.W_dec)
+        (compiled(normalize_decoder) if cfg.compile else normalize_decoder)(sae.W_dec)
     if tokens_since_fired_M is not None:  # expert shards saw all their tokens; replicas must pool theirs
         fired_M, _ = latent_activity(sae, out)
         if not isinstance(sae, ExpertParallelSwitchSAE):
@@ -893,8 +904,8 @@ def stop_on_signals():
 def train(cfg):
     from tqdm import tqdm
 
-    if cfg.resume:
-        cfg = load_config(cfg.out)
+    if cfg.resume:  # the run's own settings; where and how fast to run it are this command's
+        cfg = dataclasses.replace(load_config(cfg.out), device=cfg.device, compile=cfg.compile)
     check_config(cfg)
     device = start_distributed(pick_device(cfg.device))
     rank, ranks = world()
@@ -1188,7 +1199,7 @@ def bench_sae_steps(args, device, dtype):
         for name, run in runs.items():
             with torch.profiler.profile() as prof:
                 timed(run["step"], device, 3)
-            sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
             print(f"{name}: 3 steps\n" + prof.key_averages().table(sort_by=sort_by, row_limit=15), file=sys.stderr)
     return {name: (statistics.median(r["times"]), r["peak_mem_mb"]) for name, r in runs.items()}
 
@@ -1196,7 +1207,7 @@ def bench_sae_steps(args, device, dtype):
 def bench_expert_parallel(args, device):
     """Per-rank step time of an expert-parallel Switch SAE and the bytes each rank sends per step."""
     rank, ranks = world()
-    cfg = Config(batch_size=args.batch_size, k=args.k, width=args.width, experts=args.experts)
+    cfg = Config(batch_size=args.batch_size, k=args.k, width=args.width, experts=args.experts, compile=args.compile)
     torch.manual_seed(rank)
     x_BD = torch.randn(args.batch_size // ranks, args.d_in, device=device)
     torch.manual_seed(0)
@@ -1244,7 +1255,7 @@ def bench_capture(args, device):
 def bench(args):
     device = start_distributed(pick_device(args.device))
     dtype = getattr(torch, args.dtype)
-    check_config(Config(experts=args.experts, width=args.width, k=args.k, batch_size=args.batch_size, tokens=args.batch_size))
+    check_config(Config(experts=args.experts, width=args.width, k=args.k, batch_size=args.batch_size, tokens=args.batch_size, compile=args.compile))
     if args.expert_parallel:
         result = bench_expert_parallel(args, device)
         if world()[0] == 0:
@@ -1255,7 +1266,7 @@ def bench(args):
     peak = matmul_tflops(args, device, dtype)
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-        "experts": args.experts, "width": args.width, "k": args.k, "d_in": args.d_in, "batch_size": args.batch_size, "dtype": args.dtype,
+        "experts": args.experts, "width": args.width, "k": args.k, "d_in": args.d_in, "batch_size": args.batch_size, "dtype": args.dtype, "compile": args.compile,
         "switch_step_ms": switch_s * 1e3, "topk_step_ms": topk_s * 1e3, "speedup": topk_s / switch_s,
         "switch_flops_per_token": flops["switch"], "topk_flops_per_token": flops["topk"], "flop_ratio": flops["topk"] / flops["switch"],
         "achieved_tflops": flops["switch"] * args.batch_size / switch_s / 1e12,

@@ -3,6 +3,7 @@ reference: a dense dense-then-mask Switch SAE, a plain TopK SAE, hand computatio
 or a Hugging Face model's own output_hidden_states."""
 
 import json
+import math
 import os
 import random
 import shutil
@@ -150,16 +151,33 @@ def test_clip_gradients_equals_torch_clip_grad_norm():
         torch.testing.assert_close(p.grad, copy.grad)
 
 
-@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="torch.compile on CPU needs a C++ compiler")
-def test_compiled_step_equals_eager_step():
+def test_prepare_gradients_projects_the_decoder_grad_only_for_unit_decoders():
+    sae, x = random_sae()
+    raw = grads(sae, S.switch_sae_loss(sae, x, sae(x))[0])
+    S.prepare_gradients(sae, math.inf, unit_decoder=False)
+    torch.testing.assert_close(sae.W_dec.grad, raw["W_dec"])
+    S.prepare_gradients(sae, math.inf, unit_decoder=True)
+    W = sae.W_dec.detach()
+    expected = raw["W_dec"] - (raw["W_dec"] * W).sum(1, keepdim=True) * W
+    torch.testing.assert_close(sae.W_dec.grad, expected)
+    torch.testing.assert_close(sae.W_enc.grad, raw["W_enc"])
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_step_equals_eager_step(monkeypatch):
+    compiled_functions, real_compiled = [], S.compiled
+    monkeypatch.setattr(S, "compiled", lambda fn: compiled_functions.append(fn.__name__) or real_compiled(fn))
     params = []
-    for compile in (False, True):
+    for use_compile in (False, True):
         sae, x = random_sae()
-        cfg = S.Config(batch_size=len(x), grad_clip=0.05, compile=compile)  # a small clip, so clipping acts
+        cfg = S.Config(batch_size=len(x), grad_clip=0.05, compile=use_compile)
         opt = S.make_optimizer(sae)
         for _ in range(3):
             S.train_step(sae, opt, x, cfg, lr=1e-2)
+        # the gradients were clipped: the last step's norm is exactly the clip
+        assert sum(p.grad.norm() ** 2 for p in sae.parameters()).sqrt() == pytest.approx(0.05, rel=1e-4)
         params.append(dict(sae.named_parameters()))
+    assert {"prepare_gradients", "normalize_decoder"} <= set(compiled_functions)
     for name, p in params[0].items():
         torch.testing.assert_close(params[1][name], p, msg=name)
 
@@ -240,13 +258,18 @@ def scatter_rows_by_index_add(idx_TK, coef_TK, vec_TD, n_rows):
     return torch.zeros(n_rows, vec_TD.shape[1]).index_add_(0, idx_TK.flatten(), products)
 
 
+def distinct_rows(rows, n, k):
+    """(rows, k) indices below n, distinct within each row, as a TopK gives them."""
+    return torch.rand(rows, n).argsort(dim=1)[:, :k]
+
+
 def test_scatter_rows_equals_index_add():
-    idx, coef, vec = torch.randint(0, 50, (40, 6)), torch.randn(40, 6), torch.randn(40, 8)
+    idx, coef, vec = distinct_rows(40, 50, 6), torch.randn(40, 6), torch.randn(40, 8)
     torch.testing.assert_close(S.scatter_rows(idx, coef, vec, 50), scatter_rows_by_index_add(idx, coef, vec, 50), **TOL)
 
 
 def test_gathered_dots_equals_gather_then_dot():
-    idx, W, vec = torch.randint(0, 50, (40, 6)), torch.randn(50, 8), torch.randn(40, 8)
+    idx, W, vec = distinct_rows(40, 50, 6), torch.randn(50, 8), torch.randn(40, 8)
     torch.testing.assert_close(S.gathered_dots(idx, W, vec), (W[idx] * vec[:, None, :]).sum(-1), **TOL)
 
 
@@ -560,6 +583,7 @@ def steps_on_ranks(rank, ranks, port, mode, x_global, out_dir, steps):
     if rank == 0:
         json.dump(losses, open(os.path.join(out_dir, "losses.json"), "w"))
     if ranks > 1:
+        dist.barrier()  # no rank tears gloo down while the other still talks to it (an abort at exit otherwise)
         dist.destroy_process_group()
 
 
