@@ -390,6 +390,19 @@ def expert_matmul(x_TD, W_enc_MD, counts_N):
     return pre_Tm
 
 
+def topk_rows(pre_Tm, k, group=8):
+    """pre.topk(k, dim=1, sorted=False), in two stages on CPU for wide rows (~2x faster there): a row's top k
+    lie in the k groups of `group` neighbours with the largest maxima, so only those k * group are searched."""
+    T, m = pre_Tm.shape
+    if pre_Tm.is_cuda or m % group or m < 32 * k:
+        return pre_Tm.topk(k, dim=1, sorted=False)
+    groups_TGg = pre_Tm.view(T, m // group, group)
+    _, best_Tk = groups_TGg.amax(dim=2).topk(k, dim=1, sorted=False)
+    candidates_TC = groups_TGg.gather(1, best_Tk[:, :, None].expand(-1, -1, group)).view(T, k * group)
+    vals_TK, loc_TK = candidates_TC.topk(k, dim=1, sorted=False)
+    return vals_TK, best_Tk.gather(1, loc_TK // group) * group + loc_TK % group
+
+
 def scatter_rows(idx_TK, coef_TK, vec_TD, n_rows):
     """G (n_rows, D) with G[idx[t,k]] += coef[t,k] * vec[t], as one sparse (CSR) matrix product, so the
     (T*K, D) products are never materialised. It is the weight gradient of a sparse encoder or decoder."""
@@ -450,7 +463,7 @@ class RoutedTopK(torch.autograd.Function):
         xc_TD = x_TD - b_dec_D
         pre_Tm = expert_matmul(xc_TD, W_enc_MD, counts_N)
         offset_T1 = expert_T[:, None] * m
-        vals_TK, loc_TK = pre_Tm.topk(k, dim=1, sorted=False)
+        vals_TK, loc_TK = topk_rows(pre_Tm, k)
         idx_TK = loc_TK + offset_T1
         if k_aux:
             pre_Tm.masked_fill_(~dead_M.view(len(counts_N), m)[expert_T], -math.inf)

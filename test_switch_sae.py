@@ -67,11 +67,11 @@ def grads(sae, loss):
 # model and losses
 
 
-@pytest.mark.parametrize("experts", [1, 4])
+@pytest.mark.parametrize("experts,k", [(1, 5), (4, 5), (1, 3)])  # k = 3: rows of 96 >= 32 k take topk_rows' two stages
 @pytest.mark.parametrize("grouped", [False, True])
-def test_routed_equals_dense_reference(experts, grouped, monkeypatch):
+def test_routed_equals_dense_reference(experts, k, grouped, monkeypatch):
     monkeypatch.setattr(S, "use_grouped_mm", lambda x: grouped)  # the CUDA path, run here on CPU
-    sae, x = random_sae(experts=experts)
+    sae, x = random_sae(experts=experts, k=k)
     x_hat, acts, idx, probs, expert = sae(x)
     loss, parts = S.switch_sae_loss(sae, x, (x_hat, acts, idx, probs, expert))
     got = grads(sae, loss)
@@ -266,6 +266,16 @@ def distinct_rows(rows, n, k):
 def test_scatter_rows_equals_index_add():
     idx, coef, vec = distinct_rows(40, 50, 6), torch.randn(40, 6), torch.randn(40, 8)
     torch.testing.assert_close(S.scatter_rows(idx, coef, vec, 50), scatter_rows_by_index_add(idx, coef, vec, 50), **TOL)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_topk_rows_equals_torch_topk(ties):
+    pre = torch.randint(-20, 20, (64, 512)).float() if ties else torch.randn(64, 512)  # 512 >= 32 k: two stages
+    vals, idx = S.topk_rows(pre, 8)
+    expected = pre.topk(8, dim=1).values
+    torch.testing.assert_close(vals.sort(dim=1, descending=True).values, expected)
+    torch.testing.assert_close(pre.gather(1, idx), vals)  # the indices point at those values ...
+    assert (idx.sort(dim=1).values.diff(dim=1) > 0).all()  # ... and are distinct
 
 
 def test_gathered_dots_equals_gather_then_dot():
