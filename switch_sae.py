@@ -403,6 +403,12 @@ def topk_rows(pre_Tm, k, group=8):
     return vals_TK, best_Tk.gather(1, loc_TK // group) * group + loc_TK % group
 
 
+def csr_matrix(row_starts, cols, values, shape):
+    with warnings.catch_warnings():  # sparse CSR is marked beta; its products here are tested against dense ones
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(row_starts, cols, values, shape, check_invariants=False)
+
+
 def scatter_rows(idx_TK, coef_TK, vec_TD, n_rows):
     """G (n_rows, D) with G[idx[t,k]] += coef[t,k] * vec[t], as one sparse (CSR) matrix product, so the
     (T*K, D) products are never materialised. It is the weight gradient of a sparse encoder or decoder."""
@@ -411,13 +417,11 @@ def scatter_rows(idx_TK, coef_TK, vec_TD, n_rows):
     order = flat.argsort(stable=True)  # stable: each row's columns (tokens) come sorted, sums are deterministic
     row_starts = torch.zeros(n_rows + 1, dtype=torch.long, device=flat.device)
     row_starts[1:] = count(flat, n_rows).cumsum(0)
-    with warnings.catch_warnings():  # sparse CSR is marked beta; its product here is tested against a dense one
-        warnings.simplefilter("ignore")
-        G = torch.sparse_csr_tensor(row_starts, order // K, coef_TK.flatten()[order].float(), (n_rows, T), check_invariants=False)
-        # CPU: addmm with beta=0 into an uninitialised buffer saves the product's own zero fill and copy (~10 ms
-        # at width 24576). CUDA: cuSPARSE is not documented to ignore C when beta=0, and a memset costs ~nothing.
-        out = (torch.zeros if vec_TD.is_cuda else torch.empty)(n_rows, vec_TD.shape[1], device=vec_TD.device)
-        return torch.addmm(out, G, vec_TD.float(), beta=0, out=out).to(vec_TD.dtype)  # sparse products want float32 on some backends
+    G = csr_matrix(row_starts, order // K, coef_TK.flatten()[order].float(), (n_rows, T))
+    # CPU: addmm with beta=0 into an uninitialised buffer saves the product's own zero fill and copy (~10 ms
+    # at width 24576). CUDA: cuSPARSE is not documented to ignore C when beta=0, and a memset costs ~nothing.
+    out = (torch.zeros if vec_TD.is_cuda else torch.empty)(n_rows, vec_TD.shape[1], device=vec_TD.device)
+    return torch.addmm(out, G, vec_TD.float(), beta=0, out=out).to(vec_TD.dtype)  # sparse products want float32 on some backends
 
 
 def gathered_dots(idx_TK, W_MD, vec_TD):
@@ -425,12 +429,10 @@ def gathered_dots(idx_TK, W_MD, vec_TD):
     Each row of idx holds distinct indices (a TopK's), as a CSR pattern must."""
     T, K = idx_TK.shape
     cols_TK, order_TK = idx_TK.sort(dim=1)  # CSR wants each row's columns sorted
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pattern = torch.sparse_csr_tensor(torch.arange(0, T * K + 1, K, device=idx_TK.device), cols_TK.flatten(),
-                                          vec_TD.new_zeros(T * K, dtype=torch.float32), (T, len(W_MD)), check_invariants=False)
-        # float32 and dense layouts: CUDA's SDDMM has no bf16 kernel and wants row- or column-major inputs
-        dots = torch.sparse.sampled_addmm(pattern, vec_TD.float().contiguous(), W_MD.float().T, beta=0).values().view(T, K)
+    row_starts = torch.arange(0, T * K + 1, K, device=idx_TK.device)
+    pattern = csr_matrix(row_starts, cols_TK.flatten(), vec_TD.new_zeros(T * K, dtype=torch.float32), (T, len(W_MD)))
+    # float32 and dense layouts: CUDA's SDDMM has no bf16 kernel and wants row- or column-major inputs
+    dots = torch.sparse.sampled_addmm(pattern, vec_TD.float().contiguous(), W_MD.float().T, beta=0).values().view(T, K)
     return torch.empty_like(dots).scatter_(1, order_TK, dots).to(vec_TD.dtype)
 
 
