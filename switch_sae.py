@@ -702,6 +702,14 @@ def start_distributed(device):
     return device
 
 
+def stop_distributed():
+    """Leave the process group before exit: gloo work torn down during interpreter exit aborts the process."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class ExpertParallelSwitchSAE(SwitchSAE):
     """A SwitchSAE whose experts are split over the ranks: router and biases are replicated, rank r holds
     the encoder and decoder rows of experts [r N/G, (r+1) N/G). Each token travels to its expert's rank
@@ -1347,6 +1355,8 @@ def main(argv=None):
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        stop_distributed()
 
 
 if __name__ == "__main__":
