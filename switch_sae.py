@@ -92,6 +92,11 @@ class UsageError(Exception):
     """Bad input: main() prints it as one line and exits with status 2."""
 
 
+def compiler_found():
+    """torch.compile builds its kernels with a C++ compiler on PATH."""
+    return any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++"))
+
+
 def check_config(cfg):
     if cfg.arch not in ("switch", "relu", "gated"):
         raise UsageError(f"unknown --arch {cfg.arch!r}: use switch, relu or gated")
@@ -103,7 +108,7 @@ def check_config(cfg):
         raise UsageError(f"--skip-positions {cfg.skip_positions} must be at least 0 and below --ctx {cfg.ctx}")
     if cfg.arch == "switch" and not 1 <= cfg.k <= cfg.width // cfg.experts:
         raise UsageError(f"--k {cfg.k} must be between 1 and the latents per expert ({cfg.width // cfg.experts} = width / experts): lower --k or raise --width")
-    if cfg.compile and not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
+    if cfg.compile and not compiler_found():
         raise UsageError("--compile needs a C/C++ compiler on PATH (torch.compile builds its kernels with one): install g++ or drop --compile")
     if cfg.log_every < 1 or cfg.save_every < 1:
         raise UsageError("--log-every and --save-every must be at least 1")

@@ -163,7 +163,7 @@ def test_prepare_gradients_projects_the_decoder_grad_only_for_unit_decoders():
     torch.testing.assert_close(sae.W_enc.grad, raw["W_enc"])
 
 
-@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.skipif(not S.compiler_found(), reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_step_equals_eager_step(monkeypatch):
     compiled_functions, real_compiled = [], S.compiled
     monkeypatch.setattr(S, "compiled", lambda fn: compiled_functions.append(fn.__name__) or real_compiled(fn))
