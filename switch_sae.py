@@ -2,15 +2,27 @@
 Switch Sparse Autoencoders, in one file.
 
 A Switch SAE (Mudide, Engels, Michaud, Tegmark, Schroeder de Witt, "Efficient Dictionary Learning with
-Switch Sparse Autoencoders", ICLR 2025, arXiv:2410.08201) is a mixture of N small TopK SAEs. A router
-sends each language-model activation x to one expert i* = argmax softmax(W_r (x - b_router)); only that
-expert's m = M/N latents are computed, z = TopK_k(ReLU(W_enc[i*] (x - b_dec))), and the reconstruction
-is x_hat = p_i* W_dec[i*]^T z + b_dec. The router learns through the gate p_i* and a Switch-Transformer
-load-balance loss. N = 1 is exactly a TopK SAE (Gao et al. 2024) through the same code.
+Switch Sparse Autoencoders", ICLR 2025, arXiv:2410.08201) is a mixture of N small TopK SAEs behind a
+router. For one language-model activation x:
 
-Unlike the authors' code (dense encoder, then mask) the routing here is real: tokens are sorted by
-expert, each expert's encoder runs on its own tokens only (one grouped matmul on CUDA), decoding reads
-only the k active decoder rows, and the encoder backward is sparse. So FLOPs saved are time saved.
+    p     = softmax(W_router (x - b_router))        router probabilities over the N experts
+    i     = argmax_n p_n                            top-1 routing, as in the Switch Transformer
+    z     = ReLU(TopK_k(W_enc[i] (x - b_dec)))      only expert i's m = M / N encoder rows run
+    x_hat = p_i W_dec[i]^T z + b_dec                the gate p_i: the router's only reconstruction gradient
+    L     = |x - x_hat|^2 + alpha d N sum_n f_n P_n  f_n: share of the batch routed to n, P_n: mean p_n
+
+The decoder rows are kept at unit norm. N = 1 is exactly a TopK SAE (Gao et al. 2024), same code. The
+routing is real, unlike the authors' code (dense encoder, then mask): tokens are sorted by expert, each
+expert's encoder sees only its own tokens, decoding reads only the k active rows and the backward is
+sparse, so FLOPs saved are time saved.
+
+Shapes in names: B tokens in a batch, D input dim (d), M latents in all (width), N experts, m = M / N
+latents per expert, K latents kept per token (k, plus AuxK's), T tokens sorted by expert, C contexts of
+L tokens each, G ranks.
+
+Sections, in the order data flows: config; model (kernels, SwitchSAE, baselines: copy this section
+alone into a project); FLOPs; capture (text, LM activations, cache); training; evaluation; checkpoints;
+distributed (torchrun); bench; command line.
 
     python switch_sae.py --experts 16 --k 32              # train on GPT-2 layer 8, then evaluate
     python switch_sae.py bench --experts 16 --width 24576  # time a Switch step against a TopK step
@@ -33,6 +45,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -47,44 +60,57 @@ def arg(default, help):
 
 
 @dataclass
-class Config:
+class SAEConfig:
+    """What an SAE is and what its loss weighs."""
+
+    arch: str = arg("switch", "switch (TopK experts behind a router; --experts 1 is TopK), "
+                              "or the baselines relu (L1) and gated")
+    experts: int = arg(16, "N, the number of experts; 1 gives a plain TopK SAE")
+    width: int = arg(24576, "M, total latents over all experts")
+    k: int = arg(32, "active latents per token")
+    lb_alpha: float = arg(3.0, "load-balance weight alpha; the loss adds alpha * d * L_lb")
+    auxk_alpha: float = arg(0.0, "AuxK weight (Gao et al. use 1/32); 0 as the paper ran")
+    l1_coeff: float = arg(5.0, "L1 weight of the relu and gated baselines (sweep it for a Pareto curve)")
+    dead_tokens: int = arg(10_000_000, "a latent is dead after this many training tokens without firing")
+
+
+@dataclass
+class TrainConfig(SAEConfig):
+    """A training run: which activations, how long and how fast, where results go."""
+
     # activations: which model, where, on what text
     model: str = arg("gpt2", "Hugging Face causal LM: a hub id or a local directory")
     layer: int = arg(8, "block whose site is hooked, 0-based (GPT-2 small layer 8 in the paper)")
     site: str = arg("resid", "resid (block output), attn (attention output) or mlp (MLP output)")
-    text: tuple = arg((), "local .txt, .jsonl or .jsonl.gz files (a 'text' field per line) instead of --dataset")
+    text: tuple = arg((), "local .txt, .jsonl or .jsonl.gz files (a 'text' field per line) "
+                          "instead of --dataset")
     dataset: str = arg("Skylion007/openwebtext", "hub dataset streamed when no --text is given")
-    ctx: int = arg(128, "tokens per context: each document's first ctx tokens, shorter documents skipped")
-    skip_positions: int = arg(1, "leading positions of each context not trained on, spliced or ablated: the first one is an attention sink with ~100x the usual norm (0 keeps them, as the paper did)")
+    ctx: int = arg(128, "tokens per context: each document's first ctx tokens, shorter ones skipped")
+    skip_positions: int = arg(1, "leading positions of each context not trained on, spliced or ablated: "
+                                 "the first is an attention sink with ~100x the usual norm (0: the paper)")
     lm_batch_size: int = arg(64, "contexts per language-model forward")
-    buffer_tokens: int = arg(2**20, "activations captured, then served in random order (the shuffle buffer)")
-    # the SAE
-    arch: str = arg("switch", "switch (TopK experts behind a router; --experts 1 is TopK), or the baselines relu (L1) and gated")
-    experts: int = arg(16, "N, the number of experts; 1 gives a plain TopK SAE")
-    width: int = arg(24576, "M, total latents over all experts")
-    k: int = arg(32, "active latents per token")
-    # losses
-    lb_alpha: float = arg(3.0, "load-balance weight alpha; the loss adds alpha * d * L_lb")
-    auxk_alpha: float = arg(0.0, "AuxK weight (Gao et al. use 1/32); 0 as the paper ran")
-    l1_coeff: float = arg(5.0, "L1 weight of the relu and gated baselines (sweep it to trace a Pareto curve)")
-    dead_tokens: int = arg(10_000_000, "a latent is dead after this many training tokens without firing")
+    buffer_tokens: int = arg(2**20, "activations captured, then served in random order (shuffle buffer)")
     # training
     tokens: int = arg(50_000_000, "training tokens (the paper: 819_200_000)")
     batch_size: int = arg(8192, "tokens per step")
-    lr: float = arg(0.0, "learning rate; 0 means the paper's: 2e-4 / sqrt(width / 2^14) for switch, 5e-5 relu, 3e-4 gated")
+    lr: float = arg(0.0, "learning rate; 0 means the paper's: 2e-4 / sqrt(width / 2^14) for switch, "
+                         "5e-5 relu, 3e-4 gated")
     decay_start: float = arg(0.8, "fraction of training after which lr decays linearly to 0")
     grad_clip: float = arg(1.0, "gradient-norm clip")
     seed: int = arg(0, "seed for the SAE init and the data order")
-    expert_parallel: bool = arg(False, "under torchrun: split the experts over the ranks (experts divisible by ranks)")
-    compile: bool = arg(False, "torch.compile the passes over the (width, d) matrices between backward and Adam (gradient projection and clipping) and the decoder renormalisation, so each is fused into fewer sweeps")
+    expert_parallel: bool = arg(False, "under torchrun: split the experts over the ranks "
+                                       "(experts divisible by ranks)")
+    compile: bool = arg(False, "torch.compile the passes over the (width, d) matrices between backward "
+                               "and Adam and the decoder renormalisation, fusing each into fewer sweeps")
     device: str = arg("auto", "auto, cuda or cpu")
     # evaluation and checkpoints
     acts: str = arg("", "activation cache from 'switch_sae.py cache' to train on instead of running the LM")
     eval_tokens: int = arg(16384, "held-out tokens for evaluation, never trained on")
-    skip_ce: bool = arg(False, "leave out loss-recovered evaluation (three full LM passes over the held-out contexts)")
+    skip_ce: bool = arg(False, "leave out loss-recovered evaluation (three LM passes over the held-out text)")
     out: str = arg("out", "directory for checkpoints and metrics.json")
     save_every: int = arg(10_000_000, "training tokens between checkpoints")
-    resume: bool = arg(False, "continue the run saved in --out, with its saved settings (but this command's --device and --compile)")
+    resume: bool = arg(False, "continue the run saved in --out, with its saved settings "
+                              "(but this command's --device and --compile)")
     log_every: int = arg(10, "steps between progress updates (each one waits for the GPU)")
 
 
@@ -97,23 +123,35 @@ def compiler_found():
     return any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++"))
 
 
-def check_config(cfg):
+def check_sae_config(cfg):
     if cfg.arch not in ("switch", "relu", "gated"):
         raise UsageError(f"unknown --arch {cfg.arch!r}: use switch, relu or gated")
+    if cfg.arch == "switch" and (cfg.experts < 1 or cfg.width % cfg.experts):
+        raise UsageError(f"--width {cfg.width} is not divisible by --experts {cfg.experts}: "
+                         "pick a width that is a multiple of the expert count")
+    if cfg.arch == "switch" and not 1 <= cfg.k <= cfg.width // cfg.experts:
+        raise UsageError(f"--k {cfg.k} must be between 1 and the latents per expert "
+                         f"({cfg.width // cfg.experts} = width / experts): lower --k or raise --width")
+    if cfg.compile and not compiler_found():
+        raise UsageError("--compile needs a C/C++ compiler on PATH (torch.compile builds its kernels "
+                         "with one): install g++ or drop --compile")
+
+
+def check_config(cfg):
+    check_sae_config(cfg)
     if cfg.site not in ("resid", "attn", "mlp"):
         raise UsageError(f"unknown --site {cfg.site!r}: use resid, attn or mlp")
-    if cfg.arch == "switch" and (cfg.experts < 1 or cfg.width % cfg.experts):
-        raise UsageError(f"--width {cfg.width} is not divisible by --experts {cfg.experts}: pick a width that is a multiple of the expert count")
     if not 0 <= cfg.skip_positions < cfg.ctx:
-        raise UsageError(f"--skip-positions {cfg.skip_positions} must be at least 0 and below --ctx {cfg.ctx}")
-    if cfg.arch == "switch" and not 1 <= cfg.k <= cfg.width // cfg.experts:
-        raise UsageError(f"--k {cfg.k} must be between 1 and the latents per expert ({cfg.width // cfg.experts} = width / experts): lower --k or raise --width")
-    if cfg.compile and not compiler_found():
-        raise UsageError("--compile needs a C/C++ compiler on PATH (torch.compile builds its kernels with one): install g++ or drop --compile")
+        raise UsageError(f"--skip-positions {cfg.skip_positions} must be at least 0 and below "
+                         f"--ctx {cfg.ctx}")
     if cfg.log_every < 1 or cfg.save_every < 1:
         raise UsageError("--log-every and --save-every must be at least 1")
     if cfg.batch_size < 1 or cfg.tokens < cfg.batch_size:
-        raise UsageError(f"--tokens {cfg.tokens} is less than one batch of --batch-size {cfg.batch_size}: raise --tokens")
+        raise UsageError(f"--tokens {cfg.tokens} is less than one batch of --batch-size {cfg.batch_size}: "
+                         "raise --tokens")
+    if cfg.expert_parallel and (cfg.arch != "switch" or cfg.auxk_alpha):
+        raise UsageError("--expert-parallel needs --arch switch and --auxk-alpha 0 "
+                         "(AuxK across ranks is not supported yet)")
     for path in cfg.text:
         if not os.path.isfile(path):
             raise UsageError(f"--text {path}: no such file; pass existing .txt, .jsonl or .jsonl.gz files")
@@ -125,257 +163,34 @@ def pick_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but torch sees no CUDA GPU: use --device cpu (or install a CUDA build of torch)")
+        raise UsageError("--device cuda was asked for but torch sees no CUDA GPU: use --device cpu "
+                         "(or install a CUDA build of torch)")
     if name not in ("cuda", "cpu"):
         raise UsageError(f"unknown --device {name!r}: use auto, cuda or cpu")
     return torch.device(name)
 
 
 # -----------------------------------------------------------------------------
-# capture: documents -> token contexts -> activations at one site of a causal LM
+# model: routed kernels, the Switch SAE and its loss, the baselines. Needs only the imports above.
+
+GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)  # public from torch 2.9
 
 
-def read_documents(cfg):
-    """Yield document texts forever-ish: local files shuffled once by seed, or a hub dataset streamed."""
-    if cfg.text:
-        docs = []
-        for path in cfg.text:
-            opener = gzip.open if path.endswith(".gz") else open
-            try:
-                with opener(path, "rt", encoding="utf-8") as f:
-                    if ".jsonl" in path:
-                        docs += [json.loads(line)["text"] for line in f if line.strip()]
-                    else:  # plain text: blank lines separate documents
-                        docs += [d for d in f.read().split("\n\n") if d.strip()]
-            except (ValueError, KeyError, TypeError, OSError) as e:  # bad JSON or UTF-8, no "text" field, bad gzip
-                raise UsageError(f"--text {path}: cannot read documents ({type(e).__name__}: {e}); give UTF-8 .txt, or .jsonl(.gz) with a \"text\" field per line") from None
-        if not docs:
-            raise UsageError(f"--text {' '.join(cfg.text)} holds no documents: pass files with text in them")
-        random.Random(cfg.seed).shuffle(docs)  # local corpora are often grouped by source
-        yield from docs
-        return
-    try:
-        import datasets
-        stream = datasets.load_dataset(cfg.dataset, split="train", streaming=True)
-        for row in stream.shuffle(seed=cfg.seed, buffer_size=10_000):
-            yield row["text"]
-    except Exception as e:  # no network, unknown id: the fix is the same
-        raise UsageError(f"could not stream dataset {cfg.dataset!r} ({type(e).__name__}); without network pass local text with --text FILE.jsonl.gz") from None
-
-
-def token_contexts(cfg, tokenizer):
-    """Yield 1-D tensors of cfg.ctx token ids: each document's first ctx tokens (shorter ones skipped).
-    A background thread tokenizes ahead, so tokenizing overlaps the LM forward."""
-
-    def tokenized_batches():
-        texts = []
-        for text in read_documents(cfg):
-            texts.append(text[: cfg.ctx * 20])  # ctx tokens need far fewer characters; skip tokenizing the rest
-            if len(texts) == 256:
-                yield tokenizer(texts, truncation=True, max_length=cfg.ctx)["input_ids"]
-                texts = []
-        yield tokenizer(texts, truncation=True, max_length=cfg.ctx)["input_ids"] if texts else []
-
-    for batch in prefetched(tokenized_batches()):
-        yield from (torch.tensor(ids) for ids in batch if len(ids) == cfg.ctx)
-
-
-def prefetched(items, depth=8):
-    """Iterate over `items` produced in a background thread, up to `depth` ahead, in the same order."""
-    queue_ = queue.Queue(depth)
-    end = object()
-
-    def produce():
-        try:
-            for item in items:
-                queue_.put(item)
-            queue_.put(end)
-        except BaseException as e:  # handed to the consumer, which raises it
-            queue_.put(e)
-
-    threading.Thread(target=produce, daemon=True).start()
-    while (item := queue_.get()) is not end:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
-
-
-def take(contexts, n):
-    """The next n contexts as an (n, ctx) tensor."""
-    rows = list(itertools.islice(contexts, n))
-    if len(rows) < n:
-        raise UsageError(f"the text ran out: {n} more contexts were needed, {len(rows)} were left; give more text or lower --tokens / --eval-tokens")
-    return torch.stack(rows)
-
-
-def load_lm(cfg, device):
-    """A causal LM (bf16 on CUDA) and its tokenizer, from the hub or a local directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()  # keeps error output to the one line that matters
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype, attn_implementation="sdpa")
-    except OSError:
-        raise UsageError(f"could not load model {cfg.model!r}: no network, or no such hub id or directory; pass a local model directory with --model DIR") from None
-    return model.to(device).eval(), tokenizer
-
-
-def hooked_module(model, layer, site):
-    """The module whose output is the activation: block `layer` itself (resid), or its attention or MLP."""
-    n_layers = model.config.num_hidden_layers
-    if not 0 <= layer < n_layers:
-        raise UsageError(f"--layer {layer} is out of range: the model has {n_layers} layers, so use 0..{n_layers - 1}")
-    blocks = next((m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers), None)
-    if blocks is None:
-        raise UsageError(f"found no list of the model's {n_layers} blocks to hook: this architecture is not supported yet")
-    if site == "resid":
-        return blocks[layer]
-    names = {"attn": ("attn", "self_attn", "attention"), "mlp": ("mlp", "feed_forward")}[site]
-    for name in names:
-        if hasattr(blocks[layer], name):
-            return getattr(blocks[layer], name)
-    raise UsageError(f"--site {site}: block {layer} has no submodule named {' or '.join(names)}; use --site resid")
-
-
-class StopForward(Exception):
-    """Raised by the capture hook so that layers past the hooked one never run."""
-
-
-def site_output(output):
-    return output[0] if isinstance(output, tuple) else output  # attention modules return (out, weights)
-
-
-@torch.no_grad()
-def lm_activations(model, module, tokens_NT, batch_size, skip_positions=0):
-    """Activations (N*(T-skip), d) in float32 at `module`'s output, staying on the model's device."""
-    captured = []
-
-    def hook(mod, inputs, output):
-        captured.append(site_output(output)[:, skip_positions:].flatten(0, 1).float())
-        raise StopForward
-
-    handle = module.register_forward_hook(hook)
-    try:
-        for tokens in tokens_NT.split(batch_size):
-            try:
-                model(tokens.to(model.device), use_cache=False)
-            except StopForward:
-                pass
-    finally:
-        handle.remove()
-    return torch.cat(captured)
-
-
-def chunk_plan(cfg):
-    """(first step, steps, contexts) of each shuffle-buffer chunk of a run: the same for live and cached runs."""
-    steps, per_chunk = cfg.tokens // cfg.batch_size, max(1, cfg.buffer_tokens // cfg.batch_size)
-    return [(first, min(per_chunk, steps - first), math.ceil(min(per_chunk, steps - first) * cfg.batch_size / (cfg.ctx - cfg.skip_positions)))
-            for first in range(0, steps, per_chunk)]
-
-
-def activation_batches(cfg, read_contexts, start_step, device):
-    """Yield (step, x_BD) from start_step on. Each chunk's activations are served in an order fixed by
-    (seed, chunk), so a resumed run sees the same batches. read_contexts(n, skip) gives the activations
-    of the next n contexts, or just passes over them when skip is true."""
-    B = cfg.batch_size
-    for chunk, (first, n_steps, n_contexts) in enumerate(chunk_plan(cfg)):
-        if first + n_steps <= start_step:  # trained on before a resume: pass over its text without the LM
-            read_contexts(n_contexts, skip=True)
-            continue
-        acts = read_contexts(n_contexts).to(device)
-        order = torch.randperm(len(acts), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + chunk)).to(device)
-        for s in range(max(0, start_step - first), n_steps):
-            yield first + s, acts[order[s * B : (s + 1) * B]]
-
-
-def live_reader(cfg, model, module, contexts):
-    def read_contexts(n, skip=False):
-        tokens_NT = take(contexts, n)
-        return None if skip else lm_activations(model, module, tokens_NT, cfg.lm_batch_size, cfg.skip_positions)
-
-    return read_contexts
-
-
-# activation cache: FILE holds bf16 activations row after row, FILE.tokens the int32 contexts they came
-# from, FILE.json a header; the held-out evaluation contexts come first, as in a live run.
-
-
-def write_cache(cfg):
-    from tqdm import tqdm
-
-    check_config(cfg)
-    device = pick_device(cfg.device)
-    model, tokenizer = load_lm(cfg, device)
-    module = hooked_module(model, cfg.layer, cfg.site)
-    contexts = token_contexts(cfg, tokenizer)
-    n_eval = max(1, cfg.eval_tokens // cfg.ctx)
-    n_total = n_eval + sum(n for _, _, n in chunk_plan(cfg))
-    header = {"model": cfg.model, "layer": cfg.layer, "site": cfg.site, "ctx": cfg.ctx, "skip_positions": cfg.skip_positions,
-              "d": model.config.hidden_size, "dtype": "bfloat16", "eval_contexts": n_eval, "contexts": n_total,
-              "rows": n_total * (cfg.ctx - cfg.skip_positions), "seed": cfg.seed, "complete": False}
-    if os.path.isdir(cfg.out):
-        raise UsageError(f"cache --out {cfg.out} is a directory: name the cache file, e.g. --out {os.path.join(cfg.out, 'acts.bin')}")
-    os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
-    write_json(cfg.out + ".json", header)  # says "incomplete" until the last row is written
-    with open(cfg.out, "wb") as acts_file, open(cfg.out + ".tokens", "wb") as tokens_file:
-        for first in tqdm(range(0, n_total, cfg.lm_batch_size), desc="cache", unit_scale=cfg.lm_batch_size, unit="ctx"):
-            tokens_NT = take(contexts, min(cfg.lm_batch_size, n_total - first))
-            acts = lm_activations(model, module, tokens_NT, cfg.lm_batch_size, cfg.skip_positions)
-            acts_file.write(acts.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
-            tokens_file.write(tokens_NT.to(torch.int32).numpy().tobytes())
-    write_json(cfg.out + ".json", {**header, "complete": True})
-    print(f"wrote {header['rows']} activations of {cfg.model} layer {cfg.layer} {cfg.site} to {cfg.out} ({n_eval} held-out contexts first)")
-
-
-def open_cache(path):
-    """Header, activation rows (memory-mapped) and contexts of a cache; refuses one left incomplete."""
-    import numpy as np
-
-    if not os.path.isfile(path + ".json"):
-        raise UsageError(f"--acts {path}: no cache there (no {path}.json); write one with 'switch_sae.py cache --out {path}'")
-    header = json.load(open(path + ".json"))
-    if not header["complete"] or os.path.getsize(path) != header["rows"] * header["d"] * 2:
-        raise UsageError(f"--acts {path} is incomplete (its cache run was stopped): write it again with 'switch_sae.py cache'")
-    rows = np.memmap(path, dtype=np.int16, mode="r", shape=(header["rows"], header["d"]))
-    tokens = np.fromfile(path + ".tokens", dtype=np.int32).reshape(header["contexts"], header["ctx"])
-    return header, rows, torch.from_numpy(tokens).long()
-
-
-def cache_reader(path, rows, header, first_context):
-    """read_contexts over a cache, from context first_context on."""
-    per_context, position = header["ctx"] - header["skip_positions"], [first_context]
-
-    def read_contexts(n, skip=False):
-        start = position[0]
-        position[0] += n
-        if position[0] > header["contexts"]:
-            raise UsageError(f"--acts {path} holds {header['contexts']} contexts and this run needs more: write the cache with this run's --tokens, --batch-size and --buffer-tokens")
-        if skip:
-            return None
-        return torch.from_numpy(rows[start * per_context : (start + n) * per_context].copy()).view(torch.bfloat16).float()
-
-    return read_contexts
-
-
-# -----------------------------------------------------------------------------
-# model
-
-
-def use_grouped_mm(x):
-    """One grouped matmul for all experts on CUDA (Ampere or newer; bf16 rows 16-byte aligned); a loop elsewhere."""
-    return x.is_cuda and hasattr(F, "grouped_mm") and x.shape[1] % 8 == 0 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+def use_grouped_mm(x_TD, m):
+    """One grouped matmul for all experts on CUDA (Ampere or newer), where its bf16 operands are 16-byte
+    aligned (d and m multiples of 8); a loop over experts elsewhere."""
+    return (x_TD.is_cuda and GROUPED_MM is not None and x_TD.shape[1] % 8 == 0 and m % 8 == 0
+            and torch.cuda.get_device_capability(x_TD.device) >= (8, 0))
 
 
 def count(values, n):
     """How often each of 0..n-1 occurs in `values`: torch.bincount without its host sync on CUDA."""
-    return torch.zeros(n, dtype=torch.long, device=values.device).scatter_add_(0, values, torch.ones_like(values))
+    counts_n = torch.zeros(n, dtype=torch.long, device=values.device)
+    return counts_n.scatter_add_(0, values, torch.ones_like(values))
 
 
 def routed_gate(probs_BN, expert_B):
-    """p_i* of each token: the router's only reconstruction gradient (SPEC section 1)."""
+    """p_i of each token's own expert i."""
     return probs_BN.gather(1, expert_B[:, None])[:, 0]
 
 
@@ -384,10 +199,10 @@ def expert_matmul(x_TD, W_enc_MD, counts_N):
     x_TD is sorted by expert; counts_N says how many rows each expert owns."""
     N = len(counts_N)
     W_NmD = W_enc_MD.view(N, -1, W_enc_MD.shape[1])
-    if use_grouped_mm(x_TD):
+    if use_grouped_mm(x_TD, W_NmD.shape[1]):
         dtype = torch.bfloat16 if x_TD.is_cuda else x_TD.dtype  # tensor cores; fp32 master weights stay fp32
         offsets = counts_N.cumsum(0).to(torch.int32)  # stays on the device: no host sync
-        return F.grouped_mm(x_TD.to(dtype), W_NmD.to(dtype).transpose(1, 2), offs=offsets)  # TopK runs on it as is
+        return GROUPED_MM(x_TD.to(dtype), W_NmD.to(dtype).transpose(1, 2), offs=offsets)  # TopK takes bf16
     pre_Tm = x_TD.new_empty(len(x_TD), W_NmD.shape[1])
     sizes = counts_N.tolist()
     for x_i, W_i, pre_i in zip(x_TD.split(sizes), W_NmD, pre_Tm.split(sizes)):
@@ -396,8 +211,8 @@ def expert_matmul(x_TD, W_enc_MD, counts_N):
 
 
 def topk_rows(pre_Tm, k, group=8):
-    """pre.topk(k, dim=1, sorted=False), in two stages on CPU for wide rows (~2x faster there): a row's top k
-    lie in the k groups of `group` neighbours with the largest maxima, so only those k * group are searched."""
+    """pre.topk(k, dim=1, sorted=False), in two stages on CPU for wide rows (~2x faster there): a row's
+    top k lie in the k groups of `group` neighbours with the largest maxima, so only those are searched."""
     T, m = pre_Tm.shape
     if pre_Tm.is_cuda or m % group or m < 32 * k:
         return pre_Tm.topk(k, dim=1, sorted=False)
@@ -409,24 +224,25 @@ def topk_rows(pre_Tm, k, group=8):
 
 
 def csr_matrix(row_starts, cols, values, shape):
-    with warnings.catch_warnings():  # sparse CSR is marked beta; its products here are tested against dense ones
+    with warnings.catch_warnings():  # sparse CSR is marked beta; its products here are tested against dense
         warnings.simplefilter("ignore")
         return torch.sparse_csr_tensor(row_starts, cols, values, shape, check_invariants=False)
 
 
 def scatter_rows(idx_TK, coef_TK, vec_TD, n_rows):
     """G (n_rows, D) with G[idx[t,k]] += coef[t,k] * vec[t], as one sparse (CSR) matrix product, so the
-    (T*K, D) products are never materialised. It is the weight gradient of a sparse encoder or decoder."""
+    (T*K, D) products are never materialised: the weight gradient of a sparse encoder or decoder."""
     T, K = idx_TK.shape
     flat = idx_TK.flatten()
-    order = flat.argsort(stable=True)  # stable: each row's columns (tokens) come sorted, sums are deterministic
+    order = flat.argsort(stable=True)  # stable: each row's columns (tokens) sorted, sums deterministic
     row_starts = torch.zeros(n_rows + 1, dtype=torch.long, device=flat.device)
     row_starts[1:] = count(flat, n_rows).cumsum(0)
     G = csr_matrix(row_starts, order // K, coef_TK.flatten()[order].float(), (n_rows, T))
     # CPU: addmm with beta=0 into an uninitialised buffer saves the product's own zero fill and copy (~10 ms
-    # at width 24576). CUDA: cuSPARSE is not documented to ignore C when beta=0, and a memset costs ~nothing.
+    # at width 24576). CUDA: cuSPARSE is not documented to ignore C when beta=0; a memset costs ~nothing.
     out = (torch.zeros if vec_TD.is_cuda else torch.empty)(n_rows, vec_TD.shape[1], device=vec_TD.device)
-    return torch.addmm(out, G, vec_TD.float(), beta=0, out=out).to(vec_TD.dtype)  # sparse products want float32 on some backends
+    # sparse products want float32 on some backends
+    return torch.addmm(out, G, vec_TD.float(), beta=0, out=out).to(vec_TD.dtype)
 
 
 def gathered_dots(idx_TK, W_MD, vec_TD):
@@ -435,10 +251,12 @@ def gathered_dots(idx_TK, W_MD, vec_TD):
     T, K = idx_TK.shape
     cols_TK, order_TK = idx_TK.sort(dim=1)  # CSR wants each row's columns sorted
     row_starts = torch.arange(0, T * K + 1, K, device=idx_TK.device)
-    pattern = csr_matrix(row_starts, cols_TK.flatten(), vec_TD.new_zeros(T * K, dtype=torch.float32), (T, len(W_MD)))
+    pattern = csr_matrix(row_starts, cols_TK.flatten(), vec_TD.new_zeros(T * K, dtype=torch.float32),
+                         (T, len(W_MD)))
     # float32 and dense layouts: CUDA's SDDMM has no bf16 kernel and wants row- or column-major inputs
-    dots = torch.sparse.sampled_addmm(pattern, vec_TD.float().contiguous(), W_MD.float().T, beta=0).values().view(T, K)
-    return torch.empty_like(dots).scatter_(1, order_TK, dots).to(vec_TD.dtype)
+    dots_TK = torch.sparse.sampled_addmm(pattern, vec_TD.float().contiguous(), W_MD.float().T, beta=0)
+    dots_TK = dots_TK.values().view(T, K)
+    return torch.empty_like(dots_TK).scatter_(1, order_TK, dots_TK).to(vec_TD.dtype)
 
 
 class SparseDecode(torch.autograd.Function):
@@ -496,44 +314,194 @@ class RoutedTopK(torch.autograd.Function):
         return grad_x, grad_W, grad_b, None, None, None, None, None
 
 
-class SwitchSAE(nn.Module):
-    """N TopK experts of m = width / N latents behind a top-1 router (SPEC section 1)."""
+class SAEOutput(NamedTuple):
+    """What every SAE's forward returns; a field an architecture does not have is None."""
+
+    x_hat: torch.Tensor
+    """(B, D) the reconstruction."""
+    acts: torch.Tensor
+    """Switch: (B, K) the active latents' values before the gate (then the AuxK latents, when asked for).
+    Baselines: (B, M), every latent."""
+    idx: torch.Tensor | None = None
+    """(B, K) global latent indices of `acts` (Switch); None where `acts` is dense."""
+    probs: torch.Tensor | None = None
+    """(B, N) router probabilities, float32 (Switch)."""
+    expert: torch.Tensor | None = None
+    """(B,) the expert each token was routed to (Switch)."""
+    expert_counts: torch.Tensor | None = None
+    """(N,) tokens routed to each expert: the load balance's f = counts / counts.sum(). Data-parallel
+    training sums it over ranks, so every rank balances the global load."""
+    gate_pre: torch.Tensor | None = None
+    """(B, M) the Gated baseline's gate pre-activations."""
+
+
+def squared_error(x_hat_BD, x_BD):
+    """Sum over d of (x_hat - x)^2, mean over tokens: the paper's MSE."""
+    return (x_hat_BD - x_BD).pow(2).sum(-1).mean()
+
+
+@torch.no_grad()
+def geometric_median(points_BD, iters=100, tol=1e-5):
+    """Weiszfeld's algorithm; the Switch SAE's biases start there."""
+    median = points_BD.mean(0)
+    for _ in range(iters):
+        weights = 1 / (points_BD - median).norm(dim=1).clamp_min(1e-8)
+        new = (weights[:, None] * points_BD).sum(0) / weights.sum()
+        if (new - median).norm() < tol * median.norm().clamp_min(1):
+            return new
+        median = new
+    return median
+
+
+class SAE(nn.Module):
+    """What the SAEs here share: a decoder W_dec (M, D), one row per latent, a decoder bias b_dec, and the
+    rules the training loop calls around each step (no-ops where an architecture has no such rule)."""
+
+    unit_decoder = True  # rows kept at unit norm: gradient projected before the step, renormalised after
+
+    @property
+    def dtype(self):
+        return self.W_dec.dtype
+
+    @property
+    def device(self):
+        return self.W_dec.device
+
+    def config(self):
+        """What make_sae needs to rebuild this SAE."""
+        return {"arch": self.arch, "d_in": self.d_in, "width": self.width}
+
+    def init_biases_(self, x_BD):
+        """Data-dependent initialisation from the first training batch."""
+
+    @torch.no_grad()
+    def project_decoder_grad_(self):
+        """Remove the gradient component along each (unit) decoder row, so a step keeps its norm."""
+        if self.unit_decoder:
+            parallel_M = torch.linalg.vecdot(self.W_dec.grad, self.W_dec)
+            self.W_dec.grad.addcmul_(self.W_dec, parallel_M[:, None], value=-1)
+
+    @torch.no_grad()
+    def normalize_decoder_(self):
+        if self.unit_decoder:
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True))
+
+    def latent_activity(self, out):
+        """Which latents fired on some token of the batch (M,), and the active latents summed over tokens."""
+        active_BM = out.acts > 0
+        return active_BM.any(0), active_BM.sum()
+
+
+class SwitchSAE(SAE):
+    """N TopK experts of m = width / N latents behind a top-1 router."""
+
+    arch = "switch"
 
     def __init__(self, d_in, width, experts, k):
         super().__init__()
         assert width % experts == 0 and k <= width // experts
         self.d_in, self.width, self.experts, self.k = d_in, width, experts, k
         W_enc = nn.Linear(d_in, width, bias=False).weight.detach()
-        self.W_enc = nn.Parameter(W_enc.clone())  # (M, d); expert i owns rows [i m, (i+1) m)
-        self.W_dec = nn.Parameter(W_enc / W_enc.norm(dim=1, keepdim=True))  # (M, d), unit rows, tied at init only
-        self.W_router = nn.Parameter(nn.Linear(d_in, experts, bias=False).weight.detach().clone())  # (N, d)
+        self.W_enc = nn.Parameter(W_enc.clone())  # (M, D); expert i owns rows [i m, (i+1) m)
+        self.W_dec = nn.Parameter(W_enc / W_enc.norm(dim=1, keepdim=True))  # unit rows, tied at init only
+        self.W_router = nn.Parameter(nn.Linear(d_in, experts, bias=False).weight.detach().clone())  # (N, D)
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.b_router = nn.Parameter(torch.zeros(d_in))
+
+    def config(self):
+        return {**super().config(), "experts": self.experts, "k": self.k}
+
+    @torch.no_grad()
+    def init_biases_(self, x_BD):
+        """b_dec = b_router = the geometric median of the first batch, as the authors start them."""
+        self.b_dec.copy_(geometric_median(x_BD.float()))
+        self.b_router.copy_(self.b_dec)
 
     def route(self, x_BD):
         """Router probabilities (fp32) and the chosen expert of each token."""
         probs_BN = F.softmax(((x_BD - self.b_router) @ self.W_router.T).float(), dim=-1)
         return probs_BN, probs_BN.argmax(dim=-1)
 
-    def forward(self, x_BD, dead_M=None, k_aux=0):
-        """x_hat, latents (acts, global indices; with k_aux the AuxK ones appended), router probs and experts."""
+    def forward(self, x_BD, dead_M=None):
+        """The routed fast path. With dead_M (M,) bool, each token also gets the top k_aux = min(d/2, m)
+        dead latents of its expert (AuxK), appended to acts and idx."""
         probs_BN, expert_B = self.route(x_BD)
-        order_B = expert_B.argsort(stable=True)
         counts_N = count(expert_B, self.experts)
-        acts, idx = RoutedTopK.apply(x_BD[order_B], self.W_enc, self.b_dec, expert_B[order_B], counts_N, self.k, dead_M, k_aux)
+        x_TD, expert_T, counts_n, combine = self.dispatch(x_BD, expert_B, counts_N)
+        k_aux = min(self.d_in // 2, self.width // self.experts) if dead_M is not None and dead_M.any() else 0
+        acts_TK, idx_TK = RoutedTopK.apply(x_TD, self.W_enc, self.b_dec, expert_T, counts_n, self.k, dead_M,
+                                           k_aux)
+        decoded_BD, acts_BK, idx_BK = combine(acts_TK, idx_TK)
+        x_hat_BD = decoded_BD * routed_gate(probs_BN, expert_B)[:, None].to(decoded_BD.dtype) + self.b_dec
+        return SAEOutput(x_hat_BD, acts_BK, idx_BK, probs_BN, expert_B, counts_N)
+
+    def dispatch(self, x_BD, expert_B, counts_N):
+        """Hand each token to its expert: here, sort the batch by expert. Returns the sorted tokens, their
+        experts, tokens per expert, and combine(acts, idx), which decodes the latents back in batch order.
+        ExpertParallelSwitchSAE overrides it to send each token to its expert's rank and back."""
+        order_B = expert_B.argsort(stable=True)
         unsort_B = order_B.argsort()
-        acts_BK, idx_BK = acts[unsort_B], idx[unsort_B]
-        gate_B = routed_gate(probs_BN, expert_B)
-        x_hat_BD = self.decode(acts_BK[:, : self.k], idx_BK[:, : self.k], gate_B) + self.b_dec
-        return x_hat_BD, acts_BK, idx_BK, probs_BN, expert_B
 
-    def decode(self, acts_BK, idx_BK, gate_B):
-        """gate * sum_k acts_k W_dec[idx_k], reading only the k active decoder rows (no b_dec)."""
-        return SparseDecode.apply(acts_BK * gate_B[:, None].to(acts_BK.dtype), idx_BK, self.W_dec)
+        def combine(acts_TK, idx_TK):
+            acts_BK, idx_BK = acts_TK[unsort_B], idx_TK[unsort_B]
+            return SparseDecode.apply(acts_BK[:, : self.k], idx_BK[:, : self.k], self.W_dec), acts_BK, idx_BK
+
+        return x_BD[order_B], expert_B[order_B], counts_N, combine
+
+    def forward_dense(self, x_BD):
+        """The method as the paper writes it (and the authors' code runs it): every expert's encoder on
+        every token, then TopK within the routed expert. O(M d) per token; forward is tested against it."""
+        probs_BN, expert_B = self.route(x_BD)
+        owner_M = torch.arange(self.width, device=x_BD.device) // (self.width // self.experts)
+        pre_BM = ((x_BD - self.b_dec) @ self.W_enc.T).masked_fill(owner_M != expert_B[:, None], -math.inf)
+        vals_BK, idx_BK = pre_BM.topk(self.k, dim=1)
+        z_BM = torch.zeros_like(pre_BM).scatter(1, idx_BK, vals_BK.relu())
+        x_hat_BD = routed_gate(probs_BN, expert_B)[:, None] * (z_BM @ self.W_dec) + self.b_dec
+        return SAEOutput(x_hat_BD, vals_BK.relu(), idx_BK, probs_BN, expert_B, count(expert_B, self.experts))
+
+    def encode(self, x_BD, dense=False):
+        """Codes of x: (values, global latent indices), each (B, k), or with dense=True one (B, M) tensor.
+        The values carry the router's gate, so decode is linear in them: decode(encode(x)) = x_hat."""
+        out = self(x_BD)
+        vals_BK = out.acts * routed_gate(out.probs, out.expert)[:, None].to(out.acts.dtype)
+        if dense:
+            return vals_BK.new_zeros(len(x_BD), self.width).scatter_(1, out.idx, vals_BK)
+        return vals_BK, out.idx
+
+    def decode(self, codes):
+        """x_hat from codes as encode gives them: (values, indices), or a dense (B, M) tensor."""
+        if isinstance(codes, torch.Tensor):
+            return codes @ self.W_dec + self.b_dec
+        vals_BK, idx_BK = codes
+        return SparseDecode.apply(vals_BK, idx_BK, self.W_dec) + self.b_dec
+
+    def loss(self, x_BD, out, lb_alpha=3.0, auxk_alpha=0.0):
+        """Reconstruction + lb_alpha * d * load balance (+ auxk_alpha * AuxK). Returns (loss, parts)."""
+        recon = squared_error(out.x_hat, x_BD)
+        load_N = out.expert_counts.float() / out.expert_counts.sum()  # f_i: no gradient
+        balance = self.experts * (load_N * out.probs.mean(0)).sum()  # 1 when uniform, N when collapsed
+        loss = recon + lb_alpha * self.d_in * balance
+        parts = {"recon": recon, "balance": balance}
+        if out.acts.shape[1] > self.k:  # AuxK: dead latents rebuild what the live ones missed (Gao et al.)
+            gate_B = routed_gate(out.probs, out.expert).detach()  # it trains the dead latents, not the router
+            aux_acts_BK = out.acts[:, self.k :] * gate_B[:, None].to(out.acts.dtype)
+            error_hat_BD = SparseDecode.apply(aux_acts_BK, out.idx[:, self.k :], self.W_dec)
+            parts["auxk"] = squared_error(error_hat_BD, (x_BD - out.x_hat).detach())
+            loss = loss + auxk_alpha * parts["auxk"]
+        return loss, parts
+
+    def latent_activity(self, out):
+        active_BK = out.acts[:, : self.k] > 0
+        fired_M = torch.zeros(len(self.W_dec), device=active_BK.device).index_add_(
+            0, out.idx[:, : self.k].flatten(), active_BK.flatten().float())
+        return fired_M > 0, active_BK.sum()
 
 
-class ReluSAE(nn.Module):
+class ReluSAE(SAE):
     """Baseline: ReLU SAE, L1 penalty weighted by decoder norms (Anthropic's April 2024 update)."""
+
+    arch = "relu"
+    unit_decoder = False  # its norms float and are paid for in the L1 term
 
     def __init__(self, d_in, width):
         super().__init__()
@@ -545,14 +513,20 @@ class ReluSAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d_in))
 
     def forward(self, x_BD):
-        """x_hat and the dense latents f (B, M)."""
         f_BM = F.relu(x_BD @ self.W_enc.T + self.b_enc)
-        return f_BM @ self.W_dec + self.b_dec, f_BM
+        return SAEOutput(f_BM @ self.W_dec + self.b_dec, f_BM)
+
+    def loss(self, x_BD, out, l1_coeff=5.0):
+        recon = squared_error(out.x_hat, x_BD)
+        l1 = (out.acts * self.W_dec.norm(dim=1)).sum(-1).mean()
+        return recon + l1_coeff * l1, {"recon": recon, "l1": l1}
 
 
-class GatedSAE(nn.Module):
-    """Baseline: Gated SAE (Rajamanoharan et al. 2024): a gate decides which latents fire, a
-    magnitude path (the gate's weights rescaled per latent) decides how strongly."""
+class GatedSAE(SAE):
+    """Baseline: Gated SAE (Rajamanoharan et al. 2024): a gate decides which latents fire, a magnitude
+    path (the gate's weights rescaled per latent) decides how strongly."""
+
+    arch = "gated"
 
     def __init__(self, d_in, width):
         super().__init__()
@@ -566,230 +540,24 @@ class GatedSAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d_in))
 
     def forward(self, x_BD):
-        """x_hat, the dense latents f (B, M) and the gate pre-activations."""
         pre_BM = (x_BD - self.b_dec) @ self.W_gate.T
         gate_pre_BM = pre_BM + self.b_gate
         f_BM = (gate_pre_BM > 0) * F.relu(pre_BM * self.r_mag.exp() + self.b_mag)
-        return f_BM @ self.W_dec + self.b_dec, f_BM, gate_pre_BM
+        return SAEOutput(f_BM @ self.W_dec + self.b_dec, f_BM, gate_pre=gate_pre_BM)
+
+    def loss(self, x_BD, out, l1_coeff=5.0):
+        """Reconstruction + L1 on the gate + the gate's own reconstruction through the frozen decoder."""
+        recon = squared_error(out.x_hat, x_BD)
+        gate_BM = F.relu(out.gate_pre)
+        l1 = gate_BM.sum(-1).mean()
+        aux = squared_error(gate_BM @ self.W_dec.detach() + self.b_dec.detach(), x_BD)
+        return recon + l1_coeff * l1 + aux, {"recon": recon, "l1": l1, "aux": aux}
 
 
 def make_sae(arch, d_in, width, experts=1, k=32):
-    return SwitchSAE(d_in, width, experts, k) if arch == "switch" else {"relu": ReluSAE, "gated": GatedSAE}[arch](d_in, width)
-
-
-def sae_config(sae):
-    """What make_sae needs to rebuild `sae`."""
-    arch = "switch" if isinstance(sae, SwitchSAE) else "relu" if isinstance(sae, ReluSAE) else "gated"
-    extra = {"experts": sae.experts, "k": sae.k} if arch == "switch" else {}
-    return {"arch": arch, "d_in": sae.d_in, "width": sae.width, **extra}
-
-
-def latent_activity(sae, out):
-    """Which latents fired on some token of the batch (M,), and the number of active latents summed over tokens."""
-    if isinstance(sae, SwitchSAE):
-        active_BK = out[1][:, : sae.k] > 0
-        fired_M = torch.zeros(len(sae.W_dec), device=active_BK.device).index_add_(0, out[2][:, : sae.k].flatten(), active_BK.flatten().float())
-        return fired_M > 0, active_BK.sum()
-    active_BM = out[1] > 0
-    return active_BM.any(0), active_BM.sum()
-
-
-@torch.no_grad()
-def geometric_median(points_ND, iters=100, tol=1e-5):
-    """Weiszfeld's algorithm; SPEC section 1 initialises b_dec and b_router with it."""
-    median = points_ND.mean(0)
-    for _ in range(iters):
-        weights = 1 / (points_ND - median).norm(dim=1).clamp_min(1e-8)
-        new = (weights[:, None] * points_ND).sum(0) / weights.sum()
-        if (new - median).norm() < tol * median.norm().clamp_min(1):
-            return new
-        median = new
-    return median
-
-
-@torch.no_grad()
-def normalize_decoder(W_dec):
-    W_dec.div_(W_dec.norm(dim=1, keepdim=True))
-
-
-@torch.no_grad()
-def project_decoder_grad(W_dec):
-    """Remove the gradient component along each (unit) decoder row, so a step does not change its norm."""
-    parallel_M = torch.linalg.vecdot(W_dec.grad, W_dec)
-    W_dec.grad.addcmul_(W_dec, parallel_M[:, None], value=-1)
-
-
-# -----------------------------------------------------------------------------
-# losses
-
-
-def switch_sae_loss(sae, x_BD, out, lb_alpha=3.0, auxk_alpha=0.0, load_N=None):
-    """Reconstruction + lb_alpha * d * load balance (+ auxk_alpha * AuxK). Returns (loss, parts).
-    load_N, the fraction of tokens routed to each expert, defaults to this batch's."""
-    x_hat_BD, acts_BK, idx_BK, probs_BN, expert_B = out
-    recon = (x_hat_BD - x_BD).pow(2).sum(-1).mean()
-    if load_N is None:
-        load_N = count(expert_B, sae.experts).float() / len(x_BD)  # f_i: no gradient
-    balance = sae.experts * (load_N * probs_BN.mean(0)).sum()  # 1 when uniform
-    loss = recon + lb_alpha * sae.d_in * balance
-    parts = {"recon": recon, "balance": balance}
-    if acts_BK.shape[1] > sae.k:  # AuxK: dead latents reconstruct what the live ones missed (Gao et al.)
-        gate_B = routed_gate(probs_BN, expert_B).detach()  # AuxK trains the dead latents, not the router
-        error_hat_BD = sae.decode(acts_BK[:, sae.k :], idx_BK[:, sae.k :], gate_B)
-        parts["auxk"] = (error_hat_BD - (x_BD - x_hat_BD).detach()).pow(2).sum(-1).mean()
-        loss = loss + auxk_alpha * parts["auxk"]
-    return loss, parts
-
-
-def relu_sae_loss(sae, x_BD, out, l1_coeff):
-    x_hat_BD, f_BM = out
-    recon = (x_hat_BD - x_BD).pow(2).sum(-1).mean()
-    l1 = (f_BM * sae.W_dec.norm(dim=1)).sum(-1).mean()
-    return recon + l1_coeff * l1, {"recon": recon, "l1": l1}
-
-
-def gated_sae_loss(sae, x_BD, out, l1_coeff):
-    """Reconstruction + L1 on the gate + the gate's own reconstruction through the frozen decoder."""
-    x_hat_BD, f_BM, gate_pre_BM = out
-    recon = (x_hat_BD - x_BD).pow(2).sum(-1).mean()
-    gate_BM = F.relu(gate_pre_BM)
-    l1 = gate_BM.sum(-1).mean()
-    aux = (gate_BM @ sae.W_dec.detach() + sae.b_dec.detach() - x_BD).pow(2).sum(-1).mean()
-    return recon + l1_coeff * l1 + aux, {"recon": recon, "l1": l1, "aux": aux}
-
-
-# -----------------------------------------------------------------------------
-# distributed: data and expert parallelism over torch.distributed (run under torchrun)
-
-
-def world():
-    """(rank, number of ranks); (0, 1) outside torchrun."""
-    import torch.distributed as dist
-
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def all_reduce(t):
-    """Sum over ranks, in place; nothing outside torchrun."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t
-
-
-def gather_rows(t):
-    """Concatenate every rank's t along dim 0 (the whole tensor from its shards)."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return t
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
-
-
-def shard_rows(t):
-    rank, ranks = world()
-    return t[rank * len(t) // ranks : (rank + 1) * len(t) // ranks]
-
-
-def start_distributed(device):
-    """Join the process group when started by torchrun (NCCL on GPU, gloo on CPU); returns this rank's device."""
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or dist.is_initialized():
-        return device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device
-
-
-def stop_distributed():
-    """Leave the process group before exit: gloo work torn down during interpreter exit aborts the process."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-class ExpertParallelSwitchSAE(SwitchSAE):
-    """A SwitchSAE whose experts are split over the ranks: router and biases are replicated, rank r holds
-    the encoder and decoder rows of experts [r N/G, (r+1) N/G). Each token travels to its expert's rank
-    and its decoded vector back, by all_to_all; gradients take the same roads in reverse."""
-
-    def __init__(self, d_in, width, experts, k):
-        super().__init__(d_in, width, experts, k)  # built whole from the seed, so shards match a 1-rank run
-        rank, ranks = world()
-        assert experts % ranks == 0
-        self.W_enc = nn.Parameter(shard_rows(self.W_enc.detach()).clone())
-        self.W_dec = nn.Parameter(shard_rows(self.W_dec.detach()).clone())
-        self.rank, self.experts_here = rank, experts // ranks
-
-    def forward(self, x_BD, dead_M=None, k_aux=0):
-        """x_hat, router probs and experts for this rank's tokens; acts and shard-local indices for the
-        tokens this rank's experts received."""
-        import torch.distributed as dist
-        from torch.distributed._functional_collectives import all_to_all_single_autograd as exchange
-
-        assert not k_aux, "AuxK is not supported with expert parallelism"
-        group = dist.group.WORLD
-        probs_BN, expert_B = self.route(x_BD)
-        order_B = expert_B.argsort(stable=True)  # by expert, hence by destination rank
-        send_G = count(expert_B // self.experts_here, world()[1])
-        recv_G = torch.empty_like(send_G)
-        dist.all_to_all_single(recv_G, send_G)  # counts first, so the sizes are known
-        send, recv = send_G.tolist(), recv_G.tolist()
-        x_in = exchange(x_BD[order_B], recv, send, group)
-        expert_in = exchange(expert_B[order_B], recv, send, group) - self.rank * self.experts_here
-        order_in = expert_in.argsort(stable=True)
-        counts = count(expert_in, self.experts_here)
-        acts, idx = RoutedTopK.apply(x_in[order_in], self.W_enc, self.b_dec, expert_in[order_in], counts, self.k, dead_M, 0)
-        decoded_in = SparseDecode.apply(acts, idx, self.W_dec)[order_in.argsort()]
-        decoded_B = exchange(decoded_in, send, recv, group)[order_B.argsort()]
-        gate_B = routed_gate(probs_BN, expert_B)
-        return decoded_B * gate_B[:, None] + self.b_dec, acts, idx, probs_BN, expert_B
-
-
-def is_sharded(sae, name):
-    return isinstance(sae, ExpertParallelSwitchSAE) and name in ("W_enc", "W_dec")
-
-
-def average_gradients(sae):
-    """Make every rank's gradient that of the mean loss over all ranks' tokens. Replicated parameters
-    are summed over ranks; expert shards already hold the sum, gathered through the all_to_all."""
-    _, ranks = world()
-    for name, p in sae.named_parameters():
-        if p.grad is not None and ranks > 1:
-            if not is_sharded(sae, name):
-                all_reduce(p.grad)
-            p.grad.div_(ranks)
-
-
-@torch.no_grad()
-def prepare_gradients(sae, max_norm, unit_decoder):
-    """Between backward and the optimizer: keep the decoder rows' norms (unit_decoder), clip the norm."""
-    if unit_decoder:
-        project_decoder_grad(sae.W_dec)
-    clip_gradients(sae, max_norm)
-
-
-def squared_norm(t):
-    """|t|^2 as dot products: twice vector_norm's speed on CPU. In chunks, as dot counts in 32-bit ints."""
-    return sum(chunk.dot(chunk) for chunk in t.flatten().split(2**30))
-
-
-def clip_gradients(sae, max_norm):
-    """torch.nn.utils.clip_grad_norm_'s rule, with the norm taken over all ranks' expert shards."""
-    squares = lambda sharded: [squared_norm(p.grad) for n, p in sae.named_parameters() if p.grad is not None and is_sharded(sae, n) == sharded]
-    sharded = squares(True)
-    total = torch.stack(squares(False)).sum() + (all_reduce(torch.stack(sharded).sum()) if sharded else 0)
-    scale = (max_norm / (total.sqrt() + 1e-6)).clamp(max=1.0)
-    for p in sae.parameters():
-        if p.grad is not None:
-            p.grad.mul_(scale)
+    if arch == "switch":
+        return SwitchSAE(d_in, width, experts, k)
+    return {"relu": ReluSAE, "gated": GatedSAE}[arch](d_in, width)
 
 
 # -----------------------------------------------------------------------------
@@ -797,8 +565,8 @@ def clip_gradients(sae, max_norm):
 
 
 def flops_per_token(d, width, experts, k, batch_size, arch="switch"):
-    """Training FLOPs per token, term by term, as this code runs them (SPEC section 4).
-    paper_encoder_only is the reference's convention: 2 d m forward + 2 d m backward of the encoder."""
+    """Training FLOPs per token, term by term, as this code runs them. paper_encoder_only is the
+    authors' convention: 2 d m forward + 2 d m backward of the encoder."""
     if arch != "switch":  # dense baselines: every latent of every token, forward and backward
         terms = {"encoder_fwd": 2 * d * width, "encoder_bwd": 2 * d * width * (1 if arch == "relu" else 2),
                  "decoder_fwd": 2 * d * width, "decoder_bwd": 4 * d * width}
@@ -823,7 +591,303 @@ def flops_per_token(d, width, experts, k, batch_size, arch="switch"):
 
 
 # -----------------------------------------------------------------------------
+# capture: documents -> token contexts -> activations at one site of a causal LM -> shuffled batches
+
+
+def read_documents(cfg):
+    """Yield document texts: local files shuffled once by seed, or a hub dataset streamed."""
+    if cfg.text:
+        docs = []
+        for path in cfg.text:
+            opener = gzip.open if path.endswith(".gz") else open
+            try:
+                with opener(path, "rt", encoding="utf-8") as f:
+                    if ".jsonl" in path:
+                        docs += [json.loads(line)["text"] for line in f if line.strip()]
+                    else:  # plain text: blank lines separate documents
+                        docs += [d for d in f.read().split("\n\n") if d.strip()]
+            except (ValueError, KeyError, TypeError, OSError) as e:  # bad JSON or UTF-8, no "text", bad gzip
+                raise UsageError(f"--text {path}: cannot read documents ({type(e).__name__}: {e}); give "
+                                 "UTF-8 .txt, or .jsonl(.gz) with a \"text\" field per line") from None
+        if not docs:
+            raise UsageError(f"--text {' '.join(cfg.text)} holds no documents: pass files with text in them")
+        random.Random(cfg.seed).shuffle(docs)  # local corpora are often grouped by source
+        yield from docs
+        return
+    try:
+        import datasets
+        stream = datasets.load_dataset(cfg.dataset, split="train", streaming=True)
+        for row in stream.shuffle(seed=cfg.seed, buffer_size=10_000):
+            yield row["text"]
+    except Exception as e:  # no network, unknown id: the fix is the same
+        raise UsageError(f"could not stream dataset {cfg.dataset!r} ({type(e).__name__}); without network "
+                         "pass local text with --text FILE.jsonl.gz") from None
+
+
+def token_contexts(cfg, tokenizer):
+    """Yield 1-D tensors of cfg.ctx token ids: each document's first ctx tokens (shorter ones skipped).
+    A background thread tokenizes ahead, so tokenizing overlaps the LM forward."""
+
+    def tokenized_batches():
+        texts = []
+        for text in read_documents(cfg):
+            texts.append(text[: cfg.ctx * 20])  # ctx tokens need far fewer characters: skip the rest
+            if len(texts) == 256:
+                yield tokenizer(texts, truncation=True, max_length=cfg.ctx)["input_ids"]
+                texts = []
+        yield tokenizer(texts, truncation=True, max_length=cfg.ctx)["input_ids"] if texts else []
+
+    for batch in prefetched(tokenized_batches()):
+        yield from (torch.tensor(ids) for ids in batch if len(ids) == cfg.ctx)
+
+
+def prefetched(items, depth=8):
+    """Iterate over `items` produced in a background thread, up to `depth` ahead, in the same order."""
+    queue_ = queue.Queue(depth)
+    end = object()
+
+    def produce():
+        try:
+            for item in items:
+                queue_.put(item)
+            queue_.put(end)
+        except BaseException as e:  # handed to the consumer, which raises it
+            queue_.put(e)
+
+    threading.Thread(target=produce, daemon=True).start()
+    while (item := queue_.get()) is not end:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def take(contexts, n):
+    """The next n contexts as a (C, L) tensor."""
+    rows = list(itertools.islice(contexts, n))
+    if len(rows) < n:
+        raise UsageError(f"the text ran out: {n} more contexts were needed, {len(rows)} were left; give more "
+                         "text or lower --tokens / --eval-tokens")
+    return torch.stack(rows)
+
+
+def load_lm(cfg, device):
+    """A causal LM (bf16 on CUDA) and its tokenizer, from the hub or a local directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # keeps error output to the one line that matters
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype, attn_implementation="sdpa")
+    except OSError:
+        raise UsageError(f"could not load model {cfg.model!r}: no network, or no such hub id or directory; "
+                         "pass a local model directory with --model DIR") from None
+    return model.to(device).eval(), tokenizer
+
+
+def hooked_module(model, layer, site):
+    """The module whose output is the activation: block `layer` itself (resid), or its attention or MLP."""
+    n_layers = model.config.num_hidden_layers
+    if not 0 <= layer < n_layers:
+        raise UsageError(f"--layer {layer} is out of range: the model has {n_layers} layers, "
+                         f"so use 0..{n_layers - 1}")
+    blocks = next((m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers), None)
+    if blocks is None:
+        raise UsageError(f"found no list of the model's {n_layers} blocks to hook: "
+                         "this architecture is not supported yet")
+    if site == "resid":
+        return blocks[layer]
+    names = {"attn": ("attn", "self_attn", "attention"), "mlp": ("mlp", "feed_forward")}[site]
+    for name in names:
+        if hasattr(blocks[layer], name):
+            return getattr(blocks[layer], name)
+    raise UsageError(f"--site {site}: block {layer} has no submodule named {' or '.join(names)}; "
+                     "use --site resid")
+
+
+class StopForward(Exception):
+    """Raised by the capture hook so that layers past the hooked one never run."""
+
+
+def site_output(output):
+    return output[0] if isinstance(output, tuple) else output  # attention modules return (out, weights)
+
+
+@torch.no_grad()
+def lm_activations(model, module, tokens_CL, batch_size, skip_positions=0):
+    """Activations (C * (L - skip), D) in float32 at `module`'s output, on the model's device."""
+    captured = []
+
+    def capture_hook(mod, inputs, output):
+        captured.append(site_output(output)[:, skip_positions:].flatten(0, 1).float())
+        raise StopForward
+
+    handle = module.register_forward_hook(capture_hook)
+    try:
+        for tokens in tokens_CL.split(batch_size):
+            try:
+                model(tokens.to(model.device), use_cache=False)
+            except StopForward:
+                pass
+    finally:
+        handle.remove()
+    return torch.cat(captured)
+
+
+def splice_hook(patch, skip_positions):
+    """A forward hook that replaces the site's output by patch(output) after the first skip_positions:
+    how an SAE's reconstruction (or zeros) is spliced into the LM."""
+
+    def hook(mod, inputs, output):
+        h = site_output(output)
+        new = torch.cat([h[:, :skip_positions], patch(h[:, skip_positions:])], 1)
+        return (new,) + output[1:] if isinstance(output, tuple) else new
+
+    return hook
+
+
+def chunk_plan(cfg):
+    """(first step, steps, contexts) of each shuffle-buffer chunk of a run: the same live and cached."""
+    steps, per_chunk = cfg.tokens // cfg.batch_size, max(1, cfg.buffer_tokens // cfg.batch_size)
+    plan = []
+    for first in range(0, steps, per_chunk):
+        n_steps = min(per_chunk, steps - first)
+        plan.append((first, n_steps, math.ceil(n_steps * cfg.batch_size / (cfg.ctx - cfg.skip_positions))))
+    return plan
+
+
+def activation_batches(cfg, read_contexts, start_step, device):
+    """Yield (step, x_BD) from start_step on. Each chunk's activations are served in an order fixed by
+    (seed, chunk), so a resumed run sees the same batches. read_contexts(n, skip) gives the activations
+    of the next n contexts, or just passes over them when skip is true."""
+    B = cfg.batch_size
+    for chunk, (first, n_steps, n_contexts) in enumerate(chunk_plan(cfg)):
+        if first + n_steps <= start_step:  # trained on before a resume: pass over its text without the LM
+            read_contexts(n_contexts, skip=True)
+            continue
+        acts = read_contexts(n_contexts).to(device)
+        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + chunk)
+        order = torch.randperm(len(acts), generator=generator).to(device)
+        for s in range(max(0, start_step - first), n_steps):
+            yield first + s, acts[order[s * B : (s + 1) * B]]
+
+
+def live_reader(cfg, model, module, contexts):
+    def read_contexts(n, skip=False):
+        tokens_CL = take(contexts, n)
+        if skip:
+            return None
+        return lm_activations(model, module, tokens_CL, cfg.lm_batch_size, cfg.skip_positions)
+
+    return read_contexts
+
+
+# activation cache: FILE holds bf16 activations row after row, FILE.tokens the int32 contexts they came
+# from, FILE.json a header; the held-out evaluation contexts come first, as in a live run.
+
+
+def write_cache(cfg):
+    from tqdm import tqdm
+
+    check_config(cfg)
+    device = pick_device(cfg.device)
+    if os.path.isdir(cfg.out):
+        raise UsageError(f"cache --out {cfg.out} is a directory: name the cache file, "
+                         f"e.g. --out {os.path.join(cfg.out, 'acts.bin')}")
+    model, tokenizer = load_lm(cfg, device)
+    module = hooked_module(model, cfg.layer, cfg.site)
+    contexts = token_contexts(cfg, tokenizer)
+    n_eval = max(1, cfg.eval_tokens // cfg.ctx)
+    n_total = n_eval + sum(n for _, _, n in chunk_plan(cfg))
+    header = {"model": cfg.model, "layer": cfg.layer, "site": cfg.site, "ctx": cfg.ctx,
+              "skip_positions": cfg.skip_positions, "d": model.config.hidden_size, "dtype": "bfloat16",
+              "eval_contexts": n_eval, "contexts": n_total, "rows": n_total * (cfg.ctx - cfg.skip_positions),
+              "seed": cfg.seed, "complete": False}
+    os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
+    write_json(cfg.out + ".json", header)  # says "incomplete" until the last row is written
+    with open(cfg.out, "wb") as acts_file, open(cfg.out + ".tokens", "wb") as tokens_file:
+        for first in tqdm(range(0, n_total, cfg.lm_batch_size), desc="cache", unit_scale=cfg.lm_batch_size,
+                          unit="ctx"):
+            tokens_CL = take(contexts, min(cfg.lm_batch_size, n_total - first))
+            acts = lm_activations(model, module, tokens_CL, cfg.lm_batch_size, cfg.skip_positions)
+            acts_file.write(acts.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
+            tokens_file.write(tokens_CL.to(torch.int32).numpy().tobytes())
+    write_json(cfg.out + ".json", {**header, "complete": True})
+    print(f"wrote {header['rows']} activations of {cfg.model} layer {cfg.layer} {cfg.site} to {cfg.out} "
+          f"({n_eval} held-out contexts first)")
+
+
+def open_cache(path):
+    """Header, activation rows (memory-mapped) and contexts of a cache; refuses one left incomplete."""
+    import numpy as np
+
+    if not os.path.isfile(path + ".json"):
+        raise UsageError(f"--acts {path}: no cache there (no {path}.json); write one with "
+                         f"'switch_sae.py cache --out {path}'")
+    header = json.load(open(path + ".json"))
+    if not header["complete"] or os.path.getsize(path) != header["rows"] * header["d"] * 2:
+        raise UsageError(f"--acts {path} is incomplete (its cache run was stopped): write it again with "
+                         "'switch_sae.py cache'")
+    rows = np.memmap(path, dtype=np.int16, mode="r", shape=(header["rows"], header["d"]))
+    tokens = np.fromfile(path + ".tokens", dtype=np.int32).reshape(header["contexts"], header["ctx"])
+    return header, rows, torch.from_numpy(tokens).long()
+
+
+def cache_reader(path, rows, header, first_context):
+    """read_contexts over a cache, from context first_context on."""
+    per_context, position = header["ctx"] - header["skip_positions"], [first_context]
+
+    def read_contexts(n, skip=False):
+        start = position[0]
+        position[0] += n
+        if position[0] > header["contexts"]:
+            raise UsageError(f"--acts {path} holds {header['contexts']} contexts and this run needs more: "
+                             "write the cache with this run's --tokens, --batch-size and --buffer-tokens")
+        if skip:
+            return None
+        rows_read = rows[start * per_context : (start + n) * per_context].copy()
+        return torch.from_numpy(rows_read).view(torch.bfloat16).float()
+
+    return read_contexts
+
+
+# -----------------------------------------------------------------------------
 # training
+
+
+class SingleProcess:
+    """How training talks to other ranks: here there are none. TorchDistributed (in the distributed
+    section) is the same small interface over torch.distributed, passed in where this is the default."""
+
+    rank, ranks = 0, 1
+
+    def all_reduce(self, t):
+        """Sum over ranks, in place."""
+        return t
+
+    def gather_rows(self, t):
+        """Every rank's t concatenated along dim 0 (a whole tensor from its row shards)."""
+        return t
+
+    def shard_rows(self, t):
+        """This rank's block of rows of a whole tensor."""
+        return t
+
+    def sum_batch_stats(self, out):
+        """out with its batch statistics (the expert counts) summed over all ranks' batches."""
+        return out
+
+    def average_gradients(self, sae):
+        """Make each rank's gradients those of the mean loss over all ranks' tokens."""
+
+
+SINGLE_PROCESS = SingleProcess()
+
+
+def is_sharded(p):
+    """Expert-parallel shards carry this flag: each rank holds other rows, never to be averaged."""
+    return getattr(p, "expert_shard", False)
 
 
 def lr_at(cfg, step, steps):
@@ -835,13 +899,41 @@ def lr_at(cfg, step, steps):
     return base if step < decay_from else base * (steps - step) / max(1, steps - decay_from)
 
 
-def l1_at(cfg, step, steps):
-    """The relu baseline's L1 weight warms up linearly over the first 5% of steps."""
-    return cfg.l1_coeff * min(1.0, (step + 1) / max(1, 0.05 * steps)) if cfg.arch == "relu" else cfg.l1_coeff
+def loss_coefficients(cfg, step, steps):
+    """The keyword arguments of this SAE's loss at `step`; the relu baseline's L1 weight warms up linearly
+    over the first 5% of steps."""
+    if cfg.arch == "switch":
+        return {"lb_alpha": cfg.lb_alpha, "auxk_alpha": cfg.auxk_alpha}
+    warm_up = min(1.0, (step + 1) / max(1, 0.05 * steps)) if cfg.arch == "relu" else 1.0
+    return {"l1_coeff": cfg.l1_coeff * warm_up}
 
 
 def make_optimizer(sae):
     return torch.optim.Adam(sae.parameters(), lr=0.0, betas=(0.9, 0.999), fused=True)
+
+
+def squared_norm(t):
+    """|t|^2 as dot products: twice vector_norm's speed on CPU. In chunks: dot counts in 32-bit ints."""
+    return sum(chunk.dot(chunk) for chunk in t.flatten().split(2**30))
+
+
+def clip_gradients(sae, max_norm, comms=SINGLE_PROCESS):
+    """torch.nn.utils.clip_grad_norm_'s rule, with the norm taken over all ranks' expert shards."""
+    grads = [p for p in sae.parameters() if p.grad is not None]
+    total = torch.stack([squared_norm(p.grad) for p in grads if not is_sharded(p)]).sum()
+    sharded = [squared_norm(p.grad) for p in grads if is_sharded(p)]
+    if sharded:
+        total = total + comms.all_reduce(torch.stack(sharded).sum())
+    scale = (max_norm / (total.sqrt() + 1e-6)).clamp(max=1.0)
+    for p in grads:
+        p.grad.mul_(scale)
+
+
+@torch.no_grad()
+def prepare_gradients(sae, max_norm, comms=SINGLE_PROCESS):
+    """Between backward and the optimizer: keep the decoder rows' norms, clip the gradient norm."""
+    sae.project_decoder_grad_()
+    clip_gradients(sae, max_norm, comms)
 
 
 @functools.cache  # one compiled wrapper per function, so Dynamo's cache is reused step after step
@@ -849,57 +941,60 @@ def compiled(fn):
     return torch.compile(fn)
 
 
-def train_step(sae, opt, x_BD, cfg, lr, tokens_since_fired_M=None, l1_coeff=None):
-    """One optimizer step; returns the loss parts (tensors, not synced). Updates the dead-latent clock."""
-    if isinstance(sae, SwitchSAE):
-        dead_M = None if tokens_since_fired_M is None else tokens_since_fired_M > cfg.dead_tokens
-        k_aux = min(sae.d_in // 2, sae.width // sae.experts) if cfg.auxk_alpha and dead_M is not None and bool(dead_M.any()) else 0
-        out = sae(x_BD, dead_M, k_aux)
-        load_N = all_reduce(count(out[4], sae.experts).float()) / (len(x_BD) * world()[1])  # over all ranks' (equal) batches
-        loss, parts = switch_sae_loss(sae, x_BD, out, cfg.lb_alpha, cfg.auxk_alpha, load_N)
-    else:
-        out = sae(x_BD)
-        loss, parts = (relu_sae_loss if isinstance(sae, ReluSAE) else gated_sae_loss)(sae, x_BD, out, cfg.l1_coeff if l1_coeff is None else l1_coeff)
+@torch.no_grad()
+def batch_fve(x_BD, x_hat_BD):
+    """1 - sum_j Var(x_j - x_hat_j) / sum_j Var(x_j), with sum_j Var(r_j) = E|r|^2 - |E r|^2."""
+    variance = lambda r_BD: r_BD.pow(2).sum(1).mean() - r_BD.mean(0).pow(2).sum()
+    return 1 - variance(x_BD - x_hat_BD) / variance(x_BD)
+
+
+def train_step(sae, opt, x_BD, lr, coefs, grad_clip=1.0, comms=SINGLE_PROCESS, dead_M=None, compile=False):
+    """One optimizer step of any SAE here. coefs: the keyword arguments of sae.loss; dead_M: AuxK's dead
+    latents, or None. Returns the output and the loss parts (tensors, not synced)."""
+    out = sae(x_BD) if dead_M is None else sae(x_BD, dead_M)
+    loss, parts = sae.loss(x_BD, comms.sum_batch_stats(out), **coefs)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    average_gradients(sae)
-    unit_decoder = not isinstance(sae, ReluSAE)  # the relu baseline lets norms float and pays for them in L1
-    (compiled(prepare_gradients) if cfg.compile else prepare_gradients)(sae, cfg.grad_clip, unit_decoder)
+    comms.average_gradients(sae)
+    fused = compiled if compile else lambda fn: fn
+    fused(prepare_gradients)(sae, grad_clip, comms)
     for group in opt.param_groups:
         group["lr"] = lr
     opt.step()
-    if unit_decoder:
-        (compiled(normalize_decoder) if cfg.compile else normalize_decoder)(sae.W_dec)
-    if tokens_since_fired_M is not None:  # expert shards saw all their tokens; replicas must pool theirs
-        fired_M, _ = latent_activity(sae, out)
-        if not isinstance(sae, ExpertParallelSwitchSAE):
-            fired_M = all_reduce(fired_M.float()) > 0
-        tokens_since_fired_M.add_(len(x_BD) * world()[1]).masked_fill_(fired_M, 0)
-    with torch.no_grad():  # sum_j Var(r_j) = E|r|^2 - |E r|^2, for r the residual and for x
-        resid_BD = x_BD - out[0]
-        parts["fve"] = 1 - ((resid_BD.pow(2).sum(1).mean() - resid_BD.mean(0).pow(2).sum()) / (x_BD.pow(2).sum(1).mean() - x_BD.mean(0).pow(2).sum()))
-    parts["loss"] = loss.detach()
-    return parts
+    fused(type(sae).normalize_decoder_)(sae)
+    parts.update(loss=loss.detach(), fve=batch_fve(x_BD, out.x_hat.detach()))
+    return out, parts
 
 
-def activation_source(cfg, device):
+def tick_dead_clock(tokens_since_fired_M, sae, out, comms=SINGLE_PROCESS):
+    """Count the global batch's tokens since each latent last fired."""
+    fired_M, _ = sae.latent_activity(out)
+    if not is_sharded(sae.W_dec):  # an expert shard saw every token routed to it; replicas pool theirs
+        fired_M = comms.all_reduce(fired_M.float()) > 0
+    tokens_since_fired_M.add_(len(out.x_hat) * comms.ranks).masked_fill_(fired_M, 0)
+
+
+def activation_source(cfg, device, comms):
     """Where a run's activations come from: the config (with a cache's model, layer and site filled in)
     and (d, read_contexts, held-out contexts, their activations or None, LM, hooked module). Live, each
     rank reads its own share of the text; from a cache, every rank reads the same global stream."""
-    rank, ranks = world()
     if cfg.acts:  # the LM is needed only for loss-recovered evaluation
         header, rows, cache_tokens = open_cache(cfg.acts)
-        cfg = dataclasses.replace(cfg, **{key: header[key] for key in ("model", "layer", "site", "ctx", "skip_positions")})
-        eval_x = cache_reader(cfg.acts, rows, header, 0)(header["eval_contexts"])
-        model, module = lm_for_evaluation(cfg, device) if rank == 0 and not cfg.skip_ce else (None, None)
-        read_contexts = cache_reader(cfg.acts, rows, header, header["eval_contexts"])
-        return cfg, (header["d"], read_contexts, cache_tokens[: header["eval_contexts"]], eval_x, model, module)
+        keys = ("model", "layer", "site", "ctx", "skip_positions")
+        cfg = dataclasses.replace(cfg, **{key: header[key] for key in keys})
+        n_eval = header["eval_contexts"]
+        eval_x = cache_reader(cfg.acts, rows, header, 0)(n_eval)
+        evaluating_ce = comms.rank == 0 and not cfg.skip_ce
+        model, module = lm_for_evaluation(cfg, device) if evaluating_ce else (None, None)
+        read_contexts = cache_reader(cfg.acts, rows, header, n_eval)
+        return cfg, (header["d"], read_contexts, cache_tokens[:n_eval], eval_x, model, module)
     model, tokenizer = load_lm(cfg, device)
     module = hooked_module(model, cfg.layer, cfg.site)
     contexts = token_contexts(cfg, tokenizer)
-    eval_tokens_NT = take(contexts, max(1, cfg.eval_tokens // cfg.ctx))  # held out: read first, never trained on
-    contexts = itertools.islice(contexts, rank, None, ranks)
-    return cfg, (model.config.hidden_size, live_reader(cfg, model, module, contexts), eval_tokens_NT, None, model, module)
+    eval_tokens_CL = take(contexts, max(1, cfg.eval_tokens // cfg.ctx))  # held out: read first, never trained
+    contexts = itertools.islice(contexts, comms.rank, None, comms.ranks)
+    read_contexts = live_reader(cfg, model, module, contexts)
+    return cfg, (model.config.hidden_size, read_contexts, eval_tokens_CL, None, model, module)
 
 
 def lm_for_evaluation(cfg, device):
@@ -929,78 +1024,90 @@ def stop_on_signals():
     return flag
 
 
+def build_sae(cfg, d, comms):
+    """The run's SAE, seeded right here, so loading the LM (or not, from a cache) cannot change its init."""
+    torch.manual_seed(cfg.seed)
+    if cfg.expert_parallel and comms.ranks > 1:
+        return ExpertParallelSwitchSAE(d, cfg.width, cfg.experts, cfg.k, comms)
+    return make_sae(cfg.arch, d, cfg.width, cfg.experts, cfg.k)
+
+
 def train(cfg):
     from tqdm import tqdm
 
     if cfg.resume:  # the run's own settings; where and how fast to run it are this command's
         cfg = dataclasses.replace(load_config(cfg.out), device=cfg.device, compile=cfg.compile)
     check_config(cfg)
-    device = start_distributed(pick_device(cfg.device))
-    rank, ranks = world()
-    if cfg.expert_parallel and (cfg.arch != "switch" or cfg.auxk_alpha):
-        raise UsageError("--expert-parallel needs --arch switch and --auxk-alpha 0 (AuxK across ranks is not supported yet)")
+    device, comms = start_distributed(pick_device(cfg.device))
+    ranks = comms.ranks
     if cfg.batch_size % ranks or (cfg.expert_parallel and cfg.experts % ranks):
-        raise UsageError(f"--batch-size {cfg.batch_size} and, with --expert-parallel, --experts {cfg.experts} must be divisible by the {ranks} ranks")
-    cfg, (d, read_contexts, eval_tokens_NT, eval_x, model, module) = activation_source(cfg, device)
-    local = dataclasses.replace(cfg, tokens=cfg.tokens // ranks, batch_size=cfg.batch_size // ranks, buffer_tokens=cfg.buffer_tokens // ranks)  # this rank's share of each batch
-
-    expert_parallel = cfg.expert_parallel and ranks > 1
-    torch.manual_seed(cfg.seed)  # here, so loading the LM (or not, from a cache) cannot change the SAE's init
-    sae = (ExpertParallelSwitchSAE(d, cfg.width, cfg.experts, cfg.k) if expert_parallel else make_sae(cfg.arch, d, cfg.width, cfg.experts, cfg.k)).to(device)
+        raise UsageError(f"--batch-size {cfg.batch_size} and, with --expert-parallel, --experts "
+                         f"{cfg.experts} must be divisible by the {ranks} ranks")
+    cfg, (d, read_contexts, eval_tokens_CL, eval_x, model, module) = activation_source(cfg, device, comms)
+    # live, each rank captures its own share of each batch; from a cache it reads the global batch
+    local = dataclasses.replace(cfg, tokens=cfg.tokens // ranks, batch_size=cfg.batch_size // ranks,
+                                buffer_tokens=cfg.buffer_tokens // ranks)
+    sae = build_sae(cfg, d, comms).to(device)
     opt = make_optimizer(sae)
     tokens_since_fired_M = torch.zeros(len(sae.W_dec), dtype=torch.long, device=device)
     steps = cfg.tokens // cfg.batch_size
-    start = load_checkpoint(cfg.out, sae, opt, tokens_since_fired_M) if cfg.resume else 0
+    start = load_checkpoint(cfg.out, sae, opt, tokens_since_fired_M, comms) if cfg.resume else 0
     os.makedirs(cfg.out, exist_ok=True)
-    if rank == 0:
-        write_json(os.path.join(cfg.out, "config.json"), dataclasses.asdict(cfg))
     flops = flops_per_token(d, cfg.width, cfg.experts, cfg.k, cfg.batch_size, cfg.arch)
-    if rank == 0:
-        print(f"{cfg.model} layer {cfg.layer} {cfg.site}: d={d}, {cfg.experts} experts x {cfg.width // cfg.experts} latents, k={cfg.k}, "
-              f"{steps} steps of {cfg.batch_size} tokens on {ranks} rank(s), {flops['total'] / 1e6:.2f} MFLOP/token ({flops['paper_encoder_only'] / 1e6:.2f} by the paper's count)")
+    if comms.rank == 0:
+        write_json(os.path.join(cfg.out, "config.json"), dataclasses.asdict(cfg))
+        print(f"{cfg.model} layer {cfg.layer} {cfg.site}: d={d}, {cfg.experts} experts x "
+              f"{cfg.width // cfg.experts} latents, k={cfg.k}, {steps} steps of {cfg.batch_size} tokens on "
+              f"{ranks} rank(s), {flops['total'] / 1e6:.2f} MFLOP/token "
+              f"({flops['paper_encoder_only'] / 1e6:.2f} by the paper's count)")
         if cfg.tokens < 819_200_000:
             print("the paper trained on 819.2M tokens: add --tokens 819200000")
 
     stop = stop_on_signals()
     save_every = max(1, cfg.save_every // cfg.batch_size)
-    bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True, disable=rank > 0)
+    bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True, disable=comms.rank > 0)
     for step, x_BD in activation_batches(cfg if cfg.acts else local, read_contexts, start, device):
-        x_BD = x_BD.chunk(ranks)[rank] if cfg.acts else x_BD  # from a cache each rank keeps its share of the global batch
-        if step == 0 and cfg.arch == "switch":
-            with torch.no_grad():
-                sae.b_dec.copy_(geometric_median(gather_rows(x_BD)))  # of the whole first batch, on every rank
-                sae.b_router.copy_(sae.b_dec)
-        parts = train_step(sae, opt, x_BD, cfg, lr_at(cfg, step, steps), tokens_since_fired_M, l1_at(cfg, step, steps))
+        x_BD = x_BD.chunk(ranks)[comms.rank] if cfg.acts else x_BD  # from a cache, keep this rank's share
+        if step == 0:
+            sae.init_biases_(comms.gather_rows(x_BD))  # from the whole first batch, the same on every rank
+        dead_M = tokens_since_fired_M > cfg.dead_tokens if cfg.auxk_alpha else None
+        out, parts = train_step(sae, opt, x_BD, lr_at(cfg, step, steps), loss_coefficients(cfg, step, steps),
+                                cfg.grad_clip, comms, dead_M, cfg.compile)
+        tick_dead_clock(tokens_since_fired_M, sae, out, comms)
         bar.update(1)
         saving = (step + 1) % save_every == 0 or step + 1 == steps
-        if saving or (step + 1) % cfg.log_every == 0:  # every rank checks together: one collective, then agree
-            loss, stopping = all_reduce(torch.stack([parts["loss"], stop.to(device)[0]])).tolist()
+        if saving or (step + 1) % cfg.log_every == 0:  # all ranks check together: one collective, then agree
+            loss, stopping = comms.all_reduce(torch.stack([parts["loss"], stop.to(device)[0]])).tolist()
             if not math.isfinite(loss):  # checked before any save, so the last checkpoint stays good
-                raise UsageError(f"the loss became {loss} by step {step + 1}: the last good checkpoint in {cfg.out} is intact; lower --lr and continue with --resume --out {cfg.out}")
+                raise UsageError(f"the loss became {loss} by step {step + 1}: the last good checkpoint in "
+                                 f"{cfg.out} is intact; lower --lr and continue with "
+                                 f"--resume --out {cfg.out}")
             bar.set_postfix(loss=f"{loss / ranks:.1f}", fve=f"{parts['fve'].item():.3f}",
                             tok_s=f"{(bar.format_dict['rate'] or 0) * cfg.batch_size:.0f}",
                             pflop=f"{flops['total'] * (step + 1) * cfg.batch_size / 1e15:.4f}")
             if saving or stopping:
-                save_checkpoint(cfg.out, sae, cfg, step + 1, opt, tokens_since_fired_M)
+                save_checkpoint(cfg.out, sae, cfg, step + 1, opt, tokens_since_fired_M, comms)
             if stopping:
                 bar.close()
-                if rank == 0:
-                    print(f"stopped by a signal after step {step + 1}: checkpoint saved in {cfg.out}; continue with --resume --out {cfg.out}")
+                if comms.rank == 0:
+                    print(f"stopped by a signal after step {step + 1}: checkpoint saved in {cfg.out}; "
+                          f"continue with --resume --out {cfg.out}")
                 return None
     bar.close()
 
-    metrics = None
-    clock_M = gather_rows(tokens_since_fired_M) if expert_parallel else tokens_since_fired_M
-    if rank == 0:
-        whole = load_sae(cfg.out, device) if expert_parallel else sae
-        if eval_x is None:
-            eval_x = lm_activations(model, module, eval_tokens_NT, cfg.lm_batch_size, cfg.skip_positions)
-        metrics = evaluate(whole, cfg, eval_x, None if cfg.skip_ce else model, module, eval_tokens_NT)
-        metrics.update(dead_fraction_train=(clock_M > cfg.dead_tokens).float().mean().item(),
-                       train_tokens=steps * cfg.batch_size, flops_per_token=flops["total"],
-                       train_flops=flops["total"] * steps * cfg.batch_size, paper_flops_per_token=flops["paper_encoder_only"])
-        write_json(os.path.join(cfg.out, "metrics.json"), metrics)
-        print_table(metrics)
+    clock_M = comms.gather_rows(tokens_since_fired_M) if is_sharded(sae.W_dec) else tokens_since_fired_M
+    if comms.rank > 0:
+        return None
+    whole = load_sae(cfg.out, device) if is_sharded(sae.W_dec) else sae
+    if eval_x is None:
+        eval_x = lm_activations(model, module, eval_tokens_CL, cfg.lm_batch_size, cfg.skip_positions)
+    metrics = evaluate(whole, cfg, eval_x, None if cfg.skip_ce else model, module, eval_tokens_CL)
+    metrics.update(dead_fraction_train=(clock_M > cfg.dead_tokens).float().mean().item(),
+                   train_tokens=steps * cfg.batch_size, flops_per_token=flops["total"],
+                   train_flops=flops["total"] * steps * cfg.batch_size,
+                   paper_flops_per_token=flops["paper_encoder_only"])
+    write_json(os.path.join(cfg.out, "metrics.json"), metrics)
+    print_table(metrics)
     return metrics
 
 
@@ -1009,46 +1116,40 @@ def train(cfg):
 
 
 @torch.no_grad()
-def lm_loss(model, module, tokens_NT, batch_size, patch=None, skip_positions=0):
+def lm_loss(model, module, tokens_CL, batch_size, patch=None, skip_positions=0):
     """Mean next-token cross-entropy over all positions, with `patch` applied to the site's output
     after the first skip_positions."""
-
-    def hook(mod, inputs, output):
-        h = site_output(output)
-        new = torch.cat([h[:, :skip_positions], patch(h[:, skip_positions:])], 1)
-        return (new,) + output[1:] if isinstance(output, tuple) else new
-
-    handle = module.register_forward_hook(hook) if patch else None
+    handle = module.register_forward_hook(splice_hook(patch, skip_positions)) if patch else None
     try:
         losses = [model(t.to(model.device), labels=t.to(model.device), use_cache=False).loss.float() * len(t)
-                  for t in tokens_NT.split(batch_size)]
+                  for t in tokens_CL.split(batch_size)]
     finally:
         if handle:
             handle.remove()
-    return (torch.stack(losses).sum() / len(tokens_NT)).item()
+    return (torch.stack(losses).sum() / len(tokens_CL)).item()
 
 
 @torch.no_grad()
-def evaluate(sae, cfg, x_ND, model=None, module=None, tokens_NT=None):
-    """SPEC section 5 metrics on held-out activations x_ND; with the LM, its held-out contexts and the
-    hooked module also the cross-entropy ones. dead_fraction counts latents that never fire on x_ND."""
-    x_ND = x_ND.to(sae.W_dec.device)
-    sq_err, resid_sum, resid_sq, l0, n = 0.0, 0.0, 0.0, 0.0, len(x_ND)
-    fired_M = torch.zeros(sae.width, dtype=torch.bool, device=x_ND.device)
-    load_N = torch.zeros(getattr(sae, "experts", 1), device=x_ND.device)
-    for x in x_ND.split(1024):  # dense baselines hold (batch, width) latents
+def evaluate(sae, cfg, x_BD, model=None, module=None, tokens_CL=None):
+    """Metrics on held-out activations x_BD; with the LM, its held-out contexts and the hooked module also
+    the cross-entropy ones. dead_fraction counts latents that never fire on x_BD."""
+    x_BD = x_BD.to(sae.device)
+    sq_err, resid_sum, resid_sq, l0, n = 0.0, 0.0, 0.0, 0.0, len(x_BD)
+    fired_M = torch.zeros(sae.width, dtype=torch.bool, device=x_BD.device)
+    load_N = torch.zeros(getattr(sae, "experts", 1), device=x_BD.device)
+    for x in x_BD.split(1024):  # dense baselines hold (batch, width) latents
         out = sae(x)
-        resid = x - out[0]
+        resid = x - out.x_hat
         sq_err += resid.pow(2).sum()
         resid_sum, resid_sq = resid_sum + resid.sum(0), resid_sq + resid.pow(2).sum(0)
-        fired, active = latent_activity(sae, out)
+        fired, active = sae.latent_activity(out)
         fired_M |= fired
         l0 += active
-        load_N += count(out[4], len(load_N)) if isinstance(sae, SwitchSAE) else len(x)
+        load_N += len(x) if out.expert_counts is None else out.expert_counts
     resid_var = (resid_sq / n - (resid_sum / n) ** 2).sum()
     metrics = {
         "mse": (sq_err / n).item(),
-        "fve": (1 - resid_var / x_ND.var(0, correction=0).sum()).item(),
+        "fve": (1 - resid_var / x_BD.var(0, correction=0).sum()).item(),
         "l0": (l0 / n).item(),
         "dead_fraction": 1 - fired_M.float().mean().item(),
         "expert_load": (load_N / n).tolist(),
@@ -1056,10 +1157,11 @@ def evaluate(sae, cfg, x_ND, model=None, module=None, tokens_NT=None):
     }
     if model is not None:
         def splice(h):
-            return sae(h.flatten(0, 1).float())[0].view_as(h).to(h.dtype)
-        ce_clean = lm_loss(model, module, tokens_NT, cfg.lm_batch_size)
-        ce_sae = lm_loss(model, module, tokens_NT, cfg.lm_batch_size, splice, cfg.skip_positions)
-        ce_zero = lm_loss(model, module, tokens_NT, cfg.lm_batch_size, torch.zeros_like, cfg.skip_positions)
+            return sae(h.flatten(0, 1).float()).x_hat.view_as(h).to(h.dtype)
+
+        ce_clean = lm_loss(model, module, tokens_CL, cfg.lm_batch_size)
+        ce_sae = lm_loss(model, module, tokens_CL, cfg.lm_batch_size, splice, cfg.skip_positions)
+        ce_zero = lm_loss(model, module, tokens_CL, cfg.lm_batch_size, torch.zeros_like, cfg.skip_positions)
         metrics.update(ce_clean=ce_clean, ce_sae=ce_sae, ce_zero=ce_zero, delta_ce=ce_sae - ce_clean,
                        frac_loss_recovered=(ce_sae - ce_zero) / (ce_clean - ce_zero))
     return metrics
@@ -1067,7 +1169,10 @@ def evaluate(sae, cfg, x_ND, model=None, module=None, tokens_NT=None):
 
 def print_table(metrics):
     for key, value in metrics.items():
-        shown = " ".join(f"{v:.3f}" for v in value) if isinstance(value, list) else value if isinstance(value, str) else f"{value:.4g}"
+        if isinstance(value, list):
+            shown = " ".join(f"{v:.3f}" for v in value)
+        else:
+            shown = value if isinstance(value, str) else f"{value:.4g}"
         print(f"{key:>20}  {shown}")
 
 
@@ -1086,20 +1191,24 @@ def atomic_write(path, write):
     os.replace(tmp, path)
 
 
-def save_checkpoint(out_dir, sae, cfg, step, opt=None, tokens_since_fired_M=None):
+def save_checkpoint(out_dir, sae, cfg, step, opt=None, tokens_since_fired_M=None, comms=SINGLE_PROCESS):
     """Every rank calls this; expert shards are gathered, so the file is the same for any number of ranks."""
     from safetensors.torch import save_file
 
-    names = [name for name, _ in sae.named_parameters()]  # Adam numbers its states in this order
-    whole = lambda name, t: gather_rows(t) if is_sharded(sae, name) else t
-    tensors = {name: whole(name, t.detach()).contiguous() for name, t in sae.state_dict().items()}
+    params = dict(sae.named_parameters())
+    names = list(params)  # Adam numbers its states in this order
+    whole = lambda p, t: comms.gather_rows(t) if is_sharded(p) else t
+    tensors = {name: whole(params[name], t.detach()).contiguous() for name, t in sae.state_dict().items()}
     if opt is not None:
         for i, state in opt.state_dict()["state"].items():
-            tensors.update({f"train.adam.{i}.{key}": (whole(names[i], v) if v.dim() else v).contiguous() for key, v in state.items()})
-        tensors["train.tokens_since_fired"] = gather_rows(tokens_since_fired_M) if isinstance(sae, ExpertParallelSwitchSAE) else tokens_since_fired_M
-    meta = {"sae": json.dumps(sae_config(sae)), "config": json.dumps(dataclasses.asdict(cfg)), "step": str(step)}
-    if world()[0] == 0:
-        atomic_write(os.path.join(out_dir, "sae.safetensors"), lambda tmp: save_file(tensors, tmp, metadata=meta))
+            p = params[names[i]]
+            tensors.update({f"train.adam.{i}.{key}": (whole(p, v) if v.dim() else v).contiguous()
+                            for key, v in state.items()})
+        tensors["train.tokens_since_fired"] = whole(sae.W_dec, tokens_since_fired_M)
+    meta = {"sae": json.dumps(sae.config()), "config": json.dumps(dataclasses.asdict(cfg)), "step": str(step)}
+    if comms.rank == 0:
+        write = lambda tmp: save_file(tensors, tmp, metadata=meta)
+        atomic_write(os.path.join(out_dir, "sae.safetensors"), write)
 
 
 def load_sae(path, device="cpu"):
@@ -1116,59 +1225,164 @@ def load_sae(path, device="cpu"):
 def load_config(out_dir):
     path = os.path.join(out_dir, "config.json")
     if not os.path.isfile(path):
-        raise UsageError(f"--resume: no run to continue in {out_dir} (no config.json); drop --resume or point --out at the run")
+        raise UsageError(f"--resume: no run to continue in {out_dir} (no config.json); drop --resume or "
+                         "point --out at the run")
     fields = json.load(open(path))
     fields.update(text=tuple(fields["text"]), resume=True, out=out_dir)  # the run may have been moved
-    return Config(**fields)
+    return TrainConfig(**fields)
 
 
-def load_checkpoint(out_dir, sae, opt, tokens_since_fired_M):
-    """Restore weights, Adam state and the dead-latent clock (this rank's shard of each); returns the step to continue from."""
+def load_checkpoint(out_dir, sae, opt, tokens_since_fired_M, comms=SINGLE_PROCESS):
+    """Restore weights, Adam state and the dead-latent clock (this rank's shard of each); returns the step
+    to continue from."""
     from safetensors import safe_open
 
     path = os.path.join(out_dir, "sae.safetensors")
     if not os.path.isfile(path):
         raise UsageError(f"--resume: {out_dir} has no checkpoint yet; drop --resume to start the run afresh")
-    names = [name for name, _ in sae.named_parameters()]
-    mine = lambda name, t: shard_rows(t) if is_sharded(sae, name) else t
-    with safe_open(path, framework="pt", device=str(sae.W_dec.device)) as f:
-        sae.load_state_dict({name: mine(name, f.get_tensor(name)) for name in names})
+    params = dict(sae.named_parameters())
+    names = list(params)
+    mine = lambda p, t: comms.shard_rows(t) if is_sharded(p) else t
+    with safe_open(path, framework="pt", device=str(sae.device)) as f:
+        sae.load_state_dict({name: mine(p, f.get_tensor(name)) for name, p in params.items()})
         state = {}
         for key in f.keys():
             if key.startswith("train.adam."):
                 _, _, i, field = key.split(".")
                 value = f.get_tensor(key)
-                state.setdefault(int(i), {})[field] = mine(names[int(i)], value) if value.dim() else value
-        clock = f.get_tensor("train.tokens_since_fired")
-        tokens_since_fired_M.copy_(shard_rows(clock) if isinstance(sae, ExpertParallelSwitchSAE) else clock)
+                value = mine(params[names[int(i)]], value) if value.dim() else value
+                state.setdefault(int(i), {})[field] = value
+        tokens_since_fired_M.copy_(mine(sae.W_dec, f.get_tensor("train.tokens_since_fired")))
         step = int(f.metadata()["step"])
     opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
     return step
 
 
 # -----------------------------------------------------------------------------
-# benchmark: does routing turn FLOPs saved into time saved?
+# distributed: data and expert parallelism over torch.distributed (run under torchrun)
 
 
-def parse_bench(argv):
-    parser = argparse.ArgumentParser(prog="switch_sae.py bench", description="Time training steps of a Switch SAE and of a TopK SAE of the same width, and LM activation capture.")
-    parser.add_argument("--experts", type=int, default=16, help="experts of the Switch SAE (the TopK SAE has 1)")
-    parser.add_argument("--width", type=int, default=24576, help="total latents of both SAEs")
-    parser.add_argument("--k", type=int, default=32, help="active latents per token")
-    parser.add_argument("--d-in", type=int, default=768, help="activation dimension")
-    parser.add_argument("--batch-size", type=int, default=4096, help="tokens per step")
-    parser.add_argument("--device", default="auto", help="auto, cuda or cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the SAE weights and data")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps of each SAE, alternating, after 2 warm-up steps")
-    parser.add_argument("--compile", action="store_true", help="as in training: torch.compile the gradient projection, clipping and renormalisation")
-    parser.add_argument("--profile", action="store_true", help="also print where each SAE's step time goes (torch.profiler, top ops), on stderr")
-    parser.add_argument("--model", default="", help="also time capture: a config name (gpt2, llama, ...) or a model directory; random weights")
-    parser.add_argument("--layer", type=int, default=8, help="capture layer")
-    parser.add_argument("--ctx", type=int, default=128, help="capture context length")
-    parser.add_argument("--lm-batch-size", type=int, default=64, help="contexts per capture forward")
-    parser.add_argument("--expert-parallel", action="store_true", help="under torchrun: time an expert-parallel step on every rank (global batch --batch-size)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    return parser.parse_args(argv)
+class TorchDistributed(SingleProcess):
+    """SingleProcess's interface over the default torch.distributed process group."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.dist, self.rank, self.ranks = dist, dist.get_rank(), dist.get_world_size()
+
+    def all_reduce(self, t):
+        self.dist.all_reduce(t)
+        return t
+
+    def gather_rows(self, t):
+        parts = [torch.empty_like(t) for _ in range(self.ranks)]
+        self.dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
+    def shard_rows(self, t):
+        return t[self.rank * len(t) // self.ranks : (self.rank + 1) * len(t) // self.ranks]
+
+    def sum_batch_stats(self, out):
+        if out.expert_counts is None:
+            return out
+        return out._replace(expert_counts=self.all_reduce(out.expert_counts.clone()))
+
+    def average_gradients(self, sae):
+        """Replicated parameters' gradients are summed over ranks; expert shards already hold the sum,
+        gathered through the all_to_all. Then all are divided by the number of ranks."""
+        for p in sae.parameters():
+            if p.grad is not None:
+                if not is_sharded(p):
+                    self.all_reduce(p.grad)
+                p.grad.div_(self.ranks)
+
+
+def start_distributed(device):
+    """Join the process group when started by torchrun (NCCL on GPU, gloo on CPU); returns this rank's
+    device and how to talk to the other ranks."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return device, SINGLE_PROCESS
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, TorchDistributed()
+
+
+def stop_distributed():
+    """Leave the process group before exit: gloo work torn down during interpreter exit aborts the process."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class ExpertParallelSwitchSAE(SwitchSAE):
+    """A SwitchSAE whose experts are split over the ranks: router and biases are replicated, rank r holds
+    the encoder and decoder rows of experts [r N/G, (r+1) N/G). dispatch sends each token to its expert's
+    rank and combine its decoded vector back, by all_to_all; gradients take the same roads in reverse.
+    acts and idx in the output are those of the tokens this rank's experts received (shard-local idx)."""
+
+    def __init__(self, d_in, width, experts, k, comms):
+        super().__init__(d_in, width, experts, k)  # built whole from the seed, so shards match a 1-rank run
+        assert experts % comms.ranks == 0
+        self.W_enc = nn.Parameter(comms.shard_rows(self.W_enc.detach()).clone())
+        self.W_dec = nn.Parameter(comms.shard_rows(self.W_dec.detach()).clone())
+        self.W_enc.expert_shard = self.W_dec.expert_shard = True
+        self.comms, self.experts_here = comms, experts // comms.ranks
+
+    def dispatch(self, x_BD, expert_B, counts_N):
+        from torch.distributed._functional_collectives import all_to_all_single_autograd as exchange
+
+        group, dist = self.comms.dist.group.WORLD, self.comms.dist
+        order_B = expert_B.argsort(stable=True)  # by expert, hence by destination rank
+        send_G = count(expert_B // self.experts_here, self.comms.ranks)
+        recv_G = torch.empty_like(send_G)
+        dist.all_to_all_single(recv_G, send_G)  # counts first, so the sizes are known
+        send, recv = send_G.tolist(), recv_G.tolist()
+        x_in = exchange(x_BD[order_B], recv, send, group)
+        expert_in = exchange(expert_B[order_B], recv, send, group) - self.comms.rank * self.experts_here
+        order_in = expert_in.argsort(stable=True)
+
+        def combine(acts_TK, idx_TK):
+            decoded_in = SparseDecode.apply(acts_TK, idx_TK, self.W_dec)[order_in.argsort()]
+            return exchange(decoded_in, send, recv, group)[order_B.argsort()], acts_TK, idx_TK
+
+        return x_in[order_in], expert_in[order_in], count(expert_in, self.experts_here), combine
+
+
+# -----------------------------------------------------------------------------
+# bench: does routing turn FLOPs saved into time saved?
+
+
+def train_field(name, default=dataclasses.MISSING):
+    """TrainConfig's field `name`, with its help (and maybe another default): one meaning, one text."""
+    field = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+    return arg(field.default if default is dataclasses.MISSING else default, field.metadata["help"])
+
+
+@dataclass
+class BenchConfig(SAEConfig):
+    """Time training steps of an SAE (a Switch SAE by default) and of a TopK SAE of the same width, on
+    random activations; optionally also LM activation capture."""
+
+    d_in: int = arg(768, "activation dimension")
+    batch_size: int = train_field("batch_size", 4096)
+    dtype: str = arg("float32", "dtype of the SAE weights and data: float32 or bfloat16")
+    steps: int = arg(5, "timed steps of each SAE, alternating, after 2 warm-up steps")
+    profile: bool = arg(False, "also print where each SAE's step time goes (torch.profiler), on stderr")
+    model: str = arg("", "also time capture: a config name (gpt2, llama, ...) or a model directory; "
+                         "random weights")
+    layer: int = train_field("layer")
+    ctx: int = train_field("ctx")
+    lm_batch_size: int = train_field("lm_batch_size")
+    compile: bool = train_field("compile")
+    expert_parallel: bool = train_field("expert_parallel")
+    device: str = train_field("device")
+    json: bool = arg(False, "print one JSON object instead of a table")
 
 
 def sync(device):
@@ -1203,76 +1417,95 @@ def timed(fn, device, repeats):
     return statistics.median(times)
 
 
-def bench_sae_steps(args, device, dtype):
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def bench_step(cfg, sae, x_BD, comms=SINGLE_PROCESS):
+    """A training step of `sae` as train() takes it, at a fixed lr, ready to time."""
+    opt, clock_M = make_optimizer(sae), torch.zeros(len(sae.W_dec), dtype=torch.long, device=x_BD.device)
+    coefs = loss_coefficients(cfg, 0, 1)
+
+    def step():
+        out, _ = train_step(sae, opt, x_BD, 1e-4, coefs, 1.0, comms, compile=cfg.compile)
+        tick_dead_clock(clock_M, sae, out, comms)
+
+    return step
+
+
+def bench_sae_steps(cfg, device, dtype):
     """Median step time and peak memory of each SAE, timed alternately so drift hits both alike."""
-    cfg = Config(batch_size=args.batch_size, k=args.k, width=args.width, compile=args.compile)
-    x_BD = torch.randn(args.batch_size, args.d_in, device=device, dtype=dtype)
+    x_BD = torch.randn(cfg.batch_size, cfg.d_in, device=device, dtype=dtype)
     runs = {}
-    for name, experts in (("switch", args.experts), ("topk", 1)):
+    for name, arch, experts in (("sae", cfg.arch, cfg.experts), ("topk", "switch", 1)):
         torch.manual_seed(0)
-        sae = SwitchSAE(args.d_in, args.width, experts, args.k).to(device, dtype)
-        with torch.no_grad():
-            sae.b_dec.copy_(geometric_median(x_BD.float()))
-        opt = make_optimizer(sae)
-        clock = torch.zeros(args.width, dtype=torch.long, device=device)
-        step = lambda sae=sae, opt=opt, clock=clock: train_step(sae, opt, x_BD, cfg, 1e-4, clock)
+        sae = make_sae(arch, cfg.d_in, cfg.width, experts, cfg.k).to(device, dtype)
+        sae.init_biases_(x_BD)
+        step = bench_step(dataclasses.replace(cfg, arch=arch), sae, x_BD)
         step()
         peak_memory_reset(device)
         step()
         runs[name] = {"step": step, "times": [], "peak_mem_mb": peak_memory_mb(device)}
-    for _ in range(args.steps):
+    for _ in range(cfg.steps):
         for run in runs.values():
             run["times"].append(timed(run["step"], device, 1))
-    if args.profile:
+    if cfg.profile:
         for name, run in runs.items():
             with torch.profiler.profile() as prof:
                 timed(run["step"], device, 3)
             sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-            print(f"{name}: 3 steps\n" + prof.key_averages().table(sort_by=sort_by, row_limit=15), file=sys.stderr)
+            table = prof.key_averages().table(sort_by=sort_by, row_limit=15)
+            print(f"{name}: 3 steps\n{table}", file=sys.stderr)
     return {name: (statistics.median(r["times"]), r["peak_mem_mb"]) for name, r in runs.items()}
 
 
-def bench_expert_parallel(args, device):
+def bench_expert_parallel(cfg, device, comms):
     """Per-rank step time of an expert-parallel Switch SAE and the bytes each rank sends per step."""
-    rank, ranks = world()
-    cfg = Config(batch_size=args.batch_size, k=args.k, width=args.width, experts=args.experts, compile=args.compile)
+    rank, ranks = comms.rank, comms.ranks
     torch.manual_seed(rank)
-    x_BD = torch.randn(args.batch_size // ranks, args.d_in, device=device)
+    x_BD = torch.randn(cfg.batch_size // ranks, cfg.d_in, device=device)
     torch.manual_seed(0)
-    sae = ExpertParallelSwitchSAE(args.d_in, args.width, args.experts, args.k).to(device)
-    opt, clock = make_optimizer(sae), torch.zeros(len(sae.W_dec), dtype=torch.long, device=device)
-    step = lambda: train_step(sae, opt, x_BD, cfg, 1e-4, clock)
+    sae = ExpertParallelSwitchSAE(cfg.d_in, cfg.width, cfg.experts, cfg.k, comms).to(device)
+    step = bench_step(cfg, sae, x_BD, comms)
     step()
-    seconds = torch.tensor([timed(step, device, args.steps)], device=device)
+    seconds = timed(step, device, cfg.steps)
     with torch.no_grad():
         leaving = (sae.route(x_BD)[1] // sae.experts_here != rank).sum().item()
-    replicated = sum(p.numel() for n, p in sae.named_parameters() if not is_sharded(sae, n))
-    # each token leaving: its activation and expert id out, its decoded vector back, that vector's gradient out
-    sent = leaving * (3 * args.d_in * 4 + 8) + 2 * ranks * 8 + 2 * (ranks - 1) / ranks * replicated * 4  # + counts, ring all-reduce
-    stats = gather_rows(torch.tensor([[seconds.item() * 1e3, sent]], device=device)).tolist()
-    return {"ranks": ranks, "step_ms_per_rank": [ms for ms, _ in stats], "bytes_sent_per_rank": [b for _, b in stats],
-            "global_batch": args.batch_size, "tokens_per_s": args.batch_size / max(ms for ms, _ in stats) * 1e3}
+    replicated = sum(p.numel() for p in sae.parameters() if not is_sharded(p))
+    # each token leaving: its activation and expert id out, its decoded vector back, that vector's gradient
+    # out; plus the counts and the ring all-reduce of the replicated gradients
+    sent = leaving * (3 * cfg.d_in * 4 + 8) + 2 * ranks * 8 + 2 * (ranks - 1) / ranks * replicated * 4
+    stats = comms.gather_rows(torch.tensor([[seconds * 1e3, sent]], device=device)).tolist()
+    return {"ranks": ranks, "step_ms_per_rank": [ms for ms, _ in stats],
+            "bytes_sent_per_rank": [b for _, b in stats], "global_batch": cfg.batch_size,
+            "tokens_per_s": cfg.batch_size / max(ms for ms, _ in stats) * 1e3}
 
 
-def matmul_tflops(args, device, dtype):
+def matmul_tflops(cfg, device, dtype):
     """Measured dense matmul rate of the encoder's shape: the peak that MFU is reported against."""
-    a = torch.randn(args.batch_size, args.d_in, device=device, dtype=dtype)
-    b = torch.randn(args.d_in, args.width, device=device, dtype=dtype)
+    a = torch.randn(cfg.batch_size, cfg.d_in, device=device, dtype=dtype)
+    b = torch.randn(cfg.d_in, cfg.width, device=device, dtype=dtype)
     torch.mm(a, b)
     return 2 * a.shape[0] * a.shape[1] * b.shape[1] / timed(lambda: torch.mm(a, b), device, 3) / 1e12
 
 
-def bench_capture(args, device):
+def bench_capture(cfg, device):
     """Tokens per second and TFLOP/s of an LM forward stopped at the hooked layer (random weights)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
     from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(args.model) if os.path.isdir(args.model) else AutoConfig.for_model(args.model)
+    if os.path.isdir(cfg.model):
+        config = AutoConfig.from_pretrained(cfg.model)
+    else:
+        config = AutoConfig.for_model(cfg.model)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").to(device).eval()
-    module = hooked_module(model, args.layer, "resid")
-    tokens = torch.randint(0, config.vocab_size, (args.lm_batch_size, args.ctx), device=device)
-    capture = lambda: lm_activations(model, module, tokens, args.lm_batch_size)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model = model.to(device).eval()
+    module = hooked_module(model, cfg.layer, "resid")
+    tokens = torch.randint(0, config.vocab_size, (cfg.lm_batch_size, cfg.ctx), device=device)
+    capture = lambda: lm_activations(model, module, tokens, cfg.lm_batch_size)
     capture()
     with FlopCounterMode(display=False) as counter:
         capture()
@@ -1280,38 +1513,42 @@ def bench_capture(args, device):
     return tokens.numel() / seconds, counter.get_total_flops() / seconds / 1e12
 
 
-def bench(args):
-    device = start_distributed(pick_device(args.device))
-    dtype = getattr(torch, args.dtype)
-    check_config(Config(experts=args.experts, width=args.width, k=args.k, batch_size=args.batch_size, tokens=args.batch_size, compile=args.compile))
-    if args.expert_parallel:
-        result = bench_expert_parallel(args, device)
-        if world()[0] == 0:
-            print(json.dumps(result) if args.json else "\n".join(f"{key:>20}  {value}" for key, value in result.items()))
-        return result
-    (switch_s, switch_mem), (topk_s, topk_mem) = bench_sae_steps(args, device, dtype).values()
-    flops = {n: flops_per_token(args.d_in, args.width, e, args.k, args.batch_size)["total"] for n, e in (("switch", args.experts), ("topk", 1))}
-    peak = matmul_tflops(args, device, dtype)
-    result = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-        "experts": args.experts, "width": args.width, "k": args.k, "d_in": args.d_in, "batch_size": args.batch_size, "dtype": args.dtype, "compile": args.compile,
-        "switch_step_ms": switch_s * 1e3, "topk_step_ms": topk_s * 1e3, "speedup": topk_s / switch_s,
-        "switch_flops_per_token": flops["switch"], "topk_flops_per_token": flops["topk"], "flop_ratio": flops["topk"] / flops["switch"],
-        "achieved_tflops": flops["switch"] * args.batch_size / switch_s / 1e12,
-        "topk_achieved_tflops": flops["topk"] * args.batch_size / topk_s / 1e12,
-        "matmul_tflops": peak, "peak_mem_mb": switch_mem, "topk_peak_mem_mb": topk_mem,
-        "switch_tokens_per_s": args.batch_size / switch_s,
-    }
-    result["mfu"] = result["achieved_tflops"] / peak
-    if args.model:
-        tokens_per_s, capture_tflops = bench_capture(args, device)
-        lm_s, sae_s = 1 / tokens_per_s, switch_s / args.batch_size
-        result.update(capture_tokens_per_s=tokens_per_s, capture_tflops=capture_tflops, capture_mfu=capture_tflops / peak,
-                      lm_share=lm_s / (lm_s + sae_s), hours_for_819M_tokens=819.2e6 * (lm_s + sae_s) / 3600)
-    if args.json:
-        print(json.dumps(result))
+def bench(cfg):
+    check_sae_config(cfg)
+    device, comms = start_distributed(pick_device(cfg.device))
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise UsageError(f"unknown --dtype {cfg.dtype!r}: use float32 or bfloat16")
+    dtype = getattr(torch, cfg.dtype)
+    if cfg.expert_parallel:
+        result = bench_expert_parallel(cfg, device, comms)
     else:
-        print_table(result)
+        (sae_s, sae_mem), (topk_s, topk_mem) = bench_sae_steps(cfg, device, dtype).values()
+        flops = {name: flops_per_token(cfg.d_in, cfg.width, experts, cfg.k, cfg.batch_size, arch)["total"]
+                 for name, arch, experts in (("sae", cfg.arch, cfg.experts), ("topk", "switch", 1))}
+        m = cfg.width // cfg.experts
+        probe = torch.empty(1, cfg.d_in, device=device)
+        peak = matmul_tflops(cfg, device, dtype)
+        result = {
+            "device": device_name(device), "torch": torch.__version__,
+            "arch": cfg.arch, "experts": cfg.experts, "width": cfg.width, "k": cfg.k,
+            "d_in": cfg.d_in, "batch_size": cfg.batch_size, "dtype": cfg.dtype, "compile": cfg.compile,
+            "expert_matmul": GROUPED_MM.__name__ if use_grouped_mm(probe, m) else "loop",
+            "sae_step_ms": sae_s * 1e3, "topk_step_ms": topk_s * 1e3, "speedup": topk_s / sae_s,
+            "sae_flops_per_token": flops["sae"], "topk_flops_per_token": flops["topk"],
+            "flop_ratio": flops["topk"] / flops["sae"],
+            "achieved_tflops": flops["sae"] * cfg.batch_size / sae_s / 1e12,
+            "topk_achieved_tflops": flops["topk"] * cfg.batch_size / topk_s / 1e12,
+            "matmul_tflops": peak, "mfu": flops["sae"] * cfg.batch_size / sae_s / 1e12 / peak,
+            "peak_mem_mb": sae_mem, "topk_peak_mem_mb": topk_mem, "sae_tokens_per_s": cfg.batch_size / sae_s,
+        }
+        if cfg.model:
+            tokens_per_s, capture_tflops = bench_capture(cfg, device)
+            lm_s, sae_token_s = 1 / tokens_per_s, sae_s / cfg.batch_size
+            result.update(capture_tokens_per_s=tokens_per_s, capture_tflops=capture_tflops,
+                          capture_mfu=capture_tflops / peak, lm_share=lm_s / (lm_s + sae_token_s),
+                          hours_for_819M_tokens=819.2e6 * (lm_s + sae_token_s) / 3600)
+    if comms.rank == 0:
+        print(json.dumps(result)) if cfg.json else print_table(result)
     return result
 
 
@@ -1319,19 +1556,20 @@ def bench(args):
 # command line
 
 
-def parse_config(argv):
-    parser = argparse.ArgumentParser(description="Train and evaluate a Switch SAE on a causal LM's activations.")
-    for f in dataclasses.fields(Config):
+def parse_config(argv, cls=TrainConfig, prog=None):
+    """A `cls` from command-line flags: one flag per dataclass field, --field-name."""
+    parser = argparse.ArgumentParser(prog=prog, description=cls.__doc__)
+    for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
             parser.add_argument(flag, action="store_true", help=f.metadata["help"])
         elif f.type is tuple:
             parser.add_argument(flag, nargs="+", default=f.default, help=f.metadata["help"])
         else:
-            parser.add_argument(flag, type=f.type, default=f.default, help=f"{f.metadata['help']} (default {f.default})")
+            help = f"{f.metadata['help']} (default {f.default})"
+            parser.add_argument(flag, type=f.type, default=f.default, help=help)
     args = vars(parser.parse_args(argv))
-    args["text"] = tuple(args["text"])
-    return Config(**args)
+    return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in args.items()})
 
 
 def keep_freed_memory():
@@ -1352,9 +1590,9 @@ def main(argv=None):
     keep_freed_memory()
     try:
         if argv[:1] == ["bench"]:
-            bench(parse_bench(argv[1:]))
+            bench(parse_config(argv[1:], BenchConfig, "switch_sae.py bench"))
         elif argv[:1] == ["cache"]:
-            write_cache(parse_config(argv[1:]))
+            write_cache(parse_config(argv[1:], prog="switch_sae.py cache"))
         else:
             train(parse_config(argv))
     except UsageError as e:

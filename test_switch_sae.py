@@ -70,10 +70,11 @@ def grads(sae, loss):
 @pytest.mark.parametrize("experts,k", [(1, 5), (4, 5), (1, 3)])  # k = 3: rows of 96 >= 32 k take topk_rows' two stages
 @pytest.mark.parametrize("grouped", [False, True])
 def test_routed_equals_dense_reference(experts, k, grouped, monkeypatch):
-    monkeypatch.setattr(S, "use_grouped_mm", lambda x: grouped)  # the CUDA path, run here on CPU
+    monkeypatch.setattr(S, "use_grouped_mm", lambda x, m: grouped)  # the CUDA path, run here on CPU
     sae, x = random_sae(experts=experts, k=k)
-    x_hat, acts, idx, probs, expert = sae(x)
-    loss, parts = S.switch_sae_loss(sae, x, (x_hat, acts, idx, probs, expert))
+    out = sae(x)
+    x_hat, acts, idx = out.x_hat, out.acts, out.idx
+    loss, parts = sae.loss(x, out)
     got = grads(sae, loss)
 
     ref_hat, ref_z, ref_balance = dense_switch(sae, x)
@@ -89,9 +90,38 @@ def test_routed_equals_dense_reference(experts, k, grouped, monkeypatch):
     assert got["W_router"].abs().sum() > 0 or experts == 1
 
 
+def test_forward_dense_as_the_paper_writes_it_equals_the_routed_forward():
+    sae, x = random_sae(experts=4, k=5)
+    fast, dense = sae(x), sae.forward_dense(x)
+    torch.testing.assert_close(fast.x_hat, dense.x_hat, **TOL)
+    torch.testing.assert_close(fast.expert_counts, dense.expert_counts)
+    z = lambda out: torch.zeros(len(x), sae.width).scatter(1, out.idx, out.acts)
+    torch.testing.assert_close(z(fast), z(dense), **TOL)
+    got, want = grads(sae, sae.loss(x, fast)[0]), grads(sae, sae.loss(x, dense)[0])
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], **TOL, msg=name)
+    # and the dense path is the test's own reference too (the authors' dense-then-mask formulation)
+    torch.testing.assert_close(dense.x_hat, dense_switch(sae, x)[0], **TOL)
+
+
+def test_encode_decode_round_trip_equals_forward():
+    sae, x = random_sae(experts=4, k=5)
+    vals, idx = sae.encode(x)
+    assert vals.shape == idx.shape == (len(x), 5)
+    torch.testing.assert_close(sae.decode((vals, idx)), sae(x).x_hat, **TOL)
+    dense = sae.encode(x, dense=True)
+    assert dense.shape == (len(x), sae.width) and ((dense != 0).sum(1) <= 5).all()
+    torch.testing.assert_close(sae.decode(dense), sae(x).x_hat, **TOL)
+    # the codes are the gated latents of the dense reference: z * p_i
+    _, ref_z, _ = dense_switch(sae, x)
+    gate = torch.softmax((x - sae.b_router) @ sae.W_router.T, -1).max(-1).values
+    torch.testing.assert_close(dense, (ref_z * gate[:, None]).detach(), **TOL)
+    assert sae.W_dec.shape == (sae.width, sae.d_in) and sae.dtype == torch.float32 and sae.device.type == "cpu"
+
+
 def test_one_expert_is_a_plain_topk_sae():
     sae, x = random_sae(experts=1, width=64, k=6)
-    x_hat = sae(x)[0]
+    x_hat = sae(x).x_hat
     W_enc, W_dec, b_dec = (p.detach().clone().requires_grad_() for p in (sae.W_enc, sae.W_dec, sae.b_dec))
     ref = plain_topk(W_enc, W_dec, b_dec, x, 6)
     torch.testing.assert_close(x_hat, ref, **TOL)
@@ -107,16 +137,17 @@ def test_load_balance_is_one_when_uniform_and_n_when_collapsed():
     uniform = torch.full((len(x), 4), 0.25)
     collapsed = F.one_hot(torch.zeros(len(x), dtype=torch.long), 4).float()
     dummy = torch.zeros(len(x), sae.k)
-    _, parts = S.switch_sae_loss(sae, x, (x, dummy, dummy.long(), uniform, expert))
+    out = lambda probs, expert: S.SAEOutput(x, dummy, dummy.long(), probs, expert, torch.bincount(expert, minlength=4))
+    _, parts = sae.loss(x, out(uniform, expert))
     assert parts["balance"].item() == pytest.approx(1.0)
-    _, parts = S.switch_sae_loss(sae, x, (x, dummy, dummy.long(), collapsed, torch.zeros(len(x), dtype=torch.long)))
+    _, parts = sae.loss(x, out(collapsed, torch.zeros(len(x), dtype=torch.long)))
     assert parts["balance"].item() == pytest.approx(4.0)
 
 
 def test_load_balance_alone_trains_the_router():
     sae, x = random_sae(experts=4)
     out = sae(x)
-    _, parts = S.switch_sae_loss(sae, x, out)
+    _, parts = sae.loss(x, out)
     g = grads(sae, parts["balance"])
     assert g["W_router"].abs().max() > 1e-6 and g["b_router"].abs().max() > 1e-6
     assert g["W_enc"].abs().max() == 0  # the balance term reaches only the router
@@ -124,15 +155,14 @@ def test_load_balance_alone_trains_the_router():
 
 def test_decoder_rows_stay_unit_norm_and_grad_is_projected():
     sae, x = random_sae()
-    cfg = S.Config(batch_size=len(x), lb_alpha=3.0)
     opt = S.make_optimizer(sae)
     for _ in range(3):
-        S.train_step(sae, opt, x, cfg, lr=1e-2)
+        S.train_step(sae, opt, x, 1e-2, {"lb_alpha": 3.0})
         torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(sae.width))
-    W = torch.nn.Parameter(F.normalize(torch.randn(6, 4), dim=1))
-    g = torch.randn(6, 4)
+    W = sae.W_dec
+    g = torch.randn_like(W)
     W.grad = g.clone()
-    S.project_decoder_grad(W)
+    sae.project_decoder_grad_()
     expected = torch.stack([gi - (gi @ wi) * wi for gi, wi in zip(g, W.detach())])  # row by row, by hand
     torch.testing.assert_close(W.grad, expected)
     assert (W.grad * W).sum(1).abs().max() < 1e-6
@@ -140,7 +170,7 @@ def test_decoder_rows_stay_unit_norm_and_grad_is_projected():
 
 def test_clip_gradients_equals_torch_clip_grad_norm():
     sae, x = random_sae()
-    grads(sae, S.switch_sae_loss(sae, x, sae(x))[0])
+    grads(sae, sae.loss(x, sae(x))[0])
     copies = [torch.nn.Parameter(p.detach().clone()) for p in sae.parameters()]
     for copy, p in zip(copies, sae.parameters()):
         copy.grad = p.grad.clone()
@@ -153,10 +183,12 @@ def test_clip_gradients_equals_torch_clip_grad_norm():
 
 def test_prepare_gradients_projects_the_decoder_grad_only_for_unit_decoders():
     sae, x = random_sae()
-    raw = grads(sae, S.switch_sae_loss(sae, x, sae(x))[0])
-    S.prepare_gradients(sae, math.inf, unit_decoder=False)
+    raw = grads(sae, sae.loss(x, sae(x))[0])
+    sae.unit_decoder = False  # as the relu baseline's
+    S.prepare_gradients(sae, math.inf)
     torch.testing.assert_close(sae.W_dec.grad, raw["W_dec"])
-    S.prepare_gradients(sae, math.inf, unit_decoder=True)
+    sae.unit_decoder = True
+    S.prepare_gradients(sae, math.inf)
     W = sae.W_dec.detach()
     expected = raw["W_dec"] - (raw["W_dec"] * W).sum(1, keepdim=True) * W
     torch.testing.assert_close(sae.W_dec.grad, expected)
@@ -170,14 +202,13 @@ def test_compiled_step_equals_eager_step(monkeypatch):
     params = []
     for use_compile in (False, True):
         sae, x = random_sae()
-        cfg = S.Config(batch_size=len(x), grad_clip=0.05, compile=use_compile)
         opt = S.make_optimizer(sae)
         for _ in range(3):
-            S.train_step(sae, opt, x, cfg, lr=1e-2)
+            S.train_step(sae, opt, x, 1e-2, {}, grad_clip=0.05, compile=use_compile)
         # the gradients were clipped: the last step's norm is exactly the clip
         assert sum(p.grad.norm() ** 2 for p in sae.parameters()).sqrt() == pytest.approx(0.05, rel=1e-4)
         params.append(dict(sae.named_parameters()))
-    assert {"prepare_gradients", "normalize_decoder"} <= set(compiled_functions)
+    assert {"prepare_gradients", "normalize_decoder_"} <= set(compiled_functions)
     for name, p in params[0].items():
         torch.testing.assert_close(params[1][name], p, msg=name)
 
@@ -193,9 +224,12 @@ def test_auxk_uses_only_dead_latents_of_the_routed_expert():
     sae, x = random_sae(experts=4, width=96, k=3)
     dead = torch.zeros(sae.width, dtype=torch.bool)
     dead[::5] = True
-    x_hat, acts, idx, probs, expert = sae(x, dead, k_aux=4)
-    aux_idx = idx[:, sae.k :]
+    out = sae(x, dead)
+    acts, idx, expert = out.acts, out.idx, out.expert
     m = sae.width // sae.experts
+    k_aux = min(sae.d_in // 2, m)  # Gao et al.'s d/2, at most the expert's own latents
+    assert idx.shape[1] == sae.k + k_aux
+    aux_idx = idx[:, sae.k :]
     live_aux = acts[:, sae.k :] > 0
     assert dead[aux_idx[live_aux]].all()
     assert (aux_idx // m == expert[:, None]).all()
@@ -203,8 +237,9 @@ def test_auxk_uses_only_dead_latents_of_the_routed_expert():
     pre = (x - sae.b_dec) @ sae.W_enc.T
     owner = torch.arange(sae.width) // m
     pre = pre.masked_fill(~dead[None] | (owner[None] != expert[:, None]), -torch.inf)
-    torch.testing.assert_close(acts[:, sae.k :].sort(1).values, pre.topk(4).values.relu().sort(1).values.detach(), **TOL)
-    loss, parts = S.switch_sae_loss(sae, x, (x_hat, acts, idx, probs, expert), auxk_alpha=1 / 32)
+    want = pre.topk(k_aux).values.relu().sort(1).values.detach()
+    torch.testing.assert_close(acts[:, sae.k :].sort(1).values, want, **TOL)
+    loss, parts = sae.loss(x, out, auxk_alpha=1 / 32)
     g = grads(sae, parts["auxk"])
     assert g["W_enc"][~dead].abs().max() == 0 and g["W_enc"][dead].abs().max() > 0
 
@@ -216,12 +251,12 @@ def test_relu_baseline_matches_the_april_update_recipe():
         sae.b_enc.normal_()
         sae.b_dec.normal_()
     out = sae(x)
-    loss, _ = S.relu_sae_loss(sae, x, out, l1_coeff=0.7)
+    loss, _ = sae.loss(x, out, l1_coeff=0.7)
     got = grads(sae, loss)
     f = torch.einsum("bd,md->bm", x, sae.W_enc).add(sae.b_enc).clamp(min=0)
     x_hat = torch.einsum("bm,md->bd", f, sae.W_dec) + sae.b_dec
     ref = ((x - x_hat) ** 2).sum(1).mean() + 0.7 * (f * torch.sqrt((sae.W_dec**2).sum(1))).sum(1).mean()
-    torch.testing.assert_close(out[0], x_hat, **TOL)
+    torch.testing.assert_close(out.x_hat, x_hat, **TOL)
     torch.testing.assert_close(loss, ref, **TOL)
     for name, g in grads(sae, ref).items():
         torch.testing.assert_close(got[name], g, **TOL, msg=name)
@@ -234,7 +269,7 @@ def test_gated_baseline_matches_the_paper():
         for p in (sae.r_mag, sae.b_gate, sae.b_mag, sae.b_dec):
             p.normal_(0, 0.3)
     out = sae(x)
-    loss, _ = S.gated_sae_loss(sae, x, out, l1_coeff=0.7)
+    loss, _ = sae.loss(x, out, l1_coeff=0.7)
     got = grads(sae, loss)
     pi_gate = torch.einsum("bd,md->bm", x - sae.b_dec, sae.W_gate) + sae.b_gate
     W_mag = torch.exp(sae.r_mag)[:, None] * sae.W_gate
@@ -242,10 +277,96 @@ def test_gated_baseline_matches_the_paper():
     x_hat = f @ sae.W_dec + sae.b_dec
     x_hat_gate = pi_gate.clamp(min=0) @ sae.W_dec.detach() + sae.b_dec.detach()
     ref = ((x - x_hat) ** 2).sum(1).mean() + 0.7 * pi_gate.clamp(min=0).sum(1).mean() + ((x - x_hat_gate) ** 2).sum(1).mean()
-    torch.testing.assert_close(out[0], x_hat, **TOL)
+    torch.testing.assert_close(out.x_hat, x_hat, **TOL)
     torch.testing.assert_close(loss, ref, **TOL)
     for name, g in grads(sae, ref).items():
         torch.testing.assert_close(got[name], g, **TOL, msg=name)
+
+
+def test_model_section_lifts_out_alone_and_trains():
+    """A reader copies the model section and nothing else: with only its imports it builds, trains and
+    matches the whole file's SwitchSAE."""
+    source = open(os.path.join(HERE, "switch_sae.py")).read()
+    rule = "# " + "-" * 77 + "\n"
+    model_section = next(s for s in source.split(rule) if s.startswith("# model"))
+    namespace = {}
+    exec("import math, warnings\nfrom typing import NamedTuple\nimport torch\nimport torch.nn as nn\n"
+         "import torch.nn.functional as F\n" + model_section, namespace)
+    assert "train_step" not in namespace and "TrainConfig" not in namespace
+    torch.manual_seed(0)
+    sae = namespace["SwitchSAE"](16, 64, 4, 4)
+    x = torch.randn(256, 16) * 2 + 1
+    sae.init_biases_(x)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(20):
+        loss, parts = sae.loss(x, sae(x))
+        opt.zero_grad()
+        loss.backward()
+        sae.project_decoder_grad_()
+        opt.step()
+        sae.normalize_decoder_()
+        losses.append(parts["recon"].item())
+    assert losses[-1] < 0.8 * losses[0]
+    whole = S.SwitchSAE(16, 64, 4, 4)
+    whole.load_state_dict(sae.state_dict())
+    torch.testing.assert_close(whole(x).x_hat, sae(x).x_hat, rtol=0, atol=0)
+
+
+# sae.safetensors written by the main branch before the restructure (commit 424f22c): a 2-expert Switch SAE
+# (d 4, width 8, k 2) after one Adam step, gzipped and base64-encoded, and its outputs on arange(8).view(2, 4)
+OLD_CHECKPOINT = (
+    "H4sIAC1CCWsC/6WUDVAUZRjHL9RM8VL8ymZMbdESW+A+dvf2bo89LDU10ixTk8N1uduDjfvybvmSQBxBDaMQyz6mUjMdg0kRkvBu"
+    "b2/QyEANxAgcdSLHj2KotKZRU7N3d8n4OHSwd+Zu3+eZ5/m97/95nt3pwxTSyoEoysFwtJXmaIqCDDmQxeW0sSmQAcoxQw6XlbGb"
+    "IcMUM8SxzmwzBIOdnc5mPKJTJVpelmPkCA/jZa1yCMdkcaIzMUm0RLaX4eSol9Ky7azLqVLpYl1uxpnJJMvBYqCFyxKD1JgETmPd"
+    "lNsF+CDcK/ml0x1UMs1ZUikvu1o6GENEd3K6zcZ4KM6VxnQFqxAc1Ukk2mNJlQ/3ZrKcuBe9TJab8XBSrEa0M1krJ4XhopV2x29P"
+    "pmi7O5UWHdoYSTOdnpX2n1MlO+1qyuJibDbRhcouK0Nbe1xJXlKF/vNikqOnKLkEdk83vpWx0NmUl6M9nOyV7pniAUdY7KxbypIj"
+    "vQxjvdMfWSblpj203S4300bbvYxUb5fDzdqZHj4rk8FaujpKp3MuuVi0Ra6UGeoqXgZt764M0+LInaZZehJd6V2tlzZSFJ3BUEwG"
+    "48nuXRYwQ+mOnul2V0r32FwIhrwc4wYDqha3NCOPaugmWynWKXqRvh3u3X+547lQLgxxHpp1xsjyQEucFoaysR7GKr4eVi7bLR45"
+    "D0PE41Np0UrEk2BpzCmXzQZG3QtcKhhDkgBsKQU61z1zjlbTPRNG+uaCmVbrNXI24xxoNkiFtRqVnO4BVWc8/RM0oQggG9ai0gWS"
+    "7379UMkoOB7D5eR7HR8qH8NhME5JdxoBPk6OGFUMaBhFZ6QMsBjiYKJqTX80yrtqgEAAA51V9QHKQ9kfKlSPxQnpLVN9nzIBCdbp"
+    "NP3RBi4TwGC9StUHOFCZgAE4vWVq7i0z5GACEqzXYv3R7iozNFCLwXp5WHsABywTDK2+T/2195YZ6k5i6XG8P9ZdRYbC4TgMvrFI"
+    "H95ANYoQkdT7Zsh9qRRBgKZB+qMNVKfIAsA+ryZyH0LBuwn+wNVyp8hL8T/XhGfzicdTTpPzmmOCYdwjQfham/Boxpvk+6UGftUu"
+    "syl5DClMaxhtmhgVHXQcahOUic8E19eGB5U/7ROi90XGLY4LkocaR5oqRz8WLISahW3fbyc7PLGmcOMTAnMNMs157VIg99LBuONr"
+    "tKaT1ZpgKxwe/KaTEYZO/1QYG0GaOp+i+d1oAfntiVYBL6wVlroXCrcn/h2nSDiEr320iayoHxGoqokgJ16fKtyoPRtwV1wXhpft"
+    "FV5JSBIGbws3nti9mGw6+DH5nXOPYNewwjB0Fvlg1Sky5WkhMLbiK3JlaUkgtSU/Lqyzkyz84Hdh0tzdwgtnwgX7kjih/flzZLOy"
+    "XFD9mi40X/tSEHZ2CAmLSoQl0T+S8BdO8q2fHeTw1kjjsNZIvutpHAx+4j6866nkBH3q1Aji0OobxLGc/YZ5CfNxIgrRmxTmLyMz"
+    "uBrlnLW+JYs21+iu5Bse2bEOU9adI1wzPydmvHeeSCQMhqstV/w5y9r9DWW8r8wym3C/mc4nfV3MJxZN5bcc2MFvGLPeV/zwRZ/y"
+    "Kuu/efQNfeVDJcYabRVxszPCX1Qf4P+oStYMKRuEluyow/a2z0JmHFkT23hmvnpJ/LvRUK0vNvFCk/adG4NUG082aoe/3fbUh1Xb"
+    "McWHBLYoYSe27/Ay7a7D1Vjd3I+wzKwVSESBF0108rrl8Td0+9EoXbMrEt/xRbu207oLqR5Zjv519Kp65mcP4JYDc7Gfxg9BfZNo"
+    "XKHIN035ZLg/pyObKHy/iCg6fdNXVrtYV5i2Tb9vRl7N6M7jNWu3475RjqH6W/Xn9evriYOKvNO+s63PGxqvRxER5q0HyyZs9Jfs"
+    "/dt3aczr/scqNuCzDb/5F0wYRSRWNvC7m3z+p4+V+yr2NPjORw/xF8ff8l3WbyYmrhT0Cy+b+JWbbvvS4i4jlpjD6HuTL6Mlx48g"
+    "s7ji6LdbJ2neaa+PnbauQGUJf1lbHn9BtXHLTo3XZlanF29FprEF2rZSBG1JUGrGb7iEPlfZgNxq70AvRl6MPddaiSXVPYAetubj"
+    "dZOXY3gmjhQsy0fyDpxFXnR8g0w4MQjLLUjW1MbbdCtGH0PEGmy+FWX8c+RLxsnVYcTRpid5YPPA5vXVYf6mpieNLR8gulPoJt26"
+    "zS3IokEq3b92G7CTgC0yGh0j+Wfbi4zKtUMDa4a28tdLFbqwcVd05oIL+Ji8EqnWr+o6fAs6xwV2DQsL/OJ4PHDOUY6MzRmhf4U6"
+    "iU/+AdKLMf8AtSD5jkQNAAA="
+)
+OLD_OUTPUTS = [[0.00200045108795166, 0.7446094751358032, -0.4688876271247864, 1.4745486974716187],
+               [1.5870184898376465, 3.4323995113372803, -0.806121826171875, 3.2093935012817383]]
+
+
+def test_checkpoint_written_before_the_restructure_still_loads_and_resumes(tmp_path):
+    import base64
+    import gzip
+
+    from safetensors import safe_open
+
+    path = tmp_path / "sae.safetensors"
+    path.write_bytes(gzip.decompress(base64.b64decode("".join(OLD_CHECKPOINT))))
+    sae = S.load_sae(tmp_path)
+    torch.testing.assert_close(sae(torch.arange(8.0).view(2, 4)).x_hat, torch.tensor(OLD_OUTPUTS), **TOL)
+    with safe_open(str(path), "pt") as f:
+        fields = json.loads(f.metadata()["config"])
+    (tmp_path / "config.json").write_text(json.dumps(fields))
+    cfg = S.load_config(str(tmp_path))  # the old flat config still names every field
+    assert (cfg.experts, cfg.width, cfg.k, cfg.resume) == (2, 8, 2, True)
+    fresh = S.SwitchSAE(4, 8, 2, 2)
+    opt, clock = S.make_optimizer(fresh), torch.full((8,), 7, dtype=torch.long)
+    assert S.load_checkpoint(str(tmp_path), fresh, opt, clock) == 1
+    for name, p in fresh.named_parameters():
+        torch.testing.assert_close(p, getattr(sae, name), rtol=0, atol=0)
+        assert opt.state[p]["exp_avg"].abs().sum() > 0  # Adam's moments came back, one per parameter
+    assert clock.tolist() == [0] * 8  # the checkpoint's clock: every latent fired on the step taken
 
 
 # -----------------------------------------------------------------------------
@@ -292,9 +413,10 @@ def test_flop_count_matches_flop_counter_on_equivalent_matmuls(monkeypatch):
     x = torch.randn(B, d)
     # the real forward and backward: FlopCounterMode sees the router and encoder matmuls ...
     with FlopCounterMode(display=False) as counter:
-        x_hat, acts, idx, probs, expert = sae(x)
-        loss, _ = S.switch_sae_loss(sae, x, (x_hat, acts, idx, probs, expert))
+        out = sae(x)
+        loss, _ = sae.loss(x, out)
         loss.backward()
+    acts, idx = out.acts, out.idx
     counted = counter.get_total_flops()
     # ... the sparse gathers (embedding_bag) it cannot see are counted as the batched matmuls they equal
     with FlopCounterMode(display=False) as counter:
@@ -316,7 +438,7 @@ def test_baseline_flop_count_matches_flop_counter(arch):
     d, width, B = 32, 256, 128
     sae, x = S.make_sae(arch, d, width), torch.randn(B, d)
     with FlopCounterMode(display=False) as counter:
-        loss, _ = (S.relu_sae_loss if arch == "relu" else S.gated_sae_loss)(sae, x, sae(x), 1.0)
+        loss, _ = sae.loss(x, sae(x), l1_coeff=1.0)
         loss.backward()
     assert counter.get_total_flops() / B == pytest.approx(S.flops_per_token(d, width, 1, 1, B, arch)["total"], rel=0.02)
 
@@ -373,12 +495,12 @@ def checkpoint_step(run_dir):
 
 
 def test_lr_schedule_by_hand():
-    cfg = S.Config(width=65536, decay_start=0.8)  # the paper's rule: 2e-4 / sqrt(65536 / 16384) = 1e-4
+    cfg = S.TrainConfig(width=65536, decay_start=0.8)  # the paper's rule: 2e-4 / sqrt(65536 / 16384) = 1e-4
     assert S.lr_at(cfg, 0, 100) == pytest.approx(1e-4)
     assert S.lr_at(cfg, 79, 100) == pytest.approx(1e-4)
     assert S.lr_at(cfg, 90, 100) == pytest.approx(0.5e-4)  # halfway through the decay over steps 80..100
     assert S.lr_at(cfg, 99, 100) == pytest.approx(0.05e-4)  # the last step still moves, never a negative lr
-    gated = S.Config(arch="gated")
+    gated = S.TrainConfig(arch="gated")
     assert S.lr_at(gated, 0, 10_000) == pytest.approx(3e-4 / 1000) and S.lr_at(gated, 999, 10_000) == pytest.approx(3e-4)
 
 
@@ -423,7 +545,7 @@ def test_cli_trains_evaluates_and_checkpoint_reloads(tiny_run, tmp_path, capsys)
     lm = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     x = S.lm_activations(lm, S.hooked_module(lm, 0, "resid"), torch.randint(0, 50, (4, 16)), 4)
     again = S.load_sae(str(tmp_path / "sae.safetensors"))
-    torch.testing.assert_close(sae(x)[0], again(x)[0], rtol=0, atol=0)
+    torch.testing.assert_close(sae(x).x_hat, again(x).x_hat, rtol=0, atol=0)
     assert (sae.W_dec.norm(dim=1) - 1).abs().max() < 1e-5
     # training helped: on the held-out activations the trained SAE beats its own initialisation
     cfg = S.parse_config(tiny_args(tiny_run, tmp_path))
@@ -435,7 +557,7 @@ def test_cli_trains_evaluates_and_checkpoint_reloads(tiny_run, tmp_path, capsys)
     with torch.no_grad():
         untrained.b_dec.copy_(x.mean(0))
         untrained.b_router.copy_(x.mean(0))
-    mse = lambda model: (model(x)[0] - x).pow(2).sum(-1).mean().item()
+    mse = lambda model: (model(x).x_hat - x).pow(2).sum(-1).mean().item()
     assert metrics["mse"] == pytest.approx(mse(sae), rel=1e-4)  # metrics.json is about these tokens and this SAE
     assert mse(sae) < 0.99 * mse(untrained)  # 8 small steps on a random tiny LM: a modest but real gain
 
@@ -580,16 +702,22 @@ def steps_on_ranks(rank, ranks, port, mode, x_global, out_dir, steps):
     if ranks > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=ranks)
     torch.manual_seed(0)
+    comms = S.TorchDistributed() if ranks > 1 else S.SingleProcess()
     d, width, experts, k = x_global.shape[1], 64, 4, 4
-    sae = S.ExpertParallelSwitchSAE(d, width, experts, k) if mode == "expert" else S.SwitchSAE(d, width, experts, k)
+    if mode == "expert":
+        sae = S.ExpertParallelSwitchSAE(d, width, experts, k, comms)
+    else:
+        sae = S.SwitchSAE(d, width, experts, k)
     opt, clock = S.make_optimizer(sae), torch.zeros(len(sae.W_dec), dtype=torch.long)
-    cfg = S.Config(batch_size=len(x_global), width=width, experts=experts, k=k)
+    cfg = S.TrainConfig(batch_size=len(x_global), width=width, experts=experts, k=k)
     x = x_global.chunk(ranks)[rank]
-    with torch.no_grad():
-        sae.b_dec.copy_(S.geometric_median(S.gather_rows(x)))
-        sae.b_router.copy_(sae.b_dec)
-    losses = [S.all_reduce(S.train_step(sae, opt, x, cfg, 1e-2, clock)["loss"]).item() / ranks for _ in range(steps)]
-    S.save_checkpoint(out_dir, sae, cfg, steps, opt, clock)
+    sae.init_biases_(comms.gather_rows(x))
+    losses = []
+    for _ in range(steps):
+        out, parts = S.train_step(sae, opt, x, 1e-2, {"lb_alpha": 3.0}, 1.0, comms)
+        S.tick_dead_clock(clock, sae, out, comms)
+        losses.append(comms.all_reduce(parts["loss"]).item() / ranks)
+    S.save_checkpoint(out_dir, sae, cfg, steps, opt, clock, comms)
     if rank == 0:
         json.dump(losses, open(os.path.join(out_dir, "losses.json"), "w"))
     if ranks > 1:
@@ -685,11 +813,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_run, tmp_
     calls = []
 
     def diverging(*args, **kwargs):
-        parts = real_step(*args, **kwargs)
+        out, parts = real_step(*args, **kwargs)
         calls.append(1)
         if len(calls) >= 5:  # from step 5 on, as a too-large learning rate would
             parts["loss"] = torch.tensor(float("nan"))
-        return parts
+        return out, parts
 
     monkeypatch.setattr(S, "train_step", diverging)
     with pytest.raises(SystemExit) as exit_info:

@@ -69,13 +69,13 @@ def make_tiny_lm(folder):
 
 
 def config(settings, lm, cache, runs, name, /, **fields):
-    """One run's Config: the LM settings, this scale's training settings, then the run's own fields (which win), so every
+    """One run's TrainConfig: the LM settings, this scale's training settings, then the run's own fields (which win), so every
     run in a notebook reads the same activations and differs only where it says so. The run lives in runs/name."""
     train = dict(tokens=settings["tokens"], batch_size=settings["batch_size"], device="auto", acts=cache,
                  out=os.path.join(runs, name), log_every=50)
     if "buffer_tokens" in settings:
         train["buffer_tokens"] = settings["buffer_tokens"]
-    return S.Config(**{**lm, **train, **fields})
+    return S.TrainConfig(**{**lm, **train, **fields})
 
 
 def ensure_cache(settings, lm, cache, configs):
@@ -85,7 +85,7 @@ def ensure_cache(settings, lm, cache, configs):
     if not cache:
         return
     need = max(sum(n for _, _, n in S.chunk_plan(c)) for c in configs)  # training contexts the longest run reads
-    cfg = S.Config(**lm, tokens=settings["cache_tokens"], batch_size=settings["batch_size"],
+    cfg = S.TrainConfig(**lm, tokens=settings["cache_tokens"], batch_size=settings["batch_size"],
                    buffer_tokens=settings["buffer_tokens"], out=cache, device="auto")
     if need > sum(n for _, _, n in S.chunk_plan(cfg)):
         raise ValueError(f"cache_tokens={settings['cache_tokens']} is too few for these runs: raise it in the parameter cell")
@@ -119,7 +119,7 @@ def held_out(lm, cache, device):
     if cache:
         header, rows, tokens = S.open_cache(cache)
         return tokens[: header["eval_contexts"]], S.cache_reader(cache, rows, header, 0)(header["eval_contexts"])
-    cfg = S.Config(**lm, device="auto")
+    cfg = S.TrainConfig(**lm, device="auto")
     model, tokenizer = S.load_lm(cfg, device)
     tokens = S.take(S.token_contexts(cfg, tokenizer), max(1, cfg.eval_tokens // cfg.ctx))
     module = S.hooked_module(model, cfg.layer, cfg.site)
