@@ -39,10 +39,12 @@ import os
 import queue
 import random
 import shutil
+import socket
 import statistics
 import sys
 import threading
 import time
+import urllib.parse
 import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -55,8 +57,8 @@ import torch.nn.functional as F
 # config
 
 
-def arg(default, help):
-    return dataclasses.field(default=default, metadata={"help": help})
+def arg(default, help, positional=False):
+    return dataclasses.field(default=default, metadata={"help": help, "positional": positional})
 
 
 @dataclass
@@ -79,7 +81,7 @@ class TrainConfig(SAEConfig):
     """A training run: which activations, how long and how fast, where results go."""
 
     # activations: which model, where, on what text
-    model: str = arg("gpt2", "Hugging Face causal LM: a hub id or a local directory")
+    model: str = arg("gpt2", "Hugging Face causal LM: a hub id, a local directory or a .gguf file")
     layer: int = arg(8, "block whose site is hooked, 0-based (GPT-2 small layer 8 in the paper)")
     site: str = arg("resid", "resid (block output), attn (attention output) or mlp (MLP output)")
     text: tuple = arg((), "local .txt, .jsonl or .jsonl.gz files (a 'text' field per line) "
@@ -387,9 +389,9 @@ class SAE(nn.Module):
             self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True))
 
     def latent_activity(self, out):
-        """Which latents fired on some token of the batch (M,), and the active latents summed over tokens."""
+        """How many tokens each latent fired on (M,), and the active latents summed over tokens."""
         active_BM = out.acts > 0
-        return active_BM.any(0), active_BM.sum()
+        return active_BM.sum(0), active_BM.sum()
 
 
 class SwitchSAE(SAE):
@@ -492,9 +494,9 @@ class SwitchSAE(SAE):
 
     def latent_activity(self, out):
         active_BK = out.acts[:, : self.k] > 0
-        fired_M = torch.zeros(len(self.W_dec), device=active_BK.device).index_add_(
-            0, out.idx[:, : self.k].flatten(), active_BK.flatten().float())
-        return fired_M > 0, active_BK.sum()
+        fired_M = torch.zeros(len(self.W_dec), dtype=torch.long, device=active_BK.device).index_add_(
+            0, out.idx[:, : self.k].flatten(), active_BK.flatten().long())
+        return fired_M, active_BK.sum()
 
 
 class ReluSAE(SAE):
@@ -614,14 +616,43 @@ def read_documents(cfg):
         random.Random(cfg.seed).shuffle(docs)  # local corpora are often grouped by source
         yield from docs
         return
+    if not hub_reachable():
+        raise UsageError(f"cannot stream dataset {cfg.dataset!r}: the Hugging Face hub is unreachable "
+                         "(offline); pass local text with --text FILE.jsonl.gz")
     try:
-        import datasets
-        stream = datasets.load_dataset(cfg.dataset, split="train", streaming=True)
-        for row in stream.shuffle(seed=cfg.seed, buffer_size=10_000):
+        for row in hub_dataset(cfg.dataset).shuffle(seed=cfg.seed, buffer_size=10_000):
             yield row["text"]
-    except Exception as e:  # no network, unknown id: the fix is the same
-        raise UsageError(f"could not stream dataset {cfg.dataset!r} ({type(e).__name__}); without network "
+    except Exception as e:
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UsageError(f"could not stream dataset {cfg.dataset!r} ({type(e).__name__}: {cause}); "
                          "pass local text with --text FILE.jsonl.gz") from None
+
+
+def hub_reachable():
+    """False when offline mode is on or the hub's host name does not resolve. Hub lookups then fail at once
+    (offline mode is switched on, so cached files still load) instead of retrying for about a minute."""
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            socket.getaddrinfo(urllib.parse.urlparse(constants.ENDPOINT).hostname, 443)
+            return True
+        except OSError:
+            constants.HF_HUB_OFFLINE = True
+    return False
+
+
+def hub_dataset(name):
+    """A hub dataset's train split, streamed. datasets >= 4 refuses datasets that ship a loading script
+    (Skylion007/openwebtext, the paper's, does); the hub's own parquet export of the same rows loads."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, split="train", streaming=True)
+    except RuntimeError as e:
+        if "Dataset scripts are no longer supported" not in str(e):
+            raise
+        return datasets.load_dataset(name, split="train", streaming=True, revision="refs/convert/parquet")
 
 
 def token_contexts(cfg, tokenizer):
@@ -670,19 +701,45 @@ def take(contexts, n):
     return torch.stack(rows)
 
 
+def model_source(model):
+    """from_pretrained's arguments for --model: a hub id or directory as it is; a .gguf file as its folder
+    and file name (transformers reads and dequantises GGUF with the gguf and accelerate packages)."""
+    if not model.endswith(".gguf"):
+        if not os.path.isdir(model):
+            hub_reachable()  # when it is not, offline mode makes a model missing from the cache fail at once
+        return model, {}
+    if not os.path.isfile(model):
+        raise UsageError(f"--model {model}: no such GGUF file")
+    try:
+        import accelerate  # noqa: F401
+        import gguf  # noqa: F401
+    except ImportError:
+        raise UsageError(f"--model {model} is a GGUF file, which needs the gguf and accelerate packages: "
+                         "pip install gguf accelerate") from None
+    return os.path.dirname(os.path.abspath(model)), {"gguf_file": os.path.basename(model)}
+
+
+def load_tokenizer(model):
+    from transformers import AutoTokenizer
+
+    source, gguf = model_source(model)
+    return AutoTokenizer.from_pretrained(source, **gguf)
+
+
 def load_lm(cfg, device):
-    """A causal LM (bf16 on CUDA) and its tokenizer, from the hub or a local directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A causal LM (bf16 on CUDA) and its tokenizer, from the hub, a local directory or a GGUF file."""
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # keeps error output to the one line that matters
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    source, gguf = model_source(cfg.model)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype, attn_implementation="sdpa")
+        tokenizer = load_tokenizer(cfg.model)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa", **gguf)
     except OSError:
         raise UsageError(f"could not load model {cfg.model!r}: no network, or no such hub id or directory; "
-                         "pass a local model directory with --model DIR") from None
+                         "pass a local model with --model DIR or --model FILE.gguf") from None
     return model.to(device).eval(), tokenizer
 
 
@@ -968,7 +1025,7 @@ def train_step(sae, opt, x_BD, lr, coefs, grad_clip=1.0, comms=SINGLE_PROCESS, d
 
 def tick_dead_clock(tokens_since_fired_M, sae, out, comms=SINGLE_PROCESS):
     """Count the global batch's tokens since each latent last fired."""
-    fired_M, _ = sae.latent_activity(out)
+    fired_M = sae.latent_activity(out)[0] > 0
     if not is_sharded(sae.W_dec):  # an expert shard saw every token routed to it; replicas pool theirs
         fired_M = comms.all_reduce(fired_M.float()) > 0
     tokens_since_fired_M.add_(len(out.x_hat) * comms.ranks).masked_fill_(fired_M, 0)
@@ -1115,43 +1172,63 @@ def train(cfg):
 # evaluation
 
 
+def next_token_ce(logits_CLV, tokens_CL):
+    return F.cross_entropy(logits_CLV[:, :-1].flatten(0, 1), tokens_CL[:, 1:].flatten())
+
+
 @torch.no_grad()
-def lm_loss(model, module, tokens_CL, batch_size, patch=None, skip_positions=0):
-    """Mean next-token cross-entropy over all positions, with `patch` applied to the site's output
-    after the first skip_positions."""
-    handle = module.register_forward_hook(splice_hook(patch, skip_positions)) if patch else None
-    try:
-        losses = [model(t.to(model.device), labels=t.to(model.device), use_cache=False).loss.float() * len(t)
-                  for t in tokens_CL.split(batch_size)]
-    finally:
-        if handle:
-            handle.remove()
-    return (torch.stack(losses).sum() / len(tokens_CL)).item()
+def lm_losses(model, module, tokens_CL, batch_size, patches, skip_positions=0):
+    """Mean next-token cross-entropy of the clean LM (ce_clean) and with each patch of `patches` (a dict
+    name: patch) applied to the site's output after the first skip_positions (ce_NAME), and each patch's
+    KL divergence from the clean next-token distribution (kl_NAME), averaged over all positions."""
+    sums = dict.fromkeys(["ce_clean"] + [f"{kind}_{name}" for name in patches for kind in ("ce", "kl")], 0.0)
+    for tokens in tokens_CL.split(batch_size):
+        tokens = tokens.to(model.device)
+        clean_CLV = model(tokens, use_cache=False).logits.float()
+        sums["ce_clean"] += next_token_ce(clean_CLV, tokens).item() * len(tokens)
+        for name, patch in patches.items():
+            handle = module.register_forward_hook(splice_hook(patch, skip_positions))
+            try:
+                patched_CLV = model(tokens, use_cache=False).logits.float()
+            finally:
+                handle.remove()
+            sums[f"ce_{name}"] += next_token_ce(patched_CLV, tokens).item() * len(tokens)
+            kl = F.kl_div(patched_CLV.log_softmax(-1).flatten(0, 1), clean_CLV.log_softmax(-1).flatten(0, 1),
+                          log_target=True, reduction="batchmean")
+            sums[f"kl_{name}"] += kl.item() * len(tokens)
+    return {key: total / len(tokens_CL) for key, total in sums.items()}
 
 
 @torch.no_grad()
 def evaluate(sae, cfg, x_BD, model=None, module=None, tokens_CL=None):
     """Metrics on held-out activations x_BD; with the LM, its held-out contexts and the hooked module also
-    the cross-entropy ones. dead_fraction counts latents that never fire on x_BD."""
+    the cross-entropy ones. dead_fraction counts latents that never fire on x_BD, dense_fraction those
+    that fire on more than 10% of its tokens."""
     x_BD = x_BD.to(sae.device)
-    sq_err, resid_sum, resid_sq, l0, n = 0.0, 0.0, 0.0, 0.0, len(x_BD)
-    fired_M = torch.zeros(sae.width, dtype=torch.bool, device=x_BD.device)
+    n, totals = len(x_BD), dict.fromkeys(["sq_err", "cos", "norm_ratio", "l0"], 0.0)
+    resid_sum, resid_sq = 0.0, 0.0
+    fired_M = torch.zeros(sae.width, device=x_BD.device)
     load_N = torch.zeros(getattr(sae, "experts", 1), device=x_BD.device)
     for x in x_BD.split(1024):  # dense baselines hold (batch, width) latents
         out = sae(x)
         resid = x - out.x_hat
-        sq_err += resid.pow(2).sum()
+        totals["sq_err"] += resid.pow(2).sum()
+        totals["cos"] += F.cosine_similarity(out.x_hat, x, dim=1).sum()
+        totals["norm_ratio"] += (out.x_hat.norm(dim=1) / x.norm(dim=1)).sum()
         resid_sum, resid_sq = resid_sum + resid.sum(0), resid_sq + resid.pow(2).sum(0)
         fired, active = sae.latent_activity(out)
-        fired_M |= fired
-        l0 += active
+        fired_M += fired
+        totals["l0"] += active
         load_N += len(x) if out.expert_counts is None else out.expert_counts
     resid_var = (resid_sq / n - (resid_sum / n) ** 2).sum()
     metrics = {
-        "mse": (sq_err / n).item(),
+        "mse": (totals["sq_err"] / n).item(),
         "fve": (1 - resid_var / x_BD.var(0, correction=0).sum()).item(),
-        "l0": (l0 / n).item(),
-        "dead_fraction": 1 - fired_M.float().mean().item(),
+        "cos_sim": (totals["cos"] / n).item(),  # SAELens's and SAEBench's cossim
+        "l2_ratio": (totals["norm_ratio"] / n).item(),  # |x_hat| / |x|: below 1 is shrinkage
+        "l0": (totals["l0"] / n).item(),
+        "dead_fraction": (fired_M == 0).float().mean().item(),
+        "dense_fraction": (fired_M / n > 0.1).float().mean().item(),
         "expert_load": (load_N / n).tolist(),
         "eval_tokens": n,
     }
@@ -1159,11 +1236,11 @@ def evaluate(sae, cfg, x_BD, model=None, module=None, tokens_CL=None):
         def splice(h):
             return sae(h.flatten(0, 1).float()).x_hat.view_as(h).to(h.dtype)
 
-        ce_clean = lm_loss(model, module, tokens_CL, cfg.lm_batch_size)
-        ce_sae = lm_loss(model, module, tokens_CL, cfg.lm_batch_size, splice, cfg.skip_positions)
-        ce_zero = lm_loss(model, module, tokens_CL, cfg.lm_batch_size, torch.zeros_like, cfg.skip_positions)
-        metrics.update(ce_clean=ce_clean, ce_sae=ce_sae, ce_zero=ce_zero, delta_ce=ce_sae - ce_clean,
-                       frac_loss_recovered=(ce_sae - ce_zero) / (ce_clean - ce_zero))
+        lm = lm_losses(model, module, tokens_CL, cfg.lm_batch_size, {"sae": splice, "zero": torch.zeros_like},
+                       cfg.skip_positions)
+        metrics.update(ce_clean=lm["ce_clean"], ce_sae=lm["ce_sae"], ce_zero=lm["ce_zero"],
+                       delta_ce=lm["ce_sae"] - lm["ce_clean"], kl_sae=lm["kl_sae"],
+                       frac_loss_recovered=(lm["ce_sae"] - lm["ce_zero"]) / (lm["ce_clean"] - lm["ce_zero"]))
     return metrics
 
 
@@ -1177,7 +1254,8 @@ def print_table(metrics):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: one safetensors file holds the SAE, its config and (for --resume) the training state
+# checkpoints: one safetensors file holds the SAE, its config and (for --resume) the training
+# state; export writes the weights alone for other tools
 
 
 def write_json(path, obj):
@@ -1256,6 +1334,79 @@ def load_checkpoint(out_dir, sae, opt, tokens_since_fired_M, comms=SINGLE_PROCES
         step = int(f.metadata()["step"])
     opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
     return step
+
+
+@dataclass
+class ExportConfig:
+    """Write a trained SAE's weights alone (no optimizer state) in another tool's format."""
+
+    run: str = arg("out", "a run directory (or its sae.safetensors)", positional=True)
+    dest: str = arg("export", "the directory to write", positional=True)
+    format: str = arg("saelens", "saelens: cfg.json and sae_weights.safetensors as SAELens stores a "
+                                 "pretrained SAE (topk for --experts 1; switch, a custom architecture, else)")
+
+
+TRANSFORMER_LENS_HOOKS = {"resid": "hook_resid_post", "attn": "hook_attn_out", "mlp": "hook_mlp_out"}
+
+
+def saelens_tensors(sae):
+    """SAELens's names and layouts: W_enc (d_in, d_sae), W_dec (d_sae, d_in). Its encoders subtract b_dec
+    only where apply_b_dec_to_input says so, and add b_enc (zeros here where an SAE has none)."""
+    if sae.arch == "gated":
+        return "gated", True, {"W_enc": sae.W_gate.T, "W_dec": sae.W_dec, "b_dec": sae.b_dec,
+                               "b_gate": sae.b_gate, "b_mag": sae.b_mag, "r_mag": sae.r_mag}
+    b_enc = sae.b_enc if sae.arch == "relu" else torch.zeros(sae.width, device=sae.device)
+    tensors = {"W_enc": sae.W_enc.T, "b_enc": b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+    if sae.arch == "relu":
+        return "standard", False, tensors
+    if sae.experts == 1:
+        return "topk", True, tensors
+    return "switch", True, {**tensors, "W_router": sae.W_router, "b_router": sae.b_router}
+
+
+def tokenizer_adds_bos(model):
+    """Whether the run's contexts began with a BOS token (SAELens's prepend_bos): the tokenizer decides.
+    None, with a note, where the tokenizer cannot be loaded here."""
+    try:
+        tokenizer = load_tokenizer(model)
+    except (UsageError, OSError, ValueError) as e:
+        print(f"note: prepend_bos left unset in cfg.json, the tokenizer of {model} did not load ({e})")
+        return None
+    return tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
+
+
+def export(cfg):
+    """Export a run in SAELens's pretrained-SAE layout: cfg.json and sae_weights.safetensors."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    if cfg.format != "saelens":
+        raise UsageError(f"unknown --format {cfg.format!r}: use saelens")
+    path = os.path.join(cfg.run, "sae.safetensors") if os.path.isdir(cfg.run) else cfg.run
+    if not os.path.isfile(path):
+        raise UsageError(f"export: no trained SAE at {cfg.run} (no sae.safetensors); train one first")
+    with safe_open(path, framework="pt") as f:
+        run = json.loads(f.metadata()["config"])
+    sae = load_sae(path)
+    architecture, subtract_b_dec, tensors = saelens_tensors(sae)
+    layout = {"d_in": sae.d_in, "d_sae": sae.width, "dtype": "float32", "device": "cpu",
+              "apply_b_dec_to_input": subtract_b_dec, "normalize_activations": "none",
+              "reshape_activations": "none", "architecture": architecture}
+    if architecture in ("topk", "switch"):
+        layout.update(k=sae.k, rescale_acts_by_decoder_norm=False)
+    if architecture == "switch":  # see the README: routing, then TopK within the expert, gate, decode
+        layout.update(n_experts=sae.experts)
+    hook_name = f"blocks.{run['layer']}.{TRANSFORMER_LENS_HOOKS[run['site']]}"  # TransformerLens's name
+    metadata = {"model_name": run["model"], "hook_name": hook_name, "hook_head_index": None,
+                "context_size": run["ctx"], "dataset_path": ",".join(run["text"]) or run["dataset"],
+                "prepend_bos": tokenizer_adds_bos(run["model"]),
+                "seqpos_slice": [run["skip_positions"], None],
+                "sae_lens_version": "6.0.0"}  # the version of the format followed, not a producer
+    os.makedirs(cfg.dest, exist_ok=True)
+    weights = {name: t.detach().float().contiguous().cpu() for name, t in tensors.items()}
+    atomic_write(os.path.join(cfg.dest, "sae_weights.safetensors"), lambda tmp: save_file(weights, tmp))
+    write_json(os.path.join(cfg.dest, "cfg.json"), {**layout, "metadata": metadata})
+    print(f"wrote {architecture} SAE ({sae.width} latents of {sae.d_in}) to {cfg.dest}")
 
 
 # -----------------------------------------------------------------------------
@@ -1561,7 +1712,9 @@ def parse_config(argv, cls=TrainConfig, prog=None):
     parser = argparse.ArgumentParser(prog=prog, description=cls.__doc__)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
+        if f.metadata["positional"]:
+            parser.add_argument(f.name, help=f.metadata["help"])
+        elif f.type is bool:
             parser.add_argument(flag, action="store_true", help=f.metadata["help"])
         elif f.type is tuple:
             parser.add_argument(flag, nargs="+", default=f.default, help=f.metadata["help"])
@@ -1593,6 +1746,8 @@ def main(argv=None):
             bench(parse_config(argv[1:], BenchConfig, "switch_sae.py bench"))
         elif argv[:1] == ["cache"]:
             write_cache(parse_config(argv[1:], prog="switch_sae.py cache"))
+        elif argv[:1] == ["export"]:
+            export(parse_config(argv[1:], ExportConfig, "switch_sae.py export"))
         else:
             train(parse_config(argv))
     except UsageError as e:

@@ -528,7 +528,8 @@ def test_cli_trains_evaluates_and_checkpoint_reloads(tiny_run, tmp_path, capsys)
     S.main(tiny_args(tiny_run, tmp_path))
     printed = capsys.readouterr().out
     metrics = json.load(open(tmp_path / "metrics.json"))
-    keys = "mse fve l0 dead_fraction expert_load ce_clean ce_sae ce_zero frac_loss_recovered delta_ce train_tokens train_flops flops_per_token"
+    keys = ("mse fve cos_sim l2_ratio l0 dead_fraction dense_fraction expert_load ce_clean ce_sae ce_zero kl_sae "
+            "frac_loss_recovered delta_ce train_tokens train_flops flops_per_token")
     assert set(keys.split()) <= set(metrics)
     assert "frac_loss_recovered" in printed and metrics["train_tokens"] == 2048
     assert metrics["l0"] <= 4 and len(metrics["expert_load"]) == 4
@@ -790,7 +791,7 @@ def test_expert_parallel_run_survives_sigterm_and_resumes_to_the_same_weights(ti
 # notebooks
 
 
-@pytest.mark.parametrize("name", ["scaling_laws", "pareto", "feature_geometry"])
+@pytest.mark.parametrize("name", ["scaling_laws", "pareto", "feature_geometry", "features"])
 def test_notebooks_run_at_smoke_scale(name, tmp_path, monkeypatch):
     """Each notebook runs top to bottom at SCALE=smoke (a random tiny GPT-2 it builds itself), writing only under tmp_path."""
     import nbclient
@@ -846,3 +847,223 @@ def test_skip_ce_on_a_live_run_still_measures_reconstruction(tiny_run, tmp_path)
     S.main(tiny_args(tiny_run, tmp_path, skip_ce=True))
     metrics = json.load(open(tmp_path / "metrics.json"))
     assert 0 < metrics["fve"] < 1 and "ce_sae" not in metrics and metrics["eval_tokens"] == 16 * 15
+
+
+# -----------------------------------------------------------------------------
+# metrics against independent computations, and mutations they must catch
+
+
+class Identity(S.SAE):
+    """An 'SAE' whose reconstruction is its input (or zero): what loss recovered must read as 1 (or 0)."""
+
+    arch = "identity"
+
+    def __init__(self, d_in, zero=False):
+        super().__init__()
+        self.d_in, self.width, self.zero = d_in, 4, zero
+        self.W_dec = torch.nn.Parameter(torch.zeros(4, d_in))
+
+    def forward(self, x_BD):
+        return S.SAEOutput(torch.zeros_like(x_BD) if self.zero else x_BD, torch.zeros(len(x_BD), 4))
+
+
+def tiny_lm_and_activations(tiny_run, contexts=6):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_pretrained(tiny_run[0]).eval()
+    tokens = torch.randint(0, lm.config.vocab_size, (contexts, 16))
+    module = S.hooked_module(lm, 0, "resid")
+    return lm, module, tokens, S.lm_activations(lm, module, tokens, 4, skip_positions=1)
+
+
+def test_spliced_identity_recovers_all_loss_and_zero_recovers_none(tiny_run):
+    lm, module, tokens, x = tiny_lm_and_activations(tiny_run)
+    cfg = S.TrainConfig(lm_batch_size=4, skip_positions=1)
+    same = S.evaluate(Identity(x.shape[1]), cfg, x, lm, module, tokens)
+    assert same["frac_loss_recovered"] == pytest.approx(1.0, abs=1e-5) and same["delta_ce"] == pytest.approx(0, abs=1e-5)
+    assert same["kl_sae"] == pytest.approx(0, abs=1e-6) and same["fve"] == pytest.approx(1.0)
+    zero = S.evaluate(Identity(x.shape[1], zero=True), cfg, x, lm, module, tokens)
+    assert zero["ce_zero"] > zero["ce_clean"] + 0.01  # ablating the site really changes the LM's loss ...
+    assert zero["frac_loss_recovered"] == pytest.approx(0.0, abs=1e-5)  # ... and the zero SAE recovers none of it
+
+
+def test_kl_and_cross_entropy_equal_a_hand_spliced_forward(tiny_run):
+    lm, module, tokens, x = tiny_lm_and_activations(tiny_run)
+    sae, _ = random_sae(d=x.shape[1], width=64, experts=4, k=4)
+
+    def hand_hook(mod, inputs, output):  # written here, apart from switch_sae's splice_hook
+        h = output[0] if isinstance(output, tuple) else output
+        x_hat = sae(h[:, 1:].reshape(-1, h.shape[-1])).x_hat.view(h.shape[0], -1, h.shape[-1])
+        new = torch.cat([h[:, :1], x_hat], 1)
+        return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+
+    with torch.no_grad():
+        clean = lm(tokens, labels=tokens).logits
+        handle = module.register_forward_hook(hand_hook)
+        spliced_out = lm(tokens, labels=tokens)
+        handle.remove()
+    p_clean, log_p_sae = clean.softmax(-1), spliced_out.logits.log_softmax(-1)
+    kl = (p_clean * (p_clean.log() - log_p_sae)).sum(-1).mean()
+    metrics = S.evaluate(sae, S.TrainConfig(lm_batch_size=4, skip_positions=1), x, lm, module, tokens)
+    assert metrics["kl_sae"] == pytest.approx(kl.item(), rel=1e-4) and kl > 0
+    assert metrics["ce_sae"] == pytest.approx(spliced_out.loss.item(), rel=1e-5)
+
+
+def test_reconstruction_metrics_equal_independent_formulas():
+    sae, _ = random_sae(d=24, width=96, experts=4, k=5)
+    x = torch.randn(2000, 24) * torch.linspace(0.5, 3, 24) + 5  # a large mean: the uncentred moment differs
+    metrics = S.evaluate(sae, S.TrainConfig(), x)
+    x_hat = dense_switch(sae, x)[0].detach()
+    fve = 1 - (x - x_hat).var(0, unbiased=False).sum() / x.var(0, unbiased=False).sum()
+    cos = ((x * x_hat).sum(1) / (x.norm(dim=1) * x_hat.norm(dim=1))).mean()
+    ratio = (x_hat.norm(dim=1) / x.norm(dim=1)).mean()
+    assert metrics["fve"] == pytest.approx(fve.item(), rel=1e-4)
+    assert metrics["cos_sim"] == pytest.approx(cos.item(), rel=1e-5)
+    assert metrics["l2_ratio"] == pytest.approx(ratio.item(), rel=1e-5)
+    assert metrics["mse"] == pytest.approx((x - x_hat).pow(2).sum(1).mean().item(), rel=1e-5)
+    frequency = (dense_switch(sae, x)[1] > 0).float().mean(0)  # each latent's firing rate, from the dense reference
+    assert metrics["dense_fraction"] == pytest.approx((frequency > 0.1).float().mean().item())
+    assert metrics["dead_fraction"] == pytest.approx((frequency == 0).float().mean().item())
+    assert 0 < metrics["dense_fraction"] < 1  # the check has something to find on both sides
+
+
+# -----------------------------------------------------------------------------
+# export to SAELens's layout, read back by plain torch as SAELens's formulas say
+
+
+def saelens_encode(cfg, W, x):
+    """SAELens 6's encoders, written from its source: topk, standard (ReLU) and gated; and the README's
+    switch class (route, TopK within the expert, scale by the gate)."""
+    x_in = x - W["b_dec"] * cfg["apply_b_dec_to_input"]
+    if cfg["architecture"] == "gated":
+        pre = x_in @ W["W_enc"]
+        return (pre + W["b_gate"] > 0) * torch.relu(pre * W["r_mag"].exp() + W["b_mag"])
+    pre = x_in @ W["W_enc"] + W["b_enc"]
+    if cfg["architecture"] == "standard":
+        return torch.relu(pre)
+    gate = torch.ones(len(x))
+    if cfg["architecture"] == "switch":
+        probs = torch.softmax((x - W["b_router"]) @ W["W_router"].T, -1)
+        gate, expert = probs.max(-1)
+        owner = torch.arange(cfg["d_sae"]) // (cfg["d_sae"] // cfg["n_experts"])
+        pre = pre.masked_fill(owner != expert[:, None], -torch.inf)
+    vals, idx = pre.topk(cfg["k"], dim=-1)
+    return torch.zeros_like(pre).scatter(-1, idx, vals.relu() * gate[:, None])
+
+
+@pytest.mark.parametrize("arch,experts", [("switch", 1), ("switch", 4), ("relu", 1), ("gated", 1)])
+def test_export_to_saelens_reproduces_the_sae(tiny_run, tmp_path, arch, experts):
+    from safetensors.torch import load_file
+
+    S.main(tiny_args(tiny_run, tmp_path / "run", arch=arch, experts=experts, skip_ce=True, l1_coeff=0.01, lr=1e-3))
+    S.main(["export", str(tmp_path / "run"), str(tmp_path / "saelens"), "--format", "saelens"])
+    cfg = json.load(open(tmp_path / "saelens" / "cfg.json"))
+    W = load_file(tmp_path / "saelens" / "sae_weights.safetensors")
+    want = {("switch", 1): "topk", ("switch", 4): "switch", ("relu", 1): "standard", ("gated", 1): "gated"}
+    assert cfg["architecture"] == want[arch, experts] and (cfg["d_in"], cfg["d_sae"]) == (32, 64)
+    assert W["W_enc"].shape == (32, 64) and W["W_dec"].shape == (64, 32) and W["b_dec"].shape == (32,)
+    meta = cfg["metadata"]
+    assert meta["hook_name"] == "blocks.0.hook_resid_post" and meta["context_size"] == 16
+    assert meta["prepend_bos"] is False and meta["model_name"] == tiny_run[0] and meta["dataset_path"] == tiny_run[1]
+    assert not any(name.startswith("train.") for name in W)  # weights only, no Adam state
+    sae = S.load_sae(tmp_path / "run")
+    x = torch.randn(50, 32) * 2
+    with torch.no_grad():
+        codes = saelens_encode(cfg, W, x)
+        ours = sae.encode(x, dense=True) if arch == "switch" else sae(x).acts
+        torch.testing.assert_close(codes, ours, **TOL)
+        torch.testing.assert_close(codes @ W["W_dec"] + W["b_dec"], sae(x).x_hat, **TOL)
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("sae_lens"), reason="sae-lens is not installed")
+@pytest.mark.parametrize("experts", [1, 4])
+def test_saelens_itself_loads_the_export(tiny_run, tmp_path, experts):
+    """With sae-lens installed (it is not in requirements.txt): its own loader, and for N > 1 the README's
+    custom class registered, encode and decode as we do."""
+    import re
+
+    from sae_lens import SAE
+
+    S.main(tiny_args(tiny_run, tmp_path / "run", experts=experts, skip_ce=True))
+    S.main(["export", str(tmp_path / "run"), str(tmp_path / "saelens")])
+    if experts > 1:
+        readme = open(os.path.join(HERE, "README.md")).read()
+        exec(re.search(r"```python\n(# switch in SAELens.*?)```", readme, re.S).group(1), {})
+    loaded = SAE.load_from_disk(str(tmp_path / "saelens"))
+    sae, x = S.load_sae(tmp_path / "run"), torch.randn(50, 32) * 2
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode(x), sae.encode(x, dense=True), **TOL)
+        torch.testing.assert_close(loaded.decode(loaded.encode(x)), sae(x).x_hat, **TOL)
+
+
+# -----------------------------------------------------------------------------
+# models and data from elsewhere
+
+
+def test_gguf_model_without_the_gguf_package_names_it(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF")
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as if it were not installed: importing it fails
+    with pytest.raises(SystemExit) as exit_info:
+        S.main(["--model", str(path), "--text", __file__, "--out", str(tmp_path / "out"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "pip install gguf accelerate" in err and len(err.splitlines()) == 1
+
+
+class FakeStream(list):
+    def shuffle(self, seed, buffer_size):
+        return self
+
+
+def test_dataset_with_a_loading_script_falls_back_to_the_parquet_export(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def load_dataset(name, split, streaming, revision=None):
+        calls.append(revision)
+        if revision is None:  # what datasets >= 4 raises for Skylion007/openwebtext
+            raise RuntimeError("Dataset scripts are no longer supported, but found openwebtext.py")
+        return FakeStream([{"text": "from the parquet export"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(S, "hub_reachable", lambda: True)
+    docs = list(S.read_documents(S.TrainConfig()))
+    assert docs == ["from the parquet export"] and calls == [None, "refs/convert/parquet"]
+
+
+def test_dataset_errors_name_their_real_cause(monkeypatch):
+    import datasets
+
+    def load_dataset(name, split, streaming, revision=None):
+        raise RuntimeError("Dataset scripts are no longer supported, but found openwebtext.py")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(S, "hub_reachable", lambda: True)
+    with pytest.raises(S.UsageError, match="Dataset scripts are no longer supported.*--text"):
+        list(S.read_documents(S.TrainConfig()))
+
+
+def test_unresolvable_hub_switches_offline_mode_on(monkeypatch):
+    from huggingface_hub import constants
+
+    def no_dns(*args):
+        raise socket.gaierror("Name or service not known")
+
+    import socket
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    assert S.hub_reachable() is False and constants.HF_HUB_OFFLINE is True
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args: [()])
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert S.hub_reachable() is True
+
+
+def test_offline_hub_model_fails_at_once_without_offline_env(tmp_path):
+    env = {key: value for key, value in os.environ.items() if "OFFLINE" not in key}
+    result = subprocess.run([sys.executable, os.path.join(HERE, "switch_sae.py"), "--model", "gpt2", "--text", __file__,
+                             "--out", str(tmp_path), "--device", "cpu"], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 2 and "--model" in result.stderr and "Traceback" not in result.stderr
