@@ -1031,6 +1031,26 @@ def tick_dead_clock(tokens_since_fired_M, sae, out, comms=SINGLE_PROCESS):
     tokens_since_fired_M.add_(len(out.x_hat) * comms.ranks).masked_fill_(fired_M, 0)
 
 
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_reader(read_contexts, device, seconds):
+    """read_contexts, adding its wall time to seconds["activations"]; the device is synchronised around it,
+    so SAE work still queued is not counted as capture."""
+
+    def read(n, skip=False):
+        sync(device)
+        start = time.perf_counter()
+        acts = read_contexts(n, skip)
+        sync(device)
+        seconds["activations"] += time.perf_counter() - start
+        return acts
+
+    return read
+
+
 def activation_source(cfg, device, comms):
     """Where a run's activations come from: the config (with a cache's model, layer and site filled in)
     and (d, read_contexts, held-out contexts, their activations or None, LM, hooked module). Live, each
@@ -1122,6 +1142,8 @@ def train(cfg):
 
     stop = stop_on_signals()
     save_every = max(1, cfg.save_every // cfg.batch_size)
+    seconds, started = {"activations": 0.0}, time.perf_counter()
+    read_contexts = timed_reader(read_contexts, device, seconds)
     bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True, disable=comms.rank > 0)
     for step, x_BD in activation_batches(cfg if cfg.acts else local, read_contexts, start, device):
         x_BD = x_BD.chunk(ranks)[comms.rank] if cfg.acts else x_BD  # from a cache, keep this rank's share
@@ -1151,6 +1173,8 @@ def train(cfg):
                           f"continue with --resume --out {cfg.out}")
                 return None
     bar.close()
+    sync(device)
+    seconds["loop"] = time.perf_counter() - started
 
     clock_M = comms.gather_rows(tokens_since_fired_M) if is_sharded(sae.W_dec) else tokens_since_fired_M
     if comms.rank > 0:
@@ -1162,7 +1186,9 @@ def train(cfg):
     metrics.update(dead_fraction_train=(clock_M > cfg.dead_tokens).float().mean().item(),
                    train_tokens=steps * cfg.batch_size, flops_per_token=flops["total"],
                    train_flops=flops["total"] * steps * cfg.batch_size,
-                   paper_flops_per_token=flops["paper_encoder_only"])
+                   paper_flops_per_token=flops["paper_encoder_only"],
+                   seconds_activations=seconds["activations"],  # LM forwards (or cache reads), this process
+                   seconds_sae=seconds["loop"] - seconds["activations"])  # SAE steps, logging, checkpoints
     write_json(os.path.join(cfg.out, "metrics.json"), metrics)
     print_table(metrics)
     return metrics
@@ -1534,11 +1560,6 @@ class BenchConfig(SAEConfig):
     expert_parallel: bool = train_field("expert_parallel")
     device: str = train_field("device")
     json: bool = arg(False, "print one JSON object instead of a table")
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def peak_memory_reset(device):

@@ -1067,3 +1067,108 @@ def test_offline_hub_model_fails_at_once_without_offline_env(tmp_path):
                              "--out", str(tmp_path), "--device", "cpu"], capture_output=True, text=True, env=env,
                             timeout=300)
     assert result.returncode == 2 and "--model" in result.stderr and "Traceback" not in result.stderr
+
+
+# -----------------------------------------------------------------------------
+# CUDA: python -m pytest -m cuda (skipped without a GPU). On CUDA the experts' matmul runs in bf16 (tensor
+# cores) while CPU runs fp32, so outputs and gradients are compared by relative norm: 2% for x_hat, 5% for
+# gradients; a TopK choice may flip where two pre-activations tie within bf16's precision, so at least 97%
+# of the (token, latent) choices must agree.
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def relative_error(got, want):
+    return ((got.float().cpu() - want.float().cpu()).norm() / want.float().cpu().norm().clamp_min(1e-12)).item()
+
+
+def cuda_against_cpu(d, width, experts, k, empty_expert=False, auxk=False):
+    torch.manual_seed(0)
+    x = torch.randn(512, d) * 2
+    cpu = S.SwitchSAE(d, width, experts, k)
+    cpu.init_biases_(x)
+    if empty_expert:  # expert 0's logit is the mean of experts 1 and 2's, so it never is the largest
+        with torch.no_grad():
+            cpu.W_router[0] = (cpu.W_router[1] + cpu.W_router[2]) / 2
+    gpu = S.SwitchSAE(d, width, experts, k).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    dead = (torch.arange(width) % 3 == 0) if auxk else None
+    outs, grads_ = [], []
+    for sae, device in ((cpu, "cpu"), (gpu, "cuda")):
+        out = sae(x.to(device), None if dead is None else dead.to(device))
+        loss, _ = sae.loss(x.to(device), out, auxk_alpha=1 / 32 if auxk else 0.0)
+        outs.append(out)
+        grads_.append(grads(sae, loss))
+    return cpu, outs, grads_
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("d,width,experts,k,empty,auxk", [
+    (64, 1024, 1, 32, False, False),  # TopK
+    (64, 4096, 16, 32, False, False),  # m = 256: the grouped matmul
+    (64, 4096, 64, 16, False, False),  # m = 64
+    (64, 1024, 16, 8, True, False),  # an expert that receives no tokens
+    (64, 16 * 12, 16, 4, False, False),  # m = 12, not a multiple of 8: the loop
+    (64, 1024, 16, 8, False, True),  # AuxK on
+])
+def test_cuda_switch_sae_matches_cpu(d, width, experts, k, empty, auxk):
+    cpu, (out_cpu, out_gpu), (g_cpu, g_gpu) = cuda_against_cpu(d, width, experts, k, empty, auxk)
+    if empty:
+        assert out_cpu.expert_counts[0] == 0 and out_gpu.expert_counts[0] == 0
+    assert torch.equal(out_cpu.expert.cpu(), out_gpu.expert.cpu())  # routing is fp32 on both
+    assert relative_error(out_gpu.x_hat, out_cpu.x_hat) < 0.02
+    z = lambda out: torch.zeros(len(out.acts), width).scatter(1, out.idx.cpu(), out.acts.float().cpu())
+    agree = (z(out_cpu) != 0) == (z(out_gpu) != 0)
+    assert agree.float().mean() > 1 - 0.03 * k / width  # at most 3% of each token's k choices differ
+    assert relative_error(z(out_gpu), z(out_cpu)) < 0.05
+    for name in g_cpu:
+        assert relative_error(g_gpu[name], g_cpu[name]) < 0.05, name
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_uses_the_grouped_matmul_where_aligned(monkeypatch):
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("grouped matmul needs Ampere or newer")
+    calls = []
+    real = S.GROUPED_MM
+    monkeypatch.setattr(S, "GROUPED_MM", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    sae = S.SwitchSAE(64, 4096, 16, 32).cuda()
+    sae(torch.randn(256, 64, device="cuda"))
+    assert calls, "the grouped matmul did not run"
+    print(f"expert matmul: {real.__module__}.{real.__name__}")
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.skipif(not S.compiler_found(), reason="torch.compile needs a C++ compiler")
+def test_cuda_compiled_step_equals_eager_step():
+    params = []
+    for use_compile in (False, True):
+        torch.manual_seed(0)
+        sae = S.SwitchSAE(64, 4096, 16, 32).cuda()
+        x = torch.randn(1024, 64, device="cuda") * 2
+        sae.init_biases_(x)
+        opt = S.make_optimizer(sae)
+        for _ in range(3):
+            S.train_step(sae, opt, x, 1e-3, {}, grad_clip=0.05, compile=use_compile)
+        params.append({n: p.detach().clone() for n, p in sae.named_parameters()})
+    for name, p in params[0].items():
+        torch.testing.assert_close(params[1][name], p, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_training_run_writes_metrics_and_its_checkpoint_loads_on_cpu(tiny_run, tmp_path):
+    corpus = str(tmp_path / "big.jsonl")
+    write_corpus(corpus, docs=8000, seed=1)
+    S.main(tiny_args(tiny_run, tmp_path / "run", text=corpus, device="cuda", tokens=256 * 200, buffer_tokens=256 * 50,
+                     save_every=256 * 50, experts=16, width=256, k=4))
+    metrics = json.load(open(tmp_path / "run" / "metrics.json"))
+    assert metrics["train_tokens"] == 256 * 200 and 0 < metrics["fve"] < 1 and "frac_loss_recovered" in metrics
+    on_gpu, on_cpu = S.load_sae(tmp_path / "run", "cuda"), S.load_sae(tmp_path / "run", "cpu")
+    for name, p in on_gpu.named_parameters():
+        assert torch.equal(p.cpu(), getattr(on_cpu, name)), name
+    x = torch.randn(64, 32)
+    assert relative_error(on_gpu(x.cuda()).x_hat, on_cpu(x).x_hat) < 0.02
