@@ -87,10 +87,14 @@ class TrainConfig(SAEConfig):
     text: tuple = arg((), "local .txt, .jsonl or .jsonl.gz files (a 'text' field per line) "
                           "instead of --dataset")
     dataset: str = arg("Skylion007/openwebtext", "hub dataset streamed when no --text is given")
-    ctx: int = arg(128, "tokens per context: each document's first ctx tokens, shorter ones skipped")
+    ctx: int = arg(128, "tokens per context (see --windows)")
+    windows: str = arg("first", "first: each document's first ctx tokens, shorter documents skipped (the "
+                                "paper's); all: every consecutive ctx-token window of each document")
     skip_positions: int = arg(1, "leading positions of each context not trained on, spliced or ablated: "
                                  "the first is an attention sink with ~100x the usual norm (0: the paper)")
     lm_batch_size: int = arg(64, "contexts per language-model forward")
+    lm_dtype: str = arg("auto", "the LM's dtype: float32, bfloat16, or auto: bfloat16 on CUDA and on CPUs "
+                                "with bf16 matrix units (Intel AMX), float32 elsewhere")
     buffer_tokens: int = arg(2**20, "activations captured, then served in random order (shuffle buffer)")
     # training
     tokens: int = arg(50_000_000, "training tokens (the paper: 819_200_000)")
@@ -139,8 +143,37 @@ def check_sae_config(cfg):
                          "with one): install g++ or drop --compile")
 
 
-def check_config(cfg):
+def file_above(path):
+    """The first regular file among path and the folders above it, or None."""
+    path = os.path.abspath(path)
+    while not os.path.isfile(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path if os.path.isfile(path) else None
+
+
+def check_config(cfg, out_is_file=False):
+    """Bad settings, found before anything slow starts. out_is_file: --out names a file (the cache)."""
     check_sae_config(cfg)
+    if cfg.lr < 0:
+        raise UsageError(f"--lr {cfg.lr} is negative (that trains by gradient ascent): give a positive "
+                         "learning rate, or 0 for the paper's rule")
+    if cfg.batch_size < 1:
+        raise UsageError(f"--batch-size {cfg.batch_size}: a step needs at least 1 token")
+    if cfg.eval_tokens < cfg.ctx:
+        raise UsageError(f"--eval-tokens {cfg.eval_tokens} is less than one context of --ctx {cfg.ctx}: "
+                         "evaluation needs at least one held-out context")
+    blocking = file_above(os.path.dirname(os.path.abspath(cfg.out)) if out_is_file else cfg.out)
+    if blocking:
+        raise UsageError(f"--out {cfg.out}: {blocking} is a file, so nothing can be written there; "
+                         "pick another --out")
+    model_dir = not cfg.acts and os.path.isdir(cfg.model)
+    if model_dir and not os.path.isfile(os.path.join(cfg.model, "config.json")):
+        raise UsageError(f"--model {cfg.model} holds no config.json, so it is no Hugging Face model "
+                         "directory: point --model at one (or at a hub id or a .gguf file)")
+    if cfg.windows not in ("first", "all"):
+        raise UsageError(f"unknown --windows {cfg.windows!r}: use first or all")
+    if cfg.lm_dtype not in ("auto", "float32", "bfloat16"):
+        raise UsageError(f"unknown --lm-dtype {cfg.lm_dtype!r}: use auto, float32 or bfloat16")
     if cfg.site not in ("resid", "attn", "mlp"):
         raise UsageError(f"unknown --site {cfg.site!r}: use resid, attn or mlp")
     if not 0 <= cfg.skip_positions < cfg.ctx:
@@ -148,7 +181,7 @@ def check_config(cfg):
                          f"--ctx {cfg.ctx}")
     if cfg.log_every < 1 or cfg.save_every < 1:
         raise UsageError("--log-every and --save-every must be at least 1")
-    if cfg.batch_size < 1 or cfg.tokens < cfg.batch_size:
+    if cfg.tokens < cfg.batch_size:
         raise UsageError(f"--tokens {cfg.tokens} is less than one batch of --batch-size {cfg.batch_size}: "
                          "raise --tokens")
     if cfg.expert_parallel and (cfg.arch != "switch" or cfg.auxk_alpha):
@@ -566,9 +599,10 @@ def make_sae(arch, d_in, width, experts=1, k=32):
 # FLOPs
 
 
-def flops_per_token(d, width, experts, k, batch_size, arch="switch"):
+def flops_per_token(d, width, experts, k, batch_size, arch="switch", k_aux=0):
     """Training FLOPs per token, term by term, as this code runs them. paper_encoder_only is the
-    authors' convention: 2 d m forward + 2 d m backward of the encoder."""
+    authors' convention: 2 d m forward + 2 d m backward of the encoder. k_aux: the AuxK latents of a step
+    with dead latents (min(d/2, m)), decoded and trained beside the k live ones."""
     if arch != "switch":  # dense baselines: every latent of every token, forward and backward
         terms = {"encoder_fwd": 2 * d * width, "encoder_bwd": 2 * d * width * (1 if arch == "relu" else 2),
                  "decoder_fwd": 2 * d * width, "decoder_bwd": 4 * d * width}
@@ -587,6 +621,9 @@ def flops_per_token(d, width, experts, k, batch_size, arch="switch"):
         "decoder_bwd": 4 * k * d,  # grads of W_dec rows and of the latents
         "load_balance": 3 * experts,
     }
+    if k_aux:  # the encoder's pre-activations are shared; the extra work is sparse, k_aux rows a token
+        terms.update(auxk_decoder_fwd=2 * k_aux * d, auxk_decoder_bwd=4 * k_aux * d,
+                     auxk_encoder_bwd=2 * k_aux * d)
     terms["total"] = sum(terms.values())
     terms["paper_encoder_only"] = 4 * d * m
     return terms
@@ -656,20 +693,45 @@ def hub_dataset(name):
 
 
 def token_contexts(cfg, tokenizer):
-    """Yield 1-D tensors of cfg.ctx token ids: each document's first ctx tokens (shorter ones skipped).
-    A background thread tokenizes ahead, so tokenizing overlaps the LM forward."""
+    """Yield 1-D tensors of cfg.ctx token ids: each document's first ctx tokens (shorter ones skipped),
+    or with --windows all each of its consecutive ctx-token windows. A background thread tokenizes ahead,
+    so tokenizing overlaps the LM forward."""
+    first = cfg.windows == "first"
+
+    def tokenize(texts):
+        if first:
+            return tokenizer(texts, truncation=True, max_length=cfg.ctx)["input_ids"]
+        return tokenizer(texts, verbose=False)["input_ids"]  # whole documents, longer than the model's limit
 
     def tokenized_batches():
         texts = []
         for text in read_documents(cfg):
-            texts.append(text[: cfg.ctx * 20])  # ctx tokens need far fewer characters: skip the rest
+            texts.append(text[: cfg.ctx * 20] if first else text)  # ctx tokens need far fewer characters
             if len(texts) == 256:
-                yield tokenizer(texts, truncation=True, max_length=cfg.ctx)["input_ids"]
+                yield tokenize(texts)
                 texts = []
-        yield tokenizer(texts, truncation=True, max_length=cfg.ctx)["input_ids"] if texts else []
+        yield tokenize(texts) if texts else []
 
     for batch in prefetched(tokenized_batches()):
-        yield from (torch.tensor(ids) for ids in batch if len(ids) == cfg.ctx)
+        for ids in batch:
+            starts = range(0, len(ids) - cfg.ctx + 1, cfg.ctx)
+            for start in starts[:1] if first else starts:
+                yield torch.tensor(ids[start : start + cfg.ctx])
+
+
+def distinct_contexts(contexts, held_out_CL, dropped, key=lambda ctx: ctx):
+    """The training stream without the contexts whose tokens equal a held-out context's (the held-out set
+    stays unseen in content, not only in position) or an earlier training context's; `dropped` counts
+    both. Contexts (key(item) of each item) are compared by a 64-bit hash of their tokens."""
+    held_out = {hash(ctx.numpy().tobytes()) for ctx in held_out_CL}
+    seen = set(held_out)
+    for item in contexts:
+        digest = hash(key(item).numpy().tobytes())
+        if digest in seen:
+            dropped["equal_to_held_out" if digest in held_out else "duplicate"] += 1
+            continue
+        seen.add(digest)
+        yield item
 
 
 def prefetched(items, depth=8):
@@ -719,6 +781,24 @@ def model_source(model):
     return os.path.dirname(os.path.abspath(model)), {"gguf_file": os.path.basename(model)}
 
 
+def fast_bf16(device):
+    """bf16 matmuls outrun fp32 on CUDA and on CPUs with AMX tiles; elsewhere (AMD EPYC, older Xeons) they
+    are emulated and run several times slower. Detected, never assumed."""
+    if device.type == "cuda":
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "amx_bf16" in f.read()
+    except OSError:  # not Linux: assume no
+        return False
+
+
+def lm_dtype(name, device):
+    if name == "auto":
+        return torch.bfloat16 if fast_bf16(device) else torch.float32
+    return getattr(torch, name)
+
+
 def load_tokenizer(model):
     from transformers import AutoTokenizer
 
@@ -732,7 +812,7 @@ def load_lm(cfg, device):
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # keeps error output to the one line that matters
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = lm_dtype(cfg.lm_dtype, device)
     source, gguf = model_source(cfg.model)
     try:
         tokenizer = load_tokenizer(cfg.model)
@@ -847,7 +927,7 @@ def live_reader(cfg, model, module, contexts):
 def write_cache(cfg):
     from tqdm import tqdm
 
-    check_config(cfg)
+    check_config(cfg, out_is_file=True)
     device = pick_device(cfg.device)
     if os.path.isdir(cfg.out):
         raise UsageError(f"cache --out {cfg.out} is a directory: name the cache file, "
@@ -856,6 +936,9 @@ def write_cache(cfg):
     module = hooked_module(model, cfg.layer, cfg.site)
     contexts = token_contexts(cfg, tokenizer)
     n_eval = max(1, cfg.eval_tokens // cfg.ctx)
+    held_out_CL = take(contexts, n_eval)
+    dropped = {"equal_to_held_out": 0, "duplicate": 0}
+    contexts = itertools.chain(held_out_CL, distinct_contexts(contexts, held_out_CL, dropped))
     n_total = n_eval + sum(n for _, _, n in chunk_plan(cfg))
     header = {"model": cfg.model, "layer": cfg.layer, "site": cfg.site, "ctx": cfg.ctx,
               "skip_positions": cfg.skip_positions, "d": model.config.hidden_size, "dtype": "bfloat16",
@@ -870,9 +953,10 @@ def write_cache(cfg):
             acts = lm_activations(model, module, tokens_CL, cfg.lm_batch_size, cfg.skip_positions)
             acts_file.write(acts.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
             tokens_file.write(tokens_CL.to(torch.int32).numpy().tobytes())
-    write_json(cfg.out + ".json", {**header, "complete": True})
+    write_json(cfg.out + ".json", {**header, "complete": True, "dropped_contexts": dropped})
     print(f"wrote {header['rows']} activations of {cfg.model} layer {cfg.layer} {cfg.site} to {cfg.out} "
-          f"({n_eval} held-out contexts first)")
+          f"({n_eval} held-out contexts first; left out: {dropped['equal_to_held_out']} training contexts "
+          f"equal to a held-out one, {dropped['duplicate']} repeats)")
 
 
 def open_cache(path):
@@ -891,19 +975,23 @@ def open_cache(path):
     return header, rows, torch.from_numpy(tokens).long()
 
 
-def cache_reader(path, rows, header, first_context):
-    """read_contexts over a cache, from context first_context on."""
-    per_context, position = header["ctx"] - header["skip_positions"], [first_context]
+def cache_reader(path, rows, header, context_ids):
+    """read_contexts over a cache: the contexts numbered context_ids, in that order."""
+    import numpy as np
+
+    rows_CLD = rows.reshape(header["contexts"], header["ctx"] - header["skip_positions"], header["d"])
+    context_ids, position = np.asarray(context_ids), [0]
 
     def read_contexts(n, skip=False):
-        start = position[0]
+        ids = context_ids[position[0] : position[0] + n]
         position[0] += n
-        if position[0] > header["contexts"]:
-            raise UsageError(f"--acts {path} holds {header['contexts']} contexts and this run needs more: "
-                             "write the cache with this run's --tokens, --batch-size and --buffer-tokens")
+        if len(ids) < n:
+            raise UsageError(f"--acts {path} holds {len(context_ids)} distinct training contexts and this "
+                             "run needs more: write the cache with this run's --tokens, --batch-size and "
+                             "--buffer-tokens")
         if skip:
             return None
-        rows_read = rows[start * per_context : (start + n) * per_context].copy()
+        rows_read = rows_CLD[ids].reshape(-1, header["d"])  # contiguous runs of ids read as fast as slices
         return torch.from_numpy(rows_read).view(torch.bfloat16).float()
 
     return read_contexts
@@ -1051,24 +1139,29 @@ def timed_reader(read_contexts, device, seconds):
     return read
 
 
-def activation_source(cfg, device, comms):
+def activation_source(cfg, device, comms, dropped):
     """Where a run's activations come from: the config (with a cache's model, layer and site filled in)
     and (d, read_contexts, held-out contexts, their activations or None, LM, hooked module). Live, each
-    rank reads its own share of the text; from a cache, every rank reads the same global stream."""
+    rank reads its own share of the text; from a cache, every rank reads the same global stream. Training
+    contexts equal to a held-out one, or to an earlier one, are left out and counted in `dropped`."""
     if cfg.acts:  # the LM is needed only for loss-recovered evaluation
         header, rows, cache_tokens = open_cache(cfg.acts)
         keys = ("model", "layer", "site", "ctx", "skip_positions")
         cfg = dataclasses.replace(cfg, **{key: header[key] for key in keys})
         n_eval = header["eval_contexts"]
-        eval_x = cache_reader(cfg.acts, rows, header, 0)(n_eval)
+        eval_x = cache_reader(cfg.acts, rows, header, range(n_eval))(n_eval)
         evaluating_ce = comms.rank == 0 and not cfg.skip_ce
         model, module = lm_for_evaluation(cfg, device) if evaluating_ce else (None, None)
-        read_contexts = cache_reader(cfg.acts, rows, header, n_eval)
+        # caches written before contexts were made distinct may repeat some: pass over those here
+        kept = distinct_contexts(zip(range(n_eval, header["contexts"]), cache_tokens[n_eval:]),
+                                 cache_tokens[:n_eval], dropped, key=lambda pair: pair[1])
+        read_contexts = cache_reader(cfg.acts, rows, header, [i for i, _ in kept])
         return cfg, (header["d"], read_contexts, cache_tokens[:n_eval], eval_x, model, module)
     model, tokenizer = load_lm(cfg, device)
     module = hooked_module(model, cfg.layer, cfg.site)
     contexts = token_contexts(cfg, tokenizer)
     eval_tokens_CL = take(contexts, max(1, cfg.eval_tokens // cfg.ctx))  # held out: read first, never trained
+    contexts = distinct_contexts(contexts, eval_tokens_CL, dropped)  # every rank filters the whole stream
     contexts = itertools.islice(contexts, comms.rank, None, comms.ranks)
     read_contexts = live_reader(cfg, model, module, contexts)
     return cfg, (model.config.hidden_size, read_contexts, eval_tokens_CL, None, model, module)
@@ -1120,7 +1213,9 @@ def train(cfg):
     if cfg.batch_size % ranks or (cfg.expert_parallel and cfg.experts % ranks):
         raise UsageError(f"--batch-size {cfg.batch_size} and, with --expert-parallel, --experts "
                          f"{cfg.experts} must be divisible by the {ranks} ranks")
-    cfg, (d, read_contexts, eval_tokens_CL, eval_x, model, module) = activation_source(cfg, device, comms)
+    dropped = {"equal_to_held_out": 0, "duplicate": 0}
+    cfg, source = activation_source(cfg, device, comms, dropped)
+    d, read_contexts, eval_tokens_CL, eval_x, model, module = source
     # live, each rank captures its own share of each batch; from a cache it reads the global batch
     local = dataclasses.replace(cfg, tokens=cfg.tokens // ranks, batch_size=cfg.batch_size // ranks,
                                 buffer_tokens=cfg.buffer_tokens // ranks)
@@ -1142,7 +1237,7 @@ def train(cfg):
 
     stop = stop_on_signals()
     save_every = max(1, cfg.save_every // cfg.batch_size)
-    seconds, started = {"activations": 0.0}, time.perf_counter()
+    seconds, started, auxk_steps = {"activations": 0.0}, time.perf_counter(), 0
     read_contexts = timed_reader(read_contexts, device, seconds)
     bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True, disable=comms.rank > 0)
     for step, x_BD in activation_batches(cfg if cfg.acts else local, read_contexts, start, device):
@@ -1153,6 +1248,7 @@ def train(cfg):
         out, parts = train_step(sae, opt, x_BD, lr_at(cfg, step, steps), loss_coefficients(cfg, step, steps),
                                 cfg.grad_clip, comms, dead_M, cfg.compile)
         tick_dead_clock(tokens_since_fired_M, sae, out, comms)
+        auxk_steps += out.idx is not None and out.idx.shape[1] > cfg.k  # dead latents, so AuxK ran
         bar.update(1)
         saving = (step + 1) % save_every == 0 or step + 1 == steps
         if saving or (step + 1) % cfg.log_every == 0:  # all ranks check together: one collective, then agree
@@ -1183,10 +1279,16 @@ def train(cfg):
     if eval_x is None:
         eval_x = lm_activations(model, module, eval_tokens_CL, cfg.lm_batch_size, cfg.skip_positions)
     metrics = evaluate(whole, cfg, eval_x, None if cfg.skip_ce else model, module, eval_tokens_CL)
+    k_aux = min(d // 2, cfg.width // cfg.experts) if cfg.arch == "switch" else 0
+    auxk_flops = flops_per_token(d, cfg.width, cfg.experts, cfg.k, cfg.batch_size, cfg.arch, k_aux)["total"]
     metrics.update(dead_fraction_train=(clock_M > cfg.dead_tokens).float().mean().item(),
                    train_tokens=steps * cfg.batch_size, flops_per_token=flops["total"],
-                   train_flops=flops["total"] * steps * cfg.batch_size,
+                   # AuxK's extra work counted on the steps it ran (of this process, for a resumed run)
+                   train_flops=(flops["total"] * steps + (auxk_flops - flops["total"]) * auxk_steps)
+                   * cfg.batch_size,
+                   auxk_steps=auxk_steps,
                    paper_flops_per_token=flops["paper_encoder_only"],
+                   dropped_contexts=dropped,  # as far as this run read
                    seconds_activations=seconds["activations"],  # LM forwards (or cache reads), this process
                    seconds_sae=seconds["loop"] - seconds["activations"])  # SAE steps, logging, checkpoints
     write_json(os.path.join(cfg.out, "metrics.json"), metrics)
@@ -1274,6 +1376,8 @@ def print_table(metrics):
     for key, value in metrics.items():
         if isinstance(value, list):
             shown = " ".join(f"{v:.3f}" for v in value)
+        elif isinstance(value, dict):
+            shown = ", ".join(f"{k} {v}" for k, v in value.items())
         else:
             shown = value if isinstance(value, str) else f"{value:.4g}"
         print(f"{key:>20}  {shown}")
@@ -1489,11 +1593,14 @@ def start_distributed(device):
     return device, TorchDistributed()
 
 
-def stop_distributed():
-    """Leave the process group before exit: gloo work torn down during interpreter exit aborts the process."""
+def stop_distributed(finished=False):
+    """Leave the process group before exit: gloo work torn down during interpreter exit aborts the process.
+    finished: every rank got here normally, so wait for all of them first (rank 0 may still evaluate)."""
     import torch.distributed as dist
 
     if dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -1556,6 +1663,7 @@ class BenchConfig(SAEConfig):
     layer: int = train_field("layer")
     ctx: int = train_field("ctx")
     lm_batch_size: int = train_field("lm_batch_size")
+    lm_dtype: str = train_field("lm_dtype")
     compile: bool = train_field("compile")
     expert_parallel: bool = train_field("expert_parallel")
     device: str = train_field("device")
@@ -1672,7 +1780,7 @@ def bench_capture(cfg, device):
         config = AutoConfig.from_pretrained(cfg.model)
     else:
         config = AutoConfig.for_model(cfg.model)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = lm_dtype(cfg.lm_dtype, device)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     model = model.to(device).eval()
     module = hooked_module(model, cfg.layer, "resid")
@@ -1716,8 +1824,9 @@ def bench(cfg):
         if cfg.model:
             tokens_per_s, capture_tflops = bench_capture(cfg, device)
             lm_s, sae_token_s = 1 / tokens_per_s, sae_s / cfg.batch_size
-            result.update(capture_tokens_per_s=tokens_per_s, capture_tflops=capture_tflops,
-                          capture_mfu=capture_tflops / peak, lm_share=lm_s / (lm_s + sae_token_s),
+            result.update(capture_dtype=str(lm_dtype(cfg.lm_dtype, device)), capture_tflops=capture_tflops,
+                          capture_tokens_per_s=tokens_per_s, capture_mfu=capture_tflops / peak,
+                          lm_share=lm_s / (lm_s + sae_token_s),
                           hours_for_819M_tokens=819.2e6 * (lm_s + sae_token_s) / 3600)
     if comms.rank == 0:
         print(json.dumps(result)) if cfg.json else print_table(result)
@@ -1771,6 +1880,7 @@ def main(argv=None):
             export(parse_config(argv[1:], ExportConfig, "switch_sae.py export"))
         else:
             train(parse_config(argv))
+        stop_distributed(finished=True)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -404,18 +404,21 @@ def test_gathered_dots_equals_gather_then_dot():
     torch.testing.assert_close(S.gathered_dots(idx, W, vec), (W[idx] * vec[:, None, :]).sum(-1), **TOL)
 
 
-def test_flop_count_matches_flop_counter_on_equivalent_matmuls(monkeypatch):
+@pytest.mark.parametrize("auxk", [False, True])
+def test_flop_count_matches_flop_counter_on_equivalent_matmuls(monkeypatch, auxk):
     from torch.utils.flop_counter import FlopCounterMode
 
     monkeypatch.setattr(S, "scatter_rows", scatter_rows_by_index_add)  # FlopCounterMode counts a sparse product as dense
     d, width, experts, k, B = 64, 1024, 8, 16, 512
     sae, _ = random_sae(d=d, width=width, experts=experts, k=k)
     x = torch.randn(B, d)
+    dead = torch.arange(width) % 2 == 0 if auxk else None  # 64 dead latents an expert: k_aux = d / 2 = 32 of them
     # the real forward and backward: FlopCounterMode sees the router and encoder matmuls ...
     with FlopCounterMode(display=False) as counter:
-        out = sae(x)
-        loss, _ = sae.loss(x, out)
+        out = sae(x, dead)
+        loss, _ = sae.loss(x, out, auxk_alpha=1 / 32)
         loss.backward()
+    assert out.idx.shape[1] == k + (32 if auxk else 0)
     acts, idx = out.acts, out.idx
     counted = counter.get_total_flops()
     # ... the sparse gathers (embedding_bag) it cannot see are counted as the batched matmuls they equal
@@ -425,7 +428,7 @@ def test_flop_count_matches_flop_counter_on_equivalent_matmuls(monkeypatch):
         torch.bmm(a, rows).sum().backward()  # decoder forward, W_dec rows grad, latent grad
         torch.bmm(acts.detach()[:, None, :], sae.W_enc.detach()[idx])  # sparse W_enc grad: same shape
     counted += counter.get_total_flops()
-    analytic = S.flops_per_token(d, width, experts, k, B)
+    analytic = S.flops_per_token(d, width, experts, k, B, k_aux=32 if auxk else 0)
     matmul_terms = analytic["total"] - analytic["load_balance"]
     assert counted / B == pytest.approx(matmul_terms, rel=0.02)
     assert analytic["paper_encoder_only"] == 4 * d * width // experts
@@ -601,7 +604,7 @@ def test_cache_holds_the_live_stream_and_refuses_a_partial_file(tiny_run, tmp_pa
     _, rows, tokens = S.open_cache(path)
     assert torch.equal(S.take(contexts, header["eval_contexts"]), tokens[: header["eval_contexts"]])
     live = S.activation_batches(cfg, S.live_reader(cfg, lm, S.hooked_module(lm, 0, "resid"), contexts), 0, "cpu")
-    cached = S.activation_batches(cfg, S.cache_reader(path, rows, header, header["eval_contexts"]), 0, "cpu")
+    cached = S.activation_batches(cfg, S.cache_reader(path, rows, header, range(header["eval_contexts"], header["contexts"])), 0, "cpu")
     pairs = list(zip(live, cached, strict=True))
     assert len(pairs) == cfg.tokens // cfg.batch_size
     for (step, x_live), (step_c, x_cached) in pairs:
@@ -631,6 +634,11 @@ BAD = [
     (dict(site="embed"), "unknown --site"),
     (dict(arch="dense"), "unknown --arch"),
     (dict(text="/nonexistent/corpus.jsonl"), "no such file"),
+    (dict(lr=-1), "--lr -1.0 is negative"),
+    (dict(batch_size=0), "--batch-size 0: a step needs at least 1 token"),
+    (dict(eval_tokens=0), "--eval-tokens 0 is less than one context"),
+    (dict(windows="some"), "unknown --windows"),
+    (dict(lm_dtype="fp16"), "unknown --lm-dtype"),
 ]
 
 
@@ -1172,3 +1180,101 @@ def test_cuda_training_run_writes_metrics_and_its_checkpoint_loads_on_cpu(tiny_r
         assert torch.equal(p.cpu(), getattr(on_cpu, name)), name
     x = torch.randn(64, 32)
     assert relative_error(on_gpu(x.cuda()).x_hat, on_cpu(x).x_hat) < 0.02
+
+
+
+def test_model_directory_without_a_model_and_out_under_a_file_are_refused(tiny_run, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a_file").write_text("not a folder")
+    for out, change, message in [(tmp_path / "run", dict(model=tmp_path / "empty"), "holds no config.json"),
+                                 (tmp_path / "a_file" / "run", {}, "is a file, so nothing can be written there")]:
+        with pytest.raises(SystemExit) as exit_info:
+            S.main(tiny_args(tiny_run, out, **change))
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and message in err and len(err.splitlines()) == 1
+    with pytest.raises(SystemExit):
+        S.main(["cache", *tiny_args(tiny_run, tmp_path / "a_file" / "acts.bin")])
+    assert "is a file" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# contexts: windows, held-out content, the LM's dtype
+
+
+def test_windows_all_cuts_every_document_into_consecutive_contexts(tiny_run):
+    from transformers import AutoTokenizer
+
+    model_dir, _, root = tiny_run
+    corpus = str(root / "long.jsonl")
+    write_corpus(corpus, docs=20, seed=3)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    cfg = S.TrainConfig(model=model_dir, text=(corpus,), ctx=16, windows="all")
+    want = []
+    for doc in S.read_documents(cfg):  # the same document order; windows cut by hand
+        ids = tokenizer(doc)["input_ids"]
+        want += [ids[i : i + 16] for i in range(0, len(ids) - 15, 16)]
+    got = [c.tolist() for c in S.token_contexts(cfg, tokenizer)]
+    assert got == want and len(got) > 20  # more contexts than documents: long ones give several
+    first = [c.tolist() for c in S.token_contexts(S.TrainConfig(model=model_dir, text=(corpus,), ctx=16), tokenizer)]
+    assert first == [w for w in want if w in first] and len(first) < len(got)
+
+
+def test_training_contexts_leave_out_held_out_copies_and_repeats():
+    held_out = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    stream = [torch.tensor(c) for c in ([7, 8, 9], [1, 2, 3], [7, 8, 9], [9, 9, 9], [4, 5, 6], [9, 9, 9], [1, 2, 4])]
+    dropped = {"equal_to_held_out": 0, "duplicate": 0}
+    kept = [c.tolist() for c in S.distinct_contexts(iter(stream), held_out, dropped)]
+    assert kept == [[7, 8, 9], [9, 9, 9], [1, 2, 4]]
+    assert dropped == {"equal_to_held_out": 2, "duplicate": 2}
+
+
+def write_repetitive_corpus(path, seed=0):
+    """Documents of which many repeat: copies of earlier ones, some of them held out."""
+    rng = random.Random(seed)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 40))) for _ in range(150)]
+    docs += [rng.choice(docs) for _ in range(150)]
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"text": doc}) + "\n" for doc in docs)
+
+
+def test_cache_and_cached_runs_hold_distinct_training_contexts(tiny_run, tmp_path, monkeypatch):
+    corpus = str(tmp_path / "repetitive.jsonl")
+    write_repetitive_corpus(corpus)
+    args = lambda out: tiny_args(tiny_run, out, text=corpus, tokens=1024, buffer_tokens=512)
+    path = str(tmp_path / "acts.bin")
+    S.main(["cache", *args(path)])
+    header, _, tokens = S.open_cache(path)
+    n_eval = header["eval_contexts"]
+    train = [tuple(t.tolist()) for t in tokens[n_eval:]]
+    assert len(set(train)) == len(train) and not set(train) & {tuple(t.tolist()) for t in tokens[:n_eval]}
+    assert header["dropped_contexts"]["duplicate"] > 0 and header["dropped_contexts"]["equal_to_held_out"] > 0
+    # a cache written without the filter (as before it existed): a run reads past its repeats
+    monkeypatch.setattr(S, "distinct_contexts", lambda contexts, held_out, dropped, key=None: contexts)
+    old = str(tmp_path / "old.bin")
+    S.main(["cache", *args(old)])
+    monkeypatch.undo()
+    header, rows, tokens = S.open_cache(old)
+    seen, expected_ids, repeats = {tuple(t.tolist()) for t in tokens[:n_eval]}, [], 0
+    for i in range(n_eval, header["contexts"]):
+        key = tuple(tokens[i].tolist())
+        repeats += key in seen
+        expected_ids += [] if key in seen else [i]
+        seen.add(key)
+    dropped = {"equal_to_held_out": 0, "duplicate": 0}
+    cfg = S.parse_config(args(tmp_path / "run") + [f"--acts={old}", "--skip-ce"])
+    _, (_, read_contexts, _, _, _, _) = S.activation_source(cfg, torch.device("cpu"), S.SINGLE_PROCESS, dropped)
+    assert sum(dropped.values()) == repeats > 0
+    per = header["ctx"] - header["skip_positions"]
+    want = torch.cat([torch.from_numpy(rows[i * per : (i + 1) * per].copy()) for i in expected_ids[:40]])
+    torch.testing.assert_close(read_contexts(40), want.view(torch.bfloat16).float(), rtol=0, atol=0)
+    assert expected_ids[:40] != list(range(n_eval, n_eval + 40))  # those 40 really skip some repeats
+
+
+def test_lm_dtype_auto_takes_bf16_only_where_the_cpu_has_amx(monkeypatch):
+    import io
+
+    cpu = torch.device("cpu")
+    for flags, want in [("fpu sse avx512f amx_bf16 amx_tile", torch.bfloat16), ("fpu sse avx2 avx512f", torch.float32)]:
+        monkeypatch.setattr(S, "open", lambda path, *a, flags=flags: io.StringIO(f"flags : {flags}\n"), raising=False)
+        assert S.lm_dtype("auto", cpu) == want
+    assert S.lm_dtype("float32", cpu) == torch.float32 and S.lm_dtype("bfloat16", cpu) == torch.bfloat16
