@@ -1270,11 +1270,12 @@ def test_cache_and_cached_runs_hold_distinct_training_contexts(tiny_run, tmp_pat
     assert expected_ids[:40] != list(range(n_eval, n_eval + 40))  # those 40 really skip some repeats
 
 
-def test_lm_dtype_auto_takes_bf16_only_where_the_cpu_has_amx(monkeypatch):
+def test_lm_dtype_auto_takes_bf16_only_where_the_cpu_has_bf16_instructions(monkeypatch):
     import io
 
     cpu = torch.device("cpu")
-    for flags, want in [("fpu sse avx512f amx_bf16 amx_tile", torch.bfloat16), ("fpu sse avx2 avx512f", torch.float32)]:
+    for flags, want in [("fpu sse avx512f amx_bf16 amx_tile", torch.bfloat16), ("fpu avx2 avx512f avx512_bf16", torch.bfloat16),
+                        ("fpu sse avx2 avx512f avx512_vnni", torch.float32)]:
         monkeypatch.setattr(S, "open", lambda path, *a, flags=flags: io.StringIO(f"flags : {flags}\n"), raising=False)
         assert S.lm_dtype("auto", cpu) == want
     assert S.lm_dtype("float32", cpu) == torch.float32 and S.lm_dtype("bfloat16", cpu) == torch.bfloat16
