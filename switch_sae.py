@@ -20,9 +20,9 @@ Shapes in names: B tokens in a batch, D input dim (d), M latents in all (width),
 latents per expert, K latents kept per token (k, plus AuxK's), T tokens sorted by expert, C contexts of
 L tokens each, G ranks.
 
-Sections, in the order data flows: config; model (kernels, SwitchSAE, baselines: copy this section
-alone into a project); FLOPs; capture (text, LM activations, cache); training; evaluation; checkpoints;
-distributed (torchrun); bench; command line.
+Sections: the method first, model (kernels, SwitchSAE, baselines: copy this section alone into a
+project) and FLOPs; then the machinery in the order data flows: config, capture (text, LM activations,
+cache), training, evaluation, checkpoints and export, distributed (torchrun), bench, command line.
 
     python switch_sae.py --experts 16 --k 32              # train on GPT-2 layer 8, then evaluate
     python switch_sae.py bench --experts 16 --width 24576  # time a Switch step against a TopK step
@@ -54,159 +54,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
-# config
-
-
-def arg(default, help, positional=False):
-    return dataclasses.field(default=default, metadata={"help": help, "positional": positional})
-
-
-@dataclass
-class SAEConfig:
-    """What an SAE is and what its loss weighs."""
-
-    arch: str = arg("switch", "switch (TopK experts behind a router; --experts 1 is TopK), "
-                              "or the baselines relu (L1) and gated")
-    experts: int = arg(16, "N, the number of experts; 1 gives a plain TopK SAE")
-    width: int = arg(24576, "M, total latents over all experts")
-    k: int = arg(32, "active latents per token")
-    lb_alpha: float = arg(3.0, "load-balance weight alpha; the loss adds alpha * d * L_lb")
-    auxk_alpha: float = arg(0.0, "AuxK weight (Gao et al. use 1/32); 0 as the paper ran")
-    l1_coeff: float = arg(5.0, "L1 weight of the relu and gated baselines (sweep it for a Pareto curve)")
-    dead_tokens: int = arg(10_000_000, "a latent is dead after this many training tokens without firing")
-
-
-@dataclass
-class TrainConfig(SAEConfig):
-    """A training run: which activations, how long and how fast, where results go."""
-
-    # activations: which model, where, on what text
-    model: str = arg("gpt2", "Hugging Face causal LM: a hub id, a local directory or a .gguf file")
-    layer: int = arg(8, "block whose site is hooked, 0-based (GPT-2 small layer 8 in the paper)")
-    site: str = arg("resid", "resid (block output), attn (attention output) or mlp (MLP output)")
-    text: tuple = arg((), "local .txt, .jsonl or .jsonl.gz files (a 'text' field per line) "
-                          "instead of --dataset")
-    dataset: str = arg("Skylion007/openwebtext", "hub dataset streamed when no --text is given")
-    ctx: int = arg(128, "tokens per context (see --windows)")
-    windows: str = arg("first", "first: each document's first ctx tokens, shorter documents skipped (the "
-                                "paper's); all: every consecutive ctx-token window of each document")
-    skip_positions: int = arg(1, "leading positions of each context not trained on, spliced or ablated: "
-                                 "the first is an attention sink with ~100x the usual norm (0: the paper)")
-    lm_batch_size: int = arg(64, "contexts per language-model forward")
-    lm_dtype: str = arg("auto", "the LM's dtype: float32, bfloat16, or auto: bfloat16 on CUDA and on CPUs "
-                                "with bf16 instructions (AMX, AVX512_BF16), float32 elsewhere")
-    buffer_tokens: int = arg(2**20, "activations captured, then served in random order (shuffle buffer)")
-    # training
-    tokens: int = arg(50_000_000, "training tokens (the paper: 819_200_000)")
-    batch_size: int = arg(8192, "tokens per step")
-    lr: float = arg(0.0, "learning rate; 0 means the paper's: 2e-4 / sqrt(width / 2^14) for switch, "
-                         "5e-5 relu, 3e-4 gated")
-    decay_start: float = arg(0.8, "fraction of training after which lr decays linearly to 0")
-    grad_clip: float = arg(1.0, "gradient-norm clip")
-    seed: int = arg(0, "seed for the SAE init and the data order")
-    expert_parallel: bool = arg(False, "under torchrun: split the experts over the ranks "
-                                       "(experts divisible by ranks)")
-    compile: bool = arg(False, "torch.compile the passes over the (width, d) matrices between backward "
-                               "and Adam and the decoder renormalisation, fusing each into fewer sweeps")
-    device: str = arg("auto", "auto, cuda or cpu")
-    # evaluation and checkpoints
-    acts: str = arg("", "activation cache from 'switch_sae.py cache' to train on instead of running the LM")
-    eval_tokens: int = arg(16384, "held-out tokens for evaluation, never trained on")
-    skip_ce: bool = arg(False, "leave out loss-recovered evaluation (three LM passes over the held-out text)")
-    out: str = arg("out", "directory for checkpoints and metrics.json")
-    save_every: int = arg(10_000_000, "training tokens between checkpoints")
-    resume: bool = arg(False, "continue the run saved in --out, with its saved settings "
-                              "(but this command's --device and --compile)")
-    log_every: int = arg(10, "steps between progress updates (each one waits for the GPU)")
-
-
-class UsageError(Exception):
-    """Bad input: main() prints it as one line and exits with status 2."""
-
-
-def compiler_found():
-    """torch.compile builds its kernels with a C++ compiler on PATH."""
-    return any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++"))
-
-
-def check_sae_config(cfg):
-    if cfg.arch not in ("switch", "relu", "gated"):
-        raise UsageError(f"unknown --arch {cfg.arch!r}: use switch, relu or gated")
-    if cfg.arch == "switch" and (cfg.experts < 1 or cfg.width % cfg.experts):
-        raise UsageError(f"--width {cfg.width} is not divisible by --experts {cfg.experts}: "
-                         "pick a width that is a multiple of the expert count")
-    if cfg.arch == "switch" and not 1 <= cfg.k <= cfg.width // cfg.experts:
-        raise UsageError(f"--k {cfg.k} must be between 1 and the latents per expert "
-                         f"({cfg.width // cfg.experts} = width / experts): lower --k or raise --width")
-    if cfg.compile and not compiler_found():
-        raise UsageError("--compile needs a C/C++ compiler on PATH (torch.compile builds its kernels "
-                         "with one): install g++ or drop --compile")
-
-
-def file_above(path):
-    """The first regular file among path and the folders above it, or None."""
-    path = os.path.abspath(path)
-    while not os.path.isfile(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
-    return path if os.path.isfile(path) else None
-
-
-def check_config(cfg, out_is_file=False):
-    """Bad settings, found before anything slow starts. out_is_file: --out names a file (the cache)."""
-    check_sae_config(cfg)
-    if cfg.lr < 0:
-        raise UsageError(f"--lr {cfg.lr} is negative (that trains by gradient ascent): give a positive "
-                         "learning rate, or 0 for the paper's rule")
-    if cfg.batch_size < 1:
-        raise UsageError(f"--batch-size {cfg.batch_size}: a step needs at least 1 token")
-    if cfg.eval_tokens < cfg.ctx:
-        raise UsageError(f"--eval-tokens {cfg.eval_tokens} is less than one context of --ctx {cfg.ctx}: "
-                         "evaluation needs at least one held-out context")
-    blocking = file_above(os.path.dirname(os.path.abspath(cfg.out)) if out_is_file else cfg.out)
-    if blocking:
-        raise UsageError(f"--out {cfg.out}: {blocking} is a file, so nothing can be written there; "
-                         "pick another --out")
-    model_dir = not cfg.acts and os.path.isdir(cfg.model)
-    if model_dir and not os.path.isfile(os.path.join(cfg.model, "config.json")):
-        raise UsageError(f"--model {cfg.model} holds no config.json, so it is no Hugging Face model "
-                         "directory: point --model at one (or at a hub id or a .gguf file)")
-    if cfg.windows not in ("first", "all"):
-        raise UsageError(f"unknown --windows {cfg.windows!r}: use first or all")
-    if cfg.lm_dtype not in ("auto", "float32", "bfloat16"):
-        raise UsageError(f"unknown --lm-dtype {cfg.lm_dtype!r}: use auto, float32 or bfloat16")
-    if cfg.site not in ("resid", "attn", "mlp"):
-        raise UsageError(f"unknown --site {cfg.site!r}: use resid, attn or mlp")
-    if not 0 <= cfg.skip_positions < cfg.ctx:
-        raise UsageError(f"--skip-positions {cfg.skip_positions} must be at least 0 and below "
-                         f"--ctx {cfg.ctx}")
-    if cfg.log_every < 1 or cfg.save_every < 1:
-        raise UsageError("--log-every and --save-every must be at least 1")
-    if cfg.tokens < cfg.batch_size:
-        raise UsageError(f"--tokens {cfg.tokens} is less than one batch of --batch-size {cfg.batch_size}: "
-                         "raise --tokens")
-    if cfg.expert_parallel and (cfg.arch != "switch" or cfg.auxk_alpha):
-        raise UsageError("--expert-parallel needs --arch switch and --auxk-alpha 0 "
-                         "(AuxK across ranks is not supported yet)")
-    for path in cfg.text:
-        if not os.path.isfile(path):
-            raise UsageError(f"--text {path}: no such file; pass existing .txt, .jsonl or .jsonl.gz files")
-        if os.path.getsize(path) == 0:
-            raise UsageError(f"--text {path} is empty: pass a file with text in it")
-
-
-def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but torch sees no CUDA GPU: use --device cpu "
-                         "(or install a CUDA build of torch)")
-    if name not in ("cuda", "cpu"):
-        raise UsageError(f"unknown --device {name!r}: use auto, cuda or cpu")
-    return torch.device(name)
-
-
-# -----------------------------------------------------------------------------
-# model: routed kernels, the Switch SAE and its loss, the baselines. Needs only the imports above.
+# model: routed kernels, the Switch SAE and its loss, the baselines. Copied alone, it needs only math,
+# warnings, typing.NamedTuple and torch.
 
 GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)  # public from torch 2.9
 
@@ -630,6 +479,158 @@ def flops_per_token(d, width, experts, k, batch_size, arch="switch", k_aux=0):
 
 
 # -----------------------------------------------------------------------------
+# config
+
+
+def arg(default, help, positional=False):
+    return dataclasses.field(default=default, metadata={"help": help, "positional": positional})
+
+
+@dataclass
+class SAEConfig:
+    """What an SAE is and what its loss weighs."""
+
+    arch: str = arg("switch", "switch (TopK experts behind a router; --experts 1 is TopK), "
+                              "or the baselines relu (L1) and gated")
+    experts: int = arg(16, "N, the number of experts; 1 gives a plain TopK SAE")
+    width: int = arg(24576, "M, total latents over all experts")
+    k: int = arg(32, "active latents per token")
+    lb_alpha: float = arg(3.0, "load-balance weight alpha; the loss adds alpha * d * L_lb")
+    auxk_alpha: float = arg(0.0, "AuxK weight (Gao et al. use 1/32); 0 as the paper ran")
+    l1_coeff: float = arg(5.0, "L1 weight of the relu and gated baselines (sweep it for a Pareto curve)")
+    dead_tokens: int = arg(10_000_000, "a latent is dead after this many training tokens without firing")
+
+
+@dataclass
+class TrainConfig(SAEConfig):
+    """A training run: which activations, how long and how fast, where results go."""
+
+    # activations: which model, where, on what text
+    model: str = arg("gpt2", "Hugging Face causal LM: a hub id, a local directory or a .gguf file")
+    layer: int = arg(8, "block whose site is hooked, 0-based (GPT-2 small layer 8 in the paper)")
+    site: str = arg("resid", "resid (block output), attn (attention output) or mlp (MLP output)")
+    text: tuple = arg((), "local .txt, .jsonl or .jsonl.gz files (a 'text' field per line) "
+                          "instead of --dataset")
+    dataset: str = arg("Skylion007/openwebtext", "hub dataset streamed when no --text is given")
+    ctx: int = arg(128, "tokens per context (see --windows)")
+    windows: str = arg("first", "first: each document's first ctx tokens, shorter documents skipped (the "
+                                "paper's); all: every consecutive ctx-token window of each document")
+    skip_positions: int = arg(1, "leading positions of each context not trained on, spliced or ablated: "
+                                 "the first is an attention sink with ~100x the usual norm (0: the paper)")
+    lm_batch_size: int = arg(64, "contexts per language-model forward")
+    lm_dtype: str = arg("auto", "the LM's dtype: float32, bfloat16, or auto: bfloat16 on CUDA and on CPUs "
+                                "with bf16 instructions (AMX, AVX512_BF16), float32 elsewhere")
+    buffer_tokens: int = arg(2**20, "activations captured, then served in random order (shuffle buffer)")
+    # training
+    tokens: int = arg(50_000_000, "training tokens (the paper: 819_200_000)")
+    batch_size: int = arg(8192, "tokens per step")
+    lr: float = arg(0.0, "learning rate; 0 means the paper's: 2e-4 / sqrt(width / 2^14) for switch, "
+                         "5e-5 relu, 3e-4 gated")
+    decay_start: float = arg(0.8, "fraction of training after which lr decays linearly to 0")
+    grad_clip: float = arg(1.0, "gradient-norm clip")
+    seed: int = arg(0, "seed for the SAE init and the data order")
+    expert_parallel: bool = arg(False, "under torchrun: split the experts over the ranks "
+                                       "(experts divisible by ranks)")
+    compile: bool = arg(False, "torch.compile the passes over the (width, d) matrices between backward "
+                               "and Adam and the decoder renormalisation, fusing each into fewer sweeps")
+    device: str = arg("auto", "auto, cuda or cpu")
+    # evaluation and checkpoints
+    acts: str = arg("", "activation cache from 'switch_sae.py cache' to train on instead of running the LM")
+    eval_tokens: int = arg(16384, "held-out tokens for evaluation, never trained on")
+    skip_ce: bool = arg(False, "leave out loss-recovered evaluation (three LM passes over the held-out text)")
+    out: str = arg("out", "directory for checkpoints and metrics.json")
+    save_every: int = arg(10_000_000, "training tokens between checkpoints")
+    resume: bool = arg(False, "continue the run saved in --out, with its saved settings "
+                              "(but this command's --device and --compile)")
+    log_every: int = arg(10, "steps between progress updates (each one waits for the GPU)")
+
+
+class UsageError(Exception):
+    """Bad input: main() prints it as one line and exits with status 2."""
+
+
+def compiler_found():
+    """torch.compile builds its kernels with a C++ compiler on PATH."""
+    return any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++"))
+
+
+def check_sae_config(cfg):
+    if cfg.arch not in ("switch", "relu", "gated"):
+        raise UsageError(f"unknown --arch {cfg.arch!r}: use switch, relu or gated")
+    if cfg.arch == "switch" and (cfg.experts < 1 or cfg.width % cfg.experts):
+        raise UsageError(f"--width {cfg.width} is not divisible by --experts {cfg.experts}: "
+                         "pick a width that is a multiple of the expert count")
+    if cfg.arch == "switch" and not 1 <= cfg.k <= cfg.width // cfg.experts:
+        raise UsageError(f"--k {cfg.k} must be between 1 and the latents per expert "
+                         f"({cfg.width // cfg.experts} = width / experts): lower --k or raise --width")
+    if cfg.compile and not compiler_found():
+        raise UsageError("--compile needs a C/C++ compiler on PATH (torch.compile builds its kernels "
+                         "with one): install g++ or drop --compile")
+
+
+def file_above(path):
+    """The first regular file among path and the folders above it, or None."""
+    path = os.path.abspath(path)
+    while not os.path.isfile(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path if os.path.isfile(path) else None
+
+
+def check_config(cfg, out_is_file=False):
+    """Bad settings, found before anything slow starts. out_is_file: --out names a file (the cache)."""
+    check_sae_config(cfg)
+    if cfg.lr < 0:
+        raise UsageError(f"--lr {cfg.lr} is negative (that trains by gradient ascent): give a positive "
+                         "learning rate, or 0 for the paper's rule")
+    if cfg.batch_size < 1:
+        raise UsageError(f"--batch-size {cfg.batch_size}: a step needs at least 1 token")
+    if cfg.eval_tokens < cfg.ctx:
+        raise UsageError(f"--eval-tokens {cfg.eval_tokens} is less than one context of --ctx {cfg.ctx}: "
+                         "evaluation needs at least one held-out context")
+    blocking = file_above(os.path.dirname(os.path.abspath(cfg.out)) if out_is_file else cfg.out)
+    if blocking:
+        raise UsageError(f"--out {cfg.out}: {blocking} is a file, so nothing can be written there; "
+                         "pick another --out")
+    model_dir = not cfg.acts and os.path.isdir(cfg.model)
+    if model_dir and not os.path.isfile(os.path.join(cfg.model, "config.json")):
+        raise UsageError(f"--model {cfg.model} holds no config.json, so it is no Hugging Face model "
+                         "directory: point --model at one (or at a hub id or a .gguf file)")
+    if cfg.windows not in ("first", "all"):
+        raise UsageError(f"unknown --windows {cfg.windows!r}: use first or all")
+    if cfg.lm_dtype not in ("auto", "float32", "bfloat16"):
+        raise UsageError(f"unknown --lm-dtype {cfg.lm_dtype!r}: use auto, float32 or bfloat16")
+    if cfg.site not in ("resid", "attn", "mlp"):
+        raise UsageError(f"unknown --site {cfg.site!r}: use resid, attn or mlp")
+    if not 0 <= cfg.skip_positions < cfg.ctx:
+        raise UsageError(f"--skip-positions {cfg.skip_positions} must be at least 0 and below "
+                         f"--ctx {cfg.ctx}")
+    if cfg.log_every < 1 or cfg.save_every < 1:
+        raise UsageError("--log-every and --save-every must be at least 1")
+    if cfg.tokens < cfg.batch_size:
+        raise UsageError(f"--tokens {cfg.tokens} is less than one batch of --batch-size {cfg.batch_size}: "
+                         "raise --tokens")
+    if cfg.expert_parallel and (cfg.arch != "switch" or cfg.auxk_alpha):
+        raise UsageError("--expert-parallel needs --arch switch and --auxk-alpha 0 "
+                         "(AuxK across ranks is not supported yet)")
+    for path in cfg.text:
+        if not os.path.isfile(path):
+            raise UsageError(f"--text {path}: no such file; pass existing .txt, .jsonl or .jsonl.gz files")
+        if os.path.getsize(path) == 0:
+            raise UsageError(f"--text {path} is empty: pass a file with text in it")
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but torch sees no CUDA GPU: use --device cpu "
+                         "(or install a CUDA build of torch)")
+    if name not in ("cuda", "cpu"):
+        raise UsageError(f"unknown --device {name!r}: use auto, cuda or cpu")
+    return torch.device(name)
+
+
+# -----------------------------------------------------------------------------
 # capture: documents -> token contexts -> activations at one site of a causal LM -> shuffled batches
 
 
@@ -818,11 +819,13 @@ def load_lm(cfg, device):
     source, gguf = model_source(cfg.model)
     try:
         tokenizer = load_tokenizer(cfg.model)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa", **gguf)
+        load_dtype = torch.float32 if gguf else dtype  # GGUF dequantises to float32; cast after
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=load_dtype, attn_implementation="sdpa",
+                                                     **gguf)
     except OSError:
         raise UsageError(f"could not load model {cfg.model!r}: no network, or no such hub id or directory; "
                          "pass a local model with --model DIR or --model FILE.gguf") from None
-    return model.to(device).eval(), tokenizer
+    return model.to(device, dtype).eval(), tokenizer
 
 
 def hooked_module(model, layer, site):
@@ -1237,9 +1240,12 @@ def train(cfg):
         if cfg.tokens < 819_200_000:
             print("the paper trained on 819.2M tokens: add --tokens 819200000")
 
+    if comms.rank == 0:
+        feed = f"reading {cfg.acts}" if cfg.acts else f"capturing {cfg.buffer_tokens:,} tokens a buffer by LM"
+        print(f"training: {feed}; the bar moves once each shuffle buffer is filled")
     stop = stop_on_signals()
     save_every = max(1, cfg.save_every // cfg.batch_size)
-    seconds, started, auxk_steps = {"activations": 0.0}, time.perf_counter(), 0
+    seconds, started, auxk_steps, loss_curve = {"activations": 0.0}, time.perf_counter(), 0, []
     read_contexts = timed_reader(read_contexts, device, seconds)
     bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True, disable=comms.rank > 0)
     for step, x_BD in activation_batches(cfg if cfg.acts else local, read_contexts, start, device):
@@ -1254,7 +1260,9 @@ def train(cfg):
         bar.update(1)
         saving = (step + 1) % save_every == 0 or step + 1 == steps
         if saving or (step + 1) % cfg.log_every == 0:  # all ranks check together: one collective, then agree
-            loss, stopping = comms.all_reduce(torch.stack([parts["loss"], stop.to(device)[0]])).tolist()
+            logged = torch.stack([parts["loss"], parts["recon"], stop.to(device)[0]])
+            loss, recon, stopping = comms.all_reduce(logged).tolist()
+            loss_curve.append([step + 1, recon / ranks])
             if not math.isfinite(loss):  # checked before any save, so the last checkpoint stays good
                 raise UsageError(f"the loss became {loss} by step {step + 1}: the last good checkpoint in "
                                  f"{cfg.out} is intact; lower --lr and continue with "
@@ -1278,6 +1286,8 @@ def train(cfg):
     if comms.rank > 0:
         return None
     whole = load_sae(cfg.out, device) if is_sharded(sae.W_dec) else sae
+    print(f"evaluating on {len(eval_tokens_CL)} held-out contexts"
+          + ("" if cfg.skip_ce else " (then three LM passes for loss recovered and KL)"))
     if eval_x is None:
         eval_x = lm_activations(model, module, eval_tokens_CL, cfg.lm_batch_size, cfg.skip_positions)
     metrics = evaluate(whole, cfg, eval_x, None if cfg.skip_ce else model, module, eval_tokens_CL)
@@ -1289,6 +1299,7 @@ def train(cfg):
                    train_flops=(flops["total"] * steps + (auxk_flops - flops["total"]) * auxk_steps)
                    * cfg.batch_size,
                    auxk_steps=auxk_steps,
+                   loss_curve=loss_curve,  # [step, reconstruction loss] at each log step (of this process)
                    paper_flops_per_token=flops["paper_encoder_only"],
                    dropped_contexts=dropped,  # as far as this run read
                    seconds_activations=seconds["activations"],  # LM forwards (or cache reads), this process
@@ -1376,13 +1387,15 @@ def evaluate(sae, cfg, x_BD, model=None, module=None, tokens_CL=None):
 
 def print_table(metrics):
     for key, value in metrics.items():
-        if isinstance(value, list):
+        if isinstance(value, list) and value and isinstance(value[0], list):
+            shown = f"{len(value)} points (in metrics.json)"
+        elif isinstance(value, list):
             shown = " ".join(f"{v:.3f}" for v in value)
         elif isinstance(value, dict):
             shown = ", ".join(f"{k} {v}" for k, v in value.items())
         else:
             shown = value if isinstance(value, str) else f"{value:.4g}"
-        print(f"{key:>20}  {shown}")
+        print(f"{key:>21}  {shown}")
 
 
 # -----------------------------------------------------------------------------

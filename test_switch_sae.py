@@ -485,7 +485,8 @@ def tiny_run(tmp_path_factory):
 def tiny_args(tiny_run, out, **extra):
     model_dir, corpus, _ = tiny_run
     args = dict(model=model_dir, text=corpus, layer=0, ctx=16, experts=4, k=4, width=64, tokens=2048, batch_size=256,
-                buffer_tokens=1024, eval_tokens=256, lm_batch_size=16, out=str(out), device="cpu", save_every=512)
+                buffer_tokens=1024, eval_tokens=256, lm_batch_size=16, out=str(out), device="cpu", save_every=512,
+                lm_dtype="float32")  # the tests' own LMs run in float32, whatever this CPU's bf16 speed
     args.update(extra)
     return [f"--{key.replace('_', '-')}" + ("" if value is True else f"={value}") for key, value in args.items()]
 
@@ -603,6 +604,7 @@ def test_cache_holds_the_live_stream_and_refuses_a_partial_file(tiny_run, tmp_pa
     contexts = S.token_contexts(cfg, AutoTokenizer.from_pretrained(cfg.model))
     _, rows, tokens = S.open_cache(path)
     assert torch.equal(S.take(contexts, header["eval_contexts"]), tokens[: header["eval_contexts"]])
+    contexts = S.distinct_contexts(contexts, tokens[: header["eval_contexts"]], {"equal_to_held_out": 0, "duplicate": 0})
     live = S.activation_batches(cfg, S.live_reader(cfg, lm, S.hooked_module(lm, 0, "resid"), contexts), 0, "cpu")
     cached = S.activation_batches(cfg, S.cache_reader(path, rows, header, range(header["eval_contexts"], header["contexts"])), 0, "cpu")
     pairs = list(zip(live, cached, strict=True))
@@ -799,7 +801,7 @@ def test_expert_parallel_run_survives_sigterm_and_resumes_to_the_same_weights(ti
 # notebooks
 
 
-@pytest.mark.parametrize("name", ["scaling_laws", "pareto", "feature_geometry", "features"])
+@pytest.mark.parametrize("name", ["scaling_laws", "pareto", "feature_geometry", "features", "fair_comparison"])
 def test_notebooks_run_at_smoke_scale(name, tmp_path, monkeypatch):
     """Each notebook runs top to bottom at SCALE=smoke (a random tiny GPT-2 it builds itself), writing only under tmp_path."""
     import nbclient
@@ -1171,7 +1173,7 @@ def test_cuda_compiled_step_equals_eager_step():
 def test_cuda_training_run_writes_metrics_and_its_checkpoint_loads_on_cpu(tiny_run, tmp_path):
     corpus = str(tmp_path / "big.jsonl")
     write_corpus(corpus, docs=8000, seed=1)
-    S.main(tiny_args(tiny_run, tmp_path / "run", text=corpus, device="cuda", tokens=256 * 200, buffer_tokens=256 * 50,
+    S.main(tiny_args(tiny_run, tmp_path / "run", text=corpus, device="cuda", lm_dtype="auto", tokens=256 * 200, buffer_tokens=256 * 50,
                      save_every=256 * 50, experts=16, width=256, k=4))
     metrics = json.load(open(tmp_path / "run" / "metrics.json"))
     assert metrics["train_tokens"] == 256 * 200 and 0 < metrics["fve"] < 1 and "frac_loss_recovered" in metrics

@@ -8,12 +8,14 @@ TQDM_MININTERVAL, which tqdm reads when it is first imported (torch imports it).
 """
 import dataclasses
 import json
+import math
 import os
 import random
 import sys
 
 os.environ.setdefault("TQDM_MININTERVAL", "30")  # train()'s progress bars: an update every 30 s keeps the notebooks small
 
+import numpy as np
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,7 +31,8 @@ def setup(scale, notebook, settings):
     Returns (runs, cache, lm, device, note); cache is "" when the settings capture activations live (paper scale)."""
     results = os.environ.get("RESULTS", os.path.join(REPO, "notebooks", "runs", scale))
     runs = os.path.join(results, notebook)  # one folder per run inside: config.json, sae.safetensors, metrics.json
-    default_cache = os.path.join(REPO, "notebooks", "cache", "smollm2_l15.bin" if scale == "small" else f"{scale}.bin")
+    default_name = settings.get("cache_file", "smollm2_l15.bin" if scale == "small" else f"{scale}.bin")
+    default_cache = os.path.join(REPO, "notebooks", "cache", default_name)
     cache = os.environ.get("CACHE", default_cache) if settings["cache"] else ""  # one cache shared by all three notebooks
     device = S.pick_device("auto")
     lm = dict(settings["lm"])  # which activations: model, layer, text, context length; the same for every run
@@ -118,9 +121,81 @@ def held_out(lm, cache, device):
     own measurements match the runs' metrics.json: from the cache when there is one, else captured from the LM."""
     if cache:
         header, rows, tokens = S.open_cache(cache)
-        return tokens[: header["eval_contexts"]], S.cache_reader(cache, rows, header, 0)(header["eval_contexts"])
+        return tokens[: header["eval_contexts"]], S.cache_reader(cache, rows, header, range(header["eval_contexts"]))(header["eval_contexts"])
     cfg = S.TrainConfig(**lm, device="auto")
     model, tokenizer = S.load_lm(cfg, device)
     tokens = S.take(S.token_contexts(cfg, tokenizer), max(1, cfg.eval_tokens // cfg.ctx))
     module = S.hooked_module(model, cfg.layer, cfg.site)
     return tokens, S.lm_activations(model, module, tokens, cfg.lm_batch_size, cfg.skip_positions).cpu()
+
+
+# -----------------------------------------------------------------------------
+# fair comparisons: the same tokens, order and steps for every arm; lr tuned per arm on a validation split; seeds;
+# intervals; verdicts computed from them
+
+T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 8: 2.365, 10: 2.262}  # Student t, two-sided 95%
+
+
+def interval(values):
+    """Mean and the half-width of its 95% confidence interval (Student t over len(values) >= 2 seeds)."""
+    values = np.asarray(values, dtype=float)
+    return values.mean(), T95[len(values)] * values.std(ddof=1) / math.sqrt(len(values))
+
+
+def compare(values, reference):
+    """Relative difference values / reference - 1, paired by seed (same init seed and data order), as (mean, half-width
+    of the 95% interval, sign): sign is -1 or +1 when the whole interval lies below or above 0, else 0."""
+    mean, half = interval(np.asarray(values) / np.asarray(reference) - 1)
+    return mean, half, -1 if mean + half < 0 else 1 if mean - half > 0 else 0
+
+
+def held_out_split(tokens_CL, x, skip):
+    """The held-out contexts cut in two: the first half validates (learning rates are chosen on it), the second tests
+    (results are reported on it). Returns {"val": x_val, "test": x_test} and, for each, the mask of its typical tokens
+    (norm at most 4x the split's median: a few massive activations otherwise dominate the MSE)."""
+    per = tokens_CL.shape[1] - skip
+    half = len(tokens_CL) // 2 * per
+    splits = {"val": x[:half].float(), "test": x[half:].float()}
+    typical = {name: xs.norm(dim=1) <= 4 * xs.norm(dim=1).median() for name, xs in splits.items()}
+    return splits, typical
+
+
+@torch.no_grad()
+def mse(sae, x, mask, device):
+    """Mean over the masked tokens of sum_d (x - x_hat)^2."""
+    err = torch.cat([(xb - sae(xb).x_hat).pow(2).sum(1).cpu() for xb in x.to(device).split(4096)])
+    return err[mask].mean().item()
+
+
+def last_tenth_change(metrics):
+    """How much the logged reconstruction loss still moved over the last 10% of steps: the least-squares slope there,
+    times the span, over the mean loss there (a flattened curve gives about 0)."""
+    steps, loss = np.array(metrics["loss_curve"], dtype=float).T
+    tail = steps >= steps[-1] * 0.9
+    slope = np.polyfit(steps[tail], loss[tail], 1)[0]
+    return slope * (steps[tail][-1] - steps[tail][0]) / loss[tail].mean()
+
+
+def sweep(config, arms, lrs, seeds, splits, typical, device):
+    """Train every arm at every lr with seeds[0], keep the lr with the lowest validation MSE (typical tokens), then train
+    the other seeds at that lr. Returns, per arm: val MSE per lr, the chosen lr, and per seed the test MSE (typical
+    tokens and all), the metrics and the last-10% change of the loss curve."""
+    results = {}
+    for arm, fields in arms.items():
+        name = lambda lr, seed: f"{arm}_lr{lr:g}_s{seed}"
+        val = {}
+        for lr in lrs:
+            cfg = config(name(lr, seeds[0]), lr=lr, seed=seeds[0], **fields)
+            run(cfg)
+            val[lr] = mse(S.load_sae(cfg.out, device), splits["val"], typical["val"], device)
+        best = min(val, key=val.get)
+        per_seed = []
+        for seed in seeds:
+            cfg = config(name(best, seed), lr=best, seed=seed, **fields)
+            metrics = run(cfg)
+            sae = S.load_sae(cfg.out, device)
+            per_seed.append(dict(seed=seed, mse_typ=mse(sae, splits["test"], typical["test"], device),
+                                 mse=mse(sae, splits["test"], torch.ones_like(typical["test"]), device),
+                                 change=last_tenth_change(metrics), metrics=metrics))
+        results[arm] = dict(val=val, lr=best, seeds=per_seed)
+    return results
