@@ -29,6 +29,7 @@ cache), training, evaluation, checkpoints and export, distributed (torchrun), be
 """
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import gzip
@@ -102,8 +103,8 @@ def topk_rows(pre_Tm, k, group=8):
         return pre_Tm.topk(k, dim=1, sorted=False)
     groups_TGg = pre_Tm.view(T, m // group, group)
     _, best_Tk = groups_TGg.amax(dim=2).topk(k, dim=1, sorted=False)
-    candidates_TC = groups_TGg.gather(1, best_Tk[:, :, None].expand(-1, -1, group)).view(T, k * group)
-    vals_TK, loc_TK = candidates_TC.topk(k, dim=1, sorted=False)
+    candidates_TKg = groups_TGg.gather(1, best_Tk[:, :, None].expand(-1, -1, group)).view(T, k * group)
+    vals_TK, loc_TK = candidates_TKg.topk(k, dim=1, sorted=False)
     return vals_TK, best_Tk.gather(1, loc_TK // group) * group + loc_TK % group
 
 
@@ -205,7 +206,8 @@ class SAEOutput(NamedTuple):
     """(B, D) the reconstruction."""
     acts: torch.Tensor
     """Switch: (B, K) the active latents' values before the gate (then the AuxK latents, when asked for).
-    Baselines: (B, M), every latent."""
+    Baselines: (B, M), every latent. (ExpertParallelSwitchSAE: those of the tokens this rank's experts
+    received, with shard-local indices.)"""
     idx: torch.Tensor | None = None
     """(B, K) global latent indices of `acts` (Switch); None where `acts` is dense."""
     probs: torch.Tensor | None = None
@@ -242,6 +244,7 @@ class SAE(nn.Module):
     rules the training loop calls around each step (no-ops where an architecture has no such rule)."""
 
     unit_decoder = True  # rows kept at unit norm: gradient projected before the step, renormalised after
+    experts = 1  # the baselines have no router
 
     @property
     def dtype(self):
@@ -295,6 +298,11 @@ class SwitchSAE(SAE):
     def config(self):
         return {**super().config(), "experts": self.experts, "k": self.k}
 
+    @property
+    def k_aux(self):
+        """AuxK's latents a token, when some are dead: Gao et al.'s d/2, at most the expert's m."""
+        return min(self.d_in // 2, self.width // self.experts)
+
     @torch.no_grad()
     def init_biases_(self, x_BD):
         """b_dec = b_router = the geometric median of the first batch, as the authors start them."""
@@ -311,10 +319,10 @@ class SwitchSAE(SAE):
         dead latents of its expert (AuxK), appended to acts and idx."""
         probs_BN, expert_B = self.route(x_BD)
         counts_N = count(expert_B, self.experts)
-        x_TD, expert_T, counts_n, combine = self.dispatch(x_BD, expert_B, counts_N)
-        k_aux = min(self.d_in // 2, self.width // self.experts) if dead_M is not None and dead_M.any() else 0
-        acts_TK, idx_TK = RoutedTopK.apply(x_TD, self.W_enc, self.b_dec, expert_T, counts_n, self.k, dead_M,
-                                           k_aux)
+        x_TD, expert_T, counts_here, combine = self.dispatch(x_BD, expert_B, counts_N)
+        k_aux = self.k_aux if dead_M is not None and dead_M.any() else 0
+        acts_TK, idx_TK = RoutedTopK.apply(x_TD, self.W_enc, self.b_dec, expert_T, counts_here, self.k,
+                                           dead_M, k_aux)
         decoded_BD, acts_BK, idx_BK = combine(acts_TK, idx_TK)
         x_hat_BD = decoded_BD * routed_gate(probs_BN, expert_B)[:, None].to(decoded_BD.dtype) + self.b_dec
         return SAEOutput(x_hat_BD, acts_BK, idx_BK, probs_BN, expert_B, counts_N)
@@ -563,6 +571,8 @@ def check_sae_config(cfg):
     if cfg.arch == "switch" and not 1 <= cfg.k <= cfg.width // cfg.experts:
         raise UsageError(f"--k {cfg.k} must be between 1 and the latents per expert "
                          f"({cfg.width // cfg.experts} = width / experts): lower --k or raise --width")
+    if cfg.auxk_alpha and cfg.arch != "switch":
+        raise UsageError("--auxk-alpha is a rule of TopK latents: use it with --arch switch, or set it to 0")
     if cfg.compile and not compiler_found():
         raise UsageError("--compile needs a C/C++ compiler on PATH (torch.compile builds its kernels "
                          "with one): install g++ or drop --compile")
@@ -1106,12 +1116,12 @@ def train_step(sae, opt, x_BD, lr, coefs, grad_clip=1.0, comms=SINGLE_PROCESS, d
     opt.zero_grad(set_to_none=True)
     loss.backward()
     comms.average_gradients(sae)
-    fused = compiled if compile else lambda fn: fn
-    fused(prepare_gradients)(sae, grad_clip, comms)
+    maybe_compiled = compiled if compile else lambda fn: fn
+    maybe_compiled(prepare_gradients)(sae, grad_clip, comms)
     for group in opt.param_groups:
         group["lr"] = lr
     opt.step()
-    fused(type(sae).normalize_decoder_)(sae)
+    maybe_compiled(type(sae).normalize_decoder_)(sae)  # the class's function: one compiled wrapper a class
     parts.update(loss=loss.detach(), fve=batch_fve(x_BD, out.x_hat.detach()))
     return out, parts
 
@@ -1182,9 +1192,11 @@ def lm_for_evaluation(cfg, device):
     return model, hooked_module(model, cfg.layer, cfg.site)
 
 
+@contextlib.contextmanager
 def stop_on_signals():
-    """The first SIGINT or SIGTERM sets a flag, so the run saves and exits cleanly at its next log step;
-    a second one interrupts at once."""
+    """Within the block, the first SIGINT or SIGTERM sets the yielded flag, so the run saves and exits
+    cleanly at its next log step; a second one interrupts at once. The previous handlers come back after
+    (a notebook that trains several SAEs keeps its own interrupt)."""
     import signal
 
     flag = torch.zeros(1)
@@ -1194,9 +1206,12 @@ def stop_on_signals():
             raise KeyboardInterrupt
         flag.fill_(1)
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, handler)
-    return flag
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def build_sae(cfg, d, comms):
@@ -1243,41 +1258,42 @@ def train(cfg):
     if comms.rank == 0:
         feed = f"reading {cfg.acts}" if cfg.acts else f"capturing {cfg.buffer_tokens:,} tokens a buffer by LM"
         print(f"training: {feed}; the bar moves once each shuffle buffer is filled")
-    stop = stop_on_signals()
     save_every = max(1, cfg.save_every // cfg.batch_size)
     seconds, started, auxk_steps, loss_curve = {"activations": 0.0}, time.perf_counter(), 0, []
     read_contexts = timed_reader(read_contexts, device, seconds)
-    bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True, disable=comms.rank > 0)
-    for step, x_BD in activation_batches(cfg if cfg.acts else local, read_contexts, start, device):
-        x_BD = x_BD.chunk(ranks)[comms.rank] if cfg.acts else x_BD  # from a cache, keep this rank's share
-        if step == 0:
-            sae.init_biases_(comms.gather_rows(x_BD))  # from the whole first batch, the same on every rank
-        dead_M = tokens_since_fired_M > cfg.dead_tokens if cfg.auxk_alpha else None
-        out, parts = train_step(sae, opt, x_BD, lr_at(cfg, step, steps), loss_coefficients(cfg, step, steps),
-                                cfg.grad_clip, comms, dead_M, cfg.compile)
-        tick_dead_clock(tokens_since_fired_M, sae, out, comms)
-        auxk_steps += out.idx is not None and out.idx.shape[1] > cfg.k  # dead latents, so AuxK ran
-        bar.update(1)
-        saving = (step + 1) % save_every == 0 or step + 1 == steps
-        if saving or (step + 1) % cfg.log_every == 0:  # all ranks check together: one collective, then agree
-            logged = torch.stack([parts["loss"], parts["recon"], stop.to(device)[0]])
-            loss, recon, stopping = comms.all_reduce(logged).tolist()
-            loss_curve.append([step + 1, recon / ranks])
-            if not math.isfinite(loss):  # checked before any save, so the last checkpoint stays good
-                raise UsageError(f"the loss became {loss} by step {step + 1}: the last good checkpoint in "
-                                 f"{cfg.out} is intact; lower --lr and continue with "
-                                 f"--resume --out {cfg.out}")
-            bar.set_postfix(loss=f"{loss / ranks:.1f}", fve=f"{parts['fve'].item():.3f}",
-                            tok_s=f"{(bar.format_dict['rate'] or 0) * cfg.batch_size:.0f}",
-                            pflop=f"{flops['total'] * (step + 1) * cfg.batch_size / 1e15:.4f}")
-            if saving or stopping:
-                save_checkpoint(cfg.out, sae, cfg, step + 1, opt, tokens_since_fired_M, comms)
-            if stopping:
-                bar.close()
-                if comms.rank == 0:
-                    print(f"stopped by a signal after step {step + 1}: checkpoint saved in {cfg.out}; "
-                          f"continue with --resume --out {cfg.out}")
-                return None
+    with stop_on_signals() as stop:
+        bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True, disable=comms.rank > 0)
+        for step, x_BD in activation_batches(cfg if cfg.acts else local, read_contexts, start, device):
+            x_BD = x_BD.chunk(ranks)[comms.rank] if cfg.acts else x_BD  # from a cache, keep this rank's share
+            if step == 0:
+                sae.init_biases_(comms.gather_rows(x_BD))  # the whole first batch's, the same on every rank
+            dead_M = tokens_since_fired_M > cfg.dead_tokens if cfg.auxk_alpha else None
+            coefs = loss_coefficients(cfg, step, steps)
+            out, parts = train_step(sae, opt, x_BD, lr_at(cfg, step, steps), coefs, cfg.grad_clip, comms,
+                                    dead_M, cfg.compile)
+            tick_dead_clock(tokens_since_fired_M, sae, out, comms)
+            auxk_steps += out.idx is not None and out.idx.shape[1] > cfg.k  # dead latents, so AuxK ran
+            bar.update(1)
+            saving = (step + 1) % save_every == 0 or step + 1 == steps
+            if saving or (step + 1) % cfg.log_every == 0:  # all ranks check together: one collective
+                logged = torch.stack([parts["loss"], parts["recon"], stop.to(device)[0]])
+                loss, recon, stopping = comms.all_reduce(logged).tolist()
+                loss_curve.append([step + 1, recon / ranks])
+                if not math.isfinite(loss):  # checked before any save, so the last checkpoint stays good
+                    raise UsageError(f"the loss became {loss} by step {step + 1}: the last good checkpoint "
+                                     f"in {cfg.out} is intact; lower --lr and continue with "
+                                     f"--resume --out {cfg.out}")
+                bar.set_postfix(loss=f"{loss / ranks:.1f}", fve=f"{parts['fve'].item():.3f}",
+                                tok_s=f"{(bar.format_dict['rate'] or 0) * cfg.batch_size:.0f}",
+                                pflop=f"{flops['total'] * (step + 1) * cfg.batch_size / 1e15:.4f}")
+                if saving or stopping:
+                    save_checkpoint(cfg.out, sae, cfg, step + 1, opt, tokens_since_fired_M, comms)
+                if stopping:
+                    bar.close()
+                    if comms.rank == 0:
+                        print(f"stopped by a signal after step {step + 1}: checkpoint saved in {cfg.out}; "
+                              f"continue with --resume --out {cfg.out}")
+                    return None
     bar.close()
     sync(device)
     seconds["loop"] = time.perf_counter() - started
@@ -1291,7 +1307,7 @@ def train(cfg):
     if eval_x is None:
         eval_x = lm_activations(model, module, eval_tokens_CL, cfg.lm_batch_size, cfg.skip_positions)
     metrics = evaluate(whole, cfg, eval_x, None if cfg.skip_ce else model, module, eval_tokens_CL)
-    k_aux = min(d // 2, cfg.width // cfg.experts) if cfg.arch == "switch" else 0
+    k_aux = sae.k_aux if cfg.arch == "switch" else 0
     auxk_flops = flops_per_token(d, cfg.width, cfg.experts, cfg.k, cfg.batch_size, cfg.arch, k_aux)["total"]
     metrics.update(dead_fraction_train=(clock_M > cfg.dead_tokens).float().mean().item(),
                    train_tokens=steps * cfg.batch_size, flops_per_token=flops["total"],
@@ -1301,7 +1317,7 @@ def train(cfg):
                    auxk_steps=auxk_steps,
                    loss_curve=loss_curve,  # [step, reconstruction loss] at each log step (of this process)
                    paper_flops_per_token=flops["paper_encoder_only"],
-                   dropped_contexts=dropped,  # as far as this run read
+                   dropped_contexts=dropped,  # live: among the contexts read; cached: in the whole cache
                    seconds_activations=seconds["activations"],  # LM forwards (or cache reads), this process
                    seconds_sae=seconds["loop"] - seconds["activations"])  # SAE steps, logging, checkpoints
     write_json(os.path.join(cfg.out, "metrics.json"), metrics)
@@ -1321,7 +1337,8 @@ def next_token_ce(logits_CLV, tokens_CL):
 def lm_losses(model, module, tokens_CL, batch_size, patches, skip_positions=0):
     """Mean next-token cross-entropy of the clean LM (ce_clean) and with each patch of `patches` (a dict
     name: patch) applied to the site's output after the first skip_positions (ce_NAME), and each patch's
-    KL divergence from the clean next-token distribution (kl_NAME), averaged over all positions."""
+    KL divergence from the clean next-token distribution (kl_NAME). Both average over all positions, as the
+    paper's CE does, so the unpatched first skip_positions count with KL 0."""
     sums = dict.fromkeys(["ce_clean"] + [f"{kind}_{name}" for name in patches for kind in ("ce", "kl")], 0.0)
     for tokens in tokens_CL.split(batch_size):
         tokens = tokens.to(model.device)
@@ -1349,7 +1366,7 @@ def evaluate(sae, cfg, x_BD, model=None, module=None, tokens_CL=None):
     n, totals = len(x_BD), dict.fromkeys(["sq_err", "cos", "norm_ratio", "l0"], 0.0)
     resid_sum, resid_sq = 0.0, 0.0
     fired_M = torch.zeros(sae.width, device=x_BD.device)
-    load_N = torch.zeros(getattr(sae, "experts", 1), device=x_BD.device)
+    load_N = torch.zeros(sae.experts, device=x_BD.device)
     for x in x_BD.split(1024):  # dense baselines hold (batch, width) latents
         out = sae(x)
         resid = x - out.x_hat
@@ -1380,7 +1397,7 @@ def evaluate(sae, cfg, x_BD, model=None, module=None, tokens_CL=None):
         lm = lm_losses(model, module, tokens_CL, cfg.lm_batch_size, {"sae": splice, "zero": torch.zeros_like},
                        cfg.skip_positions)
         metrics.update(ce_clean=lm["ce_clean"], ce_sae=lm["ce_sae"], ce_zero=lm["ce_zero"],
-                       delta_ce=lm["ce_sae"] - lm["ce_clean"], kl_sae=lm["kl_sae"],
+                       delta_ce=lm["ce_sae"] - lm["ce_clean"], kl_sae=lm["kl_sae"], kl_zero=lm["kl_zero"],
                        frac_loss_recovered=(lm["ce_sae"] - lm["ce_zero"]) / (lm["ce_clean"] - lm["ce_zero"]))
     return metrics
 
@@ -1452,6 +1469,8 @@ def load_config(out_dir):
                          "point --out at the run")
     fields = json.load(open(path))
     fields.update(text=tuple(fields["text"]), resume=True, out=out_dir)  # the run may have been moved
+    if "lm_dtype" not in fields:  # a run from before --lm-dtype: its LM ran in bf16 on CUDA, fp32 on CPU
+        fields["lm_dtype"] = "bfloat16" if pick_device(fields["device"]).type == "cuda" else "float32"
     return TrainConfig(**fields)
 
 
@@ -1647,7 +1666,8 @@ class ExpertParallelSwitchSAE(SwitchSAE):
         order_in = expert_in.argsort(stable=True)
 
         def combine(acts_TK, idx_TK):
-            decoded_in = SparseDecode.apply(acts_TK, idx_TK, self.W_dec)[order_in.argsort()]
+            decoded_in = SparseDecode.apply(acts_TK[:, : self.k], idx_TK[:, : self.k], self.W_dec)
+            decoded_in = decoded_in[order_in.argsort()]
             return exchange(decoded_in, send, recv, group)[order_B.argsort()], acts_TK, idx_TK
 
         return x_in[order_in], expert_in[order_in], count(expert_in, self.experts_here), combine
@@ -1815,6 +1835,9 @@ def bench(cfg):
         raise UsageError(f"unknown --dtype {cfg.dtype!r}: use float32 or bfloat16")
     dtype = getattr(torch, cfg.dtype)
     if cfg.expert_parallel:
+        if comms.ranks == 1 or cfg.experts % comms.ranks:
+            raise UsageError(f"bench --expert-parallel runs under torchrun with --experts ({cfg.experts}) "
+                             f"divisible by the ranks ({comms.ranks}): torchrun --nproc-per-node 2 ...")
         result = bench_expert_parallel(cfg, device, comms)
     else:
         (sae_s, sae_mem), (topk_s, topk_mem) = bench_sae_steps(cfg, device, dtype).values()

@@ -641,6 +641,7 @@ BAD = [
     (dict(eval_tokens=0), "--eval-tokens 0 is less than one context"),
     (dict(windows="some"), "unknown --windows"),
     (dict(lm_dtype="fp16"), "unknown --lm-dtype"),
+    (dict(arch="relu", auxk_alpha=0.03), "--auxk-alpha is a rule of TopK latents"),
 ]
 
 
@@ -1281,3 +1282,19 @@ def test_lm_dtype_auto_takes_bf16_only_where_the_cpu_has_bf16_instructions(monke
         monkeypatch.setattr(S, "open", lambda path, *a, flags=flags: io.StringIO(f"flags : {flags}\n"), raising=False)
         assert S.lm_dtype("auto", cpu) == want
     assert S.lm_dtype("float32", cpu) == torch.float32 and S.lm_dtype("bfloat16", cpu) == torch.bfloat16
+
+
+
+def test_bench_expert_parallel_outside_torchrun_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        S.main(["bench", "--expert-parallel", "--device", "cpu", "--width", "256", "--d-in", "16", "--experts", "4"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "under torchrun" in err and len(err.splitlines()) == 1
+
+
+def test_training_gives_the_signal_handlers_back(tiny_run, tmp_path):
+    import signal
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    S.main(tiny_args(tiny_run, tmp_path, skip_ce=True))
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # a notebook keeps its interrupt
