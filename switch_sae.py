@@ -958,7 +958,7 @@ def write_cache(cfg):
     header = {"model": cfg.model, "layer": cfg.layer, "site": cfg.site, "ctx": cfg.ctx,
               "skip_positions": cfg.skip_positions, "d": model.config.hidden_size, "dtype": "bfloat16",
               "eval_contexts": n_eval, "contexts": n_total, "rows": n_total * (cfg.ctx - cfg.skip_positions),
-              "seed": cfg.seed, "complete": False}
+              "seed": cfg.seed, "windows": cfg.windows, "lm_dtype": str(model.dtype), "complete": False}
     os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
     write_json(cfg.out + ".json", header)  # says "incomplete" until the last row is written
     with open(cfg.out, "wb") as acts_file, open(cfg.out + ".tokens", "wb") as tokens_file:
