@@ -730,6 +730,11 @@ def token_contexts(cfg, tokenizer):
                 yield torch.tensor(ids[start : start + cfg.ctx])
 
 
+def held_out_contexts(cfg):
+    """How many whole contexts of --eval-tokens a run holds out: the first ones of its text."""
+    return max(1, cfg.eval_tokens // cfg.ctx)
+
+
 def distinct_contexts(contexts, held_out_CL, dropped, key=lambda ctx: ctx):
     """The training stream without the contexts whose tokens equal a held-out context's (the held-out set
     stays unseen in content, not only in position) or an earlier training context's; `dropped` counts
@@ -950,7 +955,7 @@ def write_cache(cfg):
     model, tokenizer = load_lm(cfg, device)
     module = hooked_module(model, cfg.layer, cfg.site)
     contexts = token_contexts(cfg, tokenizer)
-    n_eval = max(1, cfg.eval_tokens // cfg.ctx)
+    n_eval = held_out_contexts(cfg)
     held_out_CL = take(contexts, n_eval)
     dropped = {"equal_to_held_out": 0, "duplicate": 0}
     contexts = itertools.chain(held_out_CL, distinct_contexts(contexts, held_out_CL, dropped))
@@ -1175,7 +1180,7 @@ def activation_source(cfg, device, comms, dropped):
     model, tokenizer = load_lm(cfg, device)
     module = hooked_module(model, cfg.layer, cfg.site)
     contexts = token_contexts(cfg, tokenizer)
-    eval_tokens_CL = take(contexts, max(1, cfg.eval_tokens // cfg.ctx))  # held out: read first, never trained
+    eval_tokens_CL = take(contexts, held_out_contexts(cfg))  # held out: read first, never trained on
     contexts = distinct_contexts(contexts, eval_tokens_CL, dropped)  # every rank filters the whole stream
     contexts = itertools.islice(contexts, comms.rank, None, comms.ranks)
     read_contexts = live_reader(cfg, model, module, contexts)
@@ -1451,11 +1456,16 @@ def save_checkpoint(out_dir, sae, cfg, step, opt=None, tokens_since_fired_M=None
         atomic_write(os.path.join(out_dir, "sae.safetensors"), write)
 
 
+def checkpoint_file(run):
+    """A run directory's sae.safetensors, or the file itself."""
+    return os.path.join(run, "sae.safetensors") if os.path.isdir(run) else run
+
+
 def load_sae(path, device="cpu"):
     """A trained SAE (SwitchSAE, or a baseline) from a run directory or its sae.safetensors file."""
     from safetensors import safe_open
 
-    path = os.path.join(path, "sae.safetensors") if os.path.isdir(path) else path
+    path = checkpoint_file(path)
     with safe_open(path, framework="pt", device=str(device)) as f:
         sae = make_sae(**json.loads(f.metadata()["sae"])).to(device)
         sae.load_state_dict({name: f.get_tensor(name) for name in sae.state_dict()})
@@ -1546,7 +1556,7 @@ def export(cfg):
 
     if cfg.format != "saelens":
         raise UsageError(f"unknown --format {cfg.format!r}: use saelens")
-    path = os.path.join(cfg.run, "sae.safetensors") if os.path.isdir(cfg.run) else cfg.run
+    path = checkpoint_file(cfg.run)
     if not os.path.isfile(path):
         raise UsageError(f"export: no trained SAE at {cfg.run} (no sae.safetensors); train one first")
     with safe_open(path, framework="pt") as f:

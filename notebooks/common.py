@@ -124,7 +124,7 @@ def held_out(lm, cache, device):
         return tokens[: header["eval_contexts"]], S.cache_reader(cache, rows, header, range(header["eval_contexts"]))(header["eval_contexts"])
     cfg = S.TrainConfig(**lm, device="auto")
     model, tokenizer = S.load_lm(cfg, device)
-    tokens = S.take(S.token_contexts(cfg, tokenizer), max(1, cfg.eval_tokens // cfg.ctx))
+    tokens = S.take(S.token_contexts(cfg, tokenizer), S.held_out_contexts(cfg))
     module = S.hooked_module(model, cfg.layer, cfg.site)
     return tokens, S.lm_activations(model, module, tokens, cfg.lm_batch_size, cfg.skip_positions).cpu()
 
