@@ -11,6 +11,10 @@ router. For one language-model activation x:
     x_hat = p_i W_dec[i]^T z + b_dec                the gate p_i: the router's only reconstruction gradient
     L     = |x - x_hat|^2 + alpha d N sum_n f_n P_n  f_n: share of the batch routed to n, P_n: mean p_n
 
+With normalized activations (Gao et al.; SAELens) the SAE works on s x, s fixed so that the first batch's
+mean norm is sqrt(d), and alpha d becomes alpha V, V the scaled batch's total variance (d for centred
+data): the loss and the routing then do not depend on the activations' units. Outputs are in the LM's.
+
 The decoder rows are kept at unit norm. N = 1 is exactly a TopK SAE (Gao et al. 2024), same code. The
 routing is real, unlike the authors' code (dense encoder, then mask): tokens are sorted by expert, each
 expert's encoder sees only its own tokens, decoding reads only the k active rows and the backward is
@@ -240,11 +244,16 @@ def geometric_median(points_BD, iters=100, tol=1e-5):
 
 
 class SAE(nn.Module):
-    """What the SAEs here share: a decoder W_dec (M, D), one row per latent, a decoder bias b_dec, and the
-    rules the training loop calls around each step (no-ops where an architecture has no such rule)."""
+    """What the SAEs here share: a decoder W_dec (M, D), one row per latent, a decoder bias b_dec, an input
+    scale, and the rules the training loop calls around each step (no-ops where an architecture has none)."""
 
     unit_decoder = True  # rows kept at unit norm: gradient projected before the step, renormalised after
     experts = 1  # the baselines have no router
+
+    def __init__(self):
+        super().__init__()
+        # forward multiplies its input by this and divides its output by it: callers use the LM's units
+        self.register_buffer("input_scale", torch.ones(()))
 
     @property
     def dtype(self):
@@ -260,6 +269,11 @@ class SAE(nn.Module):
 
     def init_biases_(self, x_BD):
         """Data-dependent initialisation from the first training batch."""
+
+    @torch.no_grad()
+    def normalize_inputs_(self, x_BD):
+        """Fix the input scale from the first batch: its mean norm becomes sqrt(d) (Gao et al.)."""
+        self.input_scale.fill_(math.sqrt(self.d_in) / x_BD.float().norm(dim=1).mean())
 
     @torch.no_grad()
     def project_decoder_grad_(self):
@@ -294,9 +308,17 @@ class SwitchSAE(SAE):
         self.W_router = nn.Parameter(nn.Linear(d_in, experts, bias=False).weight.detach().clone())  # (N, D)
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.b_router = nn.Parameter(torch.zeros(d_in))
+        self.register_buffer("lb_scale", torch.tensor(float(d_in)))  # alpha's multiplier: d, as the paper
 
     def config(self):
         return {**super().config(), "experts": self.experts, "k": self.k}
+
+    @torch.no_grad()
+    def normalize_inputs_(self, x_BD):
+        """Also weigh the load balance in the scaled data's units: alpha V, V its total variance, instead of
+        alpha d, which holds in GPT-2's raw units only (elsewhere the balance can swamp reconstruction)."""
+        super().normalize_inputs_(x_BD)
+        self.lb_scale.fill_((x_BD.float() * self.input_scale).var(0, correction=0).sum())
 
     @property
     def k_aux(self):
@@ -306,7 +328,7 @@ class SwitchSAE(SAE):
     @torch.no_grad()
     def init_biases_(self, x_BD):
         """b_dec = b_router = the geometric median of the first batch, as the authors start them."""
-        self.b_dec.copy_(geometric_median(x_BD.float()))
+        self.b_dec.copy_(geometric_median(x_BD.float() * self.input_scale))
         self.b_router.copy_(self.b_dec)
 
     def route(self, x_BD):
@@ -317,6 +339,7 @@ class SwitchSAE(SAE):
     def forward(self, x_BD, dead_M=None):
         """The routed fast path. With dead_M (M,) bool, each token also gets the top k_aux = min(d/2, m)
         dead latents of its expert (AuxK), appended to acts and idx."""
+        x_BD = x_BD * self.input_scale
         probs_BN, expert_B = self.route(x_BD)
         counts_N = count(expert_B, self.experts)
         x_TD, expert_T, counts_here, combine = self.dispatch(x_BD, expert_B, counts_N)
@@ -325,7 +348,7 @@ class SwitchSAE(SAE):
                                            dead_M, k_aux)
         decoded_BD, acts_BK, idx_BK = combine(acts_TK, idx_TK)
         x_hat_BD = decoded_BD * routed_gate(probs_BN, expert_B)[:, None].to(decoded_BD.dtype) + self.b_dec
-        return SAEOutput(x_hat_BD, acts_BK, idx_BK, probs_BN, expert_B, counts_N)
+        return SAEOutput(x_hat_BD / self.input_scale, acts_BK, idx_BK, probs_BN, expert_B, counts_N)
 
     def dispatch(self, x_BD, expert_B, counts_N):
         """Hand each token to its expert: here, sort the batch by expert. Returns the sorted tokens, their
@@ -343,13 +366,15 @@ class SwitchSAE(SAE):
     def forward_dense(self, x_BD):
         """The method as the paper writes it (and the authors' code runs it): every expert's encoder on
         every token, then TopK within the routed expert. O(M d) per token; forward is tested against it."""
+        x_BD = x_BD * self.input_scale
         probs_BN, expert_B = self.route(x_BD)
         owner_M = torch.arange(self.width, device=x_BD.device) // (self.width // self.experts)
         pre_BM = ((x_BD - self.b_dec) @ self.W_enc.T).masked_fill(owner_M != expert_B[:, None], -math.inf)
         vals_BK, idx_BK = pre_BM.topk(self.k, dim=1)
         z_BM = torch.zeros_like(pre_BM).scatter(1, idx_BK, vals_BK.relu())
         x_hat_BD = routed_gate(probs_BN, expert_B)[:, None] * (z_BM @ self.W_dec) + self.b_dec
-        return SAEOutput(x_hat_BD, vals_BK.relu(), idx_BK, probs_BN, expert_B, count(expert_B, self.experts))
+        counts_N = count(expert_B, self.experts)
+        return SAEOutput(x_hat_BD / self.input_scale, vals_BK.relu(), idx_BK, probs_BN, expert_B, counts_N)
 
     def encode(self, x_BD, dense=False):
         """Codes of x: (values, global latent indices), each (B, k), or with dense=True one (B, M) tensor.
@@ -363,23 +388,26 @@ class SwitchSAE(SAE):
     def decode(self, codes):
         """x_hat from codes as encode gives them: (values, indices), or a dense (B, M) tensor."""
         if isinstance(codes, torch.Tensor):
-            return codes @ self.W_dec + self.b_dec
+            return (codes @ self.W_dec + self.b_dec) / self.input_scale
         vals_BK, idx_BK = codes
-        return SparseDecode.apply(vals_BK, idx_BK, self.W_dec) + self.b_dec
+        return (SparseDecode.apply(vals_BK, idx_BK, self.W_dec) + self.b_dec) / self.input_scale
 
     def loss(self, x_BD, out, lb_alpha=3.0, auxk_alpha=0.0):
-        """Reconstruction + lb_alpha * d * load balance (+ auxk_alpha * AuxK). Returns (loss, parts)."""
+        """Reconstruction + lb_alpha * lb_scale * load balance (+ auxk_alpha * AuxK), in the scaled units
+        the SAE works in; parts["recon"] is in the LM's. Returns (loss, parts)."""
         recon = squared_error(out.x_hat, x_BD)
         load_N = out.expert_counts.float() / out.expert_counts.sum()  # f_i: no gradient
         balance = self.experts * (load_N * out.probs.mean(0)).sum()  # 1 when uniform, N when collapsed
-        loss = recon + lb_alpha * self.d_in * balance
+        scale2 = self.input_scale**2
+        loss = recon * scale2 + lb_alpha * self.lb_scale * balance
         parts = {"recon": recon, "balance": balance}
         if out.acts.shape[1] > self.k:  # AuxK: dead latents rebuild what the live ones missed (Gao et al.)
             gate_B = routed_gate(out.probs, out.expert).detach()  # it trains the dead latents, not the router
             aux_acts_BK = out.acts[:, self.k :] * gate_B[:, None].to(out.acts.dtype)
             error_hat_BD = SparseDecode.apply(aux_acts_BK, out.idx[:, self.k :], self.W_dec)
+            error_hat_BD = error_hat_BD / self.input_scale
             parts["auxk"] = squared_error(error_hat_BD, (x_BD - out.x_hat).detach())
-            loss = loss + auxk_alpha * parts["auxk"]
+            loss = loss + auxk_alpha * scale2 * parts["auxk"]
         return loss, parts
 
     def latent_activity(self, out):
@@ -405,13 +433,13 @@ class ReluSAE(SAE):
         self.b_dec = nn.Parameter(torch.zeros(d_in))
 
     def forward(self, x_BD):
-        f_BM = F.relu(x_BD @ self.W_enc.T + self.b_enc)
-        return SAEOutput(f_BM @ self.W_dec + self.b_dec, f_BM)
+        f_BM = F.relu(x_BD * self.input_scale @ self.W_enc.T + self.b_enc)
+        return SAEOutput((f_BM @ self.W_dec + self.b_dec) / self.input_scale, f_BM)
 
     def loss(self, x_BD, out, l1_coeff=5.0):
         recon = squared_error(out.x_hat, x_BD)
         l1 = (out.acts * self.W_dec.norm(dim=1)).sum(-1).mean()
-        return recon + l1_coeff * l1, {"recon": recon, "l1": l1}
+        return recon * self.input_scale**2 + l1_coeff * l1, {"recon": recon, "l1": l1}
 
 
 class GatedSAE(SAE):
@@ -432,18 +460,19 @@ class GatedSAE(SAE):
         self.b_dec = nn.Parameter(torch.zeros(d_in))
 
     def forward(self, x_BD):
-        pre_BM = (x_BD - self.b_dec) @ self.W_gate.T
+        pre_BM = (x_BD * self.input_scale - self.b_dec) @ self.W_gate.T
         gate_pre_BM = pre_BM + self.b_gate
         f_BM = (gate_pre_BM > 0) * F.relu(pre_BM * self.r_mag.exp() + self.b_mag)
-        return SAEOutput(f_BM @ self.W_dec + self.b_dec, f_BM, gate_pre=gate_pre_BM)
+        return SAEOutput((f_BM @ self.W_dec + self.b_dec) / self.input_scale, f_BM, gate_pre=gate_pre_BM)
 
     def loss(self, x_BD, out, l1_coeff=5.0):
-        """Reconstruction + L1 on the gate + the gate's own reconstruction through the frozen decoder."""
+        """Reconstruction + L1 on the gate + the gate's own reconstruction through the frozen decoder, in the
+        scaled units; parts["recon"] in the LM's."""
         recon = squared_error(out.x_hat, x_BD)
         gate_BM = F.relu(out.gate_pre)
         l1 = gate_BM.sum(-1).mean()
-        aux = squared_error(gate_BM @ self.W_dec.detach() + self.b_dec.detach(), x_BD)
-        return recon + l1_coeff * l1 + aux, {"recon": recon, "l1": l1, "aux": aux}
+        aux = squared_error(gate_BM @ self.W_dec.detach() + self.b_dec.detach(), x_BD * self.input_scale)
+        return recon * self.input_scale**2 + l1_coeff * l1 + aux, {"recon": recon, "l1": l1, "aux": aux}
 
 
 def make_sae(arch, d_in, width, experts=1, k=32):
@@ -503,7 +532,11 @@ class SAEConfig:
     experts: int = arg(16, "N, the number of experts; 1 gives a plain TopK SAE")
     width: int = arg(24576, "M, total latents over all experts")
     k: int = arg(32, "active latents per token")
-    lb_alpha: float = arg(3.0, "load-balance weight alpha; the loss adds alpha * d * L_lb")
+    lb_alpha: float = arg(3.0, "load-balance weight alpha; the loss adds alpha * d * L_lb (alpha * V * L_lb "
+                               "with --normalize-activations, V: the scaled data's total variance)")
+    normalize_activations: bool = arg(False, "scale the SAE's input by one constant fixed on the first "
+                                             "batch, so that its mean norm is sqrt(d) (Gao et al.); the "
+                                             "SAE still takes and returns the LM's units")
     auxk_alpha: float = arg(0.0, "AuxK weight (Gao et al. use 1/32); 0 as the paper ran")
     l1_coeff: float = arg(5.0, "L1 weight of the relu and gated baselines (sweep it for a Pareto curve)")
     dead_tokens: int = arg(10_000_000, "a latent is dead after this many training tokens without firing")
@@ -1270,8 +1303,11 @@ def train(cfg):
         bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True, disable=comms.rank > 0)
         for step, x_BD in activation_batches(cfg if cfg.acts else local, read_contexts, start, device):
             x_BD = x_BD.chunk(ranks)[comms.rank] if cfg.acts else x_BD  # from a cache, keep this rank's share
-            if step == 0:
-                sae.init_biases_(comms.gather_rows(x_BD))  # the whole first batch's, the same on every rank
+            if step == 0:  # from the whole first batch, the same on every rank
+                first_BD = comms.gather_rows(x_BD)
+                if cfg.normalize_activations:
+                    sae.normalize_inputs_(first_BD)
+                sae.init_biases_(first_BD)
             dead_M = tokens_since_fired_M > cfg.dead_tokens if cfg.auxk_alpha else None
             coefs = loss_coefficients(cfg, step, steps)
             out, parts = train_step(sae, opt, x_BD, lr_at(cfg, step, steps), coefs, cfg.grad_clip, comms,
@@ -1443,7 +1479,7 @@ def save_checkpoint(out_dir, sae, cfg, step, opt=None, tokens_since_fired_M=None
     params = dict(sae.named_parameters())
     names = list(params)  # Adam numbers its states in this order
     whole = lambda p, t: comms.gather_rows(t) if is_sharded(p) else t
-    tensors = {name: whole(params[name], t.detach()).contiguous() for name, t in sae.state_dict().items()}
+    tensors = {name: whole(params.get(name), t.detach()).contiguous() for name, t in sae.state_dict().items()}
     if opt is not None:
         for i, state in opt.state_dict()["state"].items():
             p = params[names[i]]
@@ -1468,7 +1504,12 @@ def load_sae(path, device="cpu"):
     path = checkpoint_file(path)
     with safe_open(path, framework="pt", device=str(device)) as f:
         sae = make_sae(**json.loads(f.metadata()["sae"])).to(device)
-        sae.load_state_dict({name: f.get_tensor(name) for name in sae.state_dict()})
+        missing = [name for name, _ in sae.named_parameters() if name not in f.keys()]
+        if missing:
+            raise UsageError(f"{path} lacks {', '.join(missing)}: it is not an SAE checkpoint of this code")
+        state = sae.state_dict()  # buffers newer than the file (input_scale, lb_scale) keep their defaults
+        state.update({name: f.get_tensor(name) for name in state if name in f.keys()})
+        sae.load_state_dict(state)
     return sae
 
 
@@ -1496,7 +1537,10 @@ def load_checkpoint(out_dir, sae, opt, tokens_since_fired_M, comms=SINGLE_PROCES
     names = list(params)
     mine = lambda p, t: comms.shard_rows(t) if is_sharded(p) else t
     with safe_open(path, framework="pt", device=str(sae.device)) as f:
-        sae.load_state_dict({name: mine(p, f.get_tensor(name)) for name, p in params.items()})
+        sae.load_state_dict({name: mine(p, f.get_tensor(name)) for name, p in params.items()}, strict=False)
+        for name, buffer in sae.named_buffers():  # absent from files written before it existed
+            if name in f.keys():
+                buffer.copy_(f.get_tensor(name))
         state = {}
         for key in f.keys():
             if key.startswith("train.adam."):
@@ -1525,17 +1569,22 @@ TRANSFORMER_LENS_HOOKS = {"resid": "hook_resid_post", "attn": "hook_attn_out", "
 
 def saelens_tensors(sae):
     """SAELens's names and layouts: W_enc (d_in, d_sae), W_dec (d_sae, d_in). Its encoders subtract b_dec
-    only where apply_b_dec_to_input says so, and add b_enc (zeros here where an SAE has none)."""
+    only where apply_b_dec_to_input says so, and add b_enc (zeros here where an SAE has none). The input
+    scale is folded into the weights, so the export takes the LM's units as the SAE does."""
     if sae.arch == "gated":
-        return "gated", True, {"W_enc": sae.W_gate.T, "W_dec": sae.W_dec, "b_dec": sae.b_dec,
-                               "b_gate": sae.b_gate, "b_mag": sae.b_mag, "r_mag": sae.r_mag}
-    b_enc = sae.b_enc if sae.arch == "relu" else torch.zeros(sae.width, device=sae.device)
-    tensors = {"W_enc": sae.W_enc.T, "b_enc": b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
-    if sae.arch == "relu":
-        return "standard", False, tensors
-    if sae.experts == 1:
-        return "topk", True, tensors
-    return "switch", True, {**tensors, "W_router": sae.W_router, "b_router": sae.b_router}
+        architecture, subtract_b_dec = "gated", True
+        tensors = {"W_enc": sae.W_gate.T, "W_dec": sae.W_dec, "b_dec": sae.b_dec, "b_gate": sae.b_gate,
+                   "b_mag": sae.b_mag, "r_mag": sae.r_mag}
+    else:
+        b_enc = sae.b_enc if sae.arch == "relu" else torch.zeros(sae.width, device=sae.device)
+        tensors = {"W_enc": sae.W_enc.T, "b_enc": b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+        architecture = "standard" if sae.arch == "relu" else "topk" if sae.experts == 1 else "switch"
+        subtract_b_dec = sae.arch != "relu"
+        if architecture == "switch":
+            tensors.update(W_router=sae.W_router, b_router=sae.b_router)
+    s = sae.input_scale  # W (s x - b) = (s W)(x - b / s), and (z W_dec + b) / s = z (W_dec / s) + b / s
+    scaled = {"W_enc": s, "W_router": s, "W_dec": 1 / s, "b_dec": 1 / s, "b_router": 1 / s}
+    return architecture, subtract_b_dec, {name: t * scaled.get(name, 1) for name, t in tensors.items()}
 
 
 def tokenizer_adds_bos(model):

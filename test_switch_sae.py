@@ -153,6 +153,62 @@ def test_load_balance_alone_trains_the_router():
     assert g["W_enc"].abs().max() == 0  # the balance term reaches only the router
 
 
+def test_normalized_inputs_by_hand_and_against_the_dense_reference():
+    """--normalize-activations: the scale and the balance weight as defined, computed here by hand; the SAE
+    reads and returns the LM's units: its output is the dense reference run on s x, divided by s."""
+    sae, x = random_sae()
+    x = 50 * x + 300  # far from norm sqrt(d), with a large mean
+    sae.normalize_inputs_(x)
+    s = 24**0.5 / torch.stack([row.norm() for row in x]).mean()
+    assert sae.input_scale.item() == pytest.approx(s.item(), rel=1e-5)
+    xs = x * s
+    variance = sum(((xs[:, j] - xs[:, j].mean()) ** 2).mean() for j in range(24))  # population variance
+    assert sae.lb_scale.item() == pytest.approx(variance.item(), rel=1e-4)
+    out = sae(x)
+    x_hat_s, z, balance = dense_switch(sae, xs)
+    torch.testing.assert_close(out.x_hat, x_hat_s / s, **TOL)
+    loss, parts = sae.loss(x, out, lb_alpha=2.0)
+    want = ((xs - x_hat_s) ** 2).sum(1).mean() + 2.0 * variance * balance
+    torch.testing.assert_close(loss, want, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(parts["recon"], ((x - x_hat_s / s) ** 2).sum(1).mean(), rtol=1e-4, atol=1e-2)
+    torch.testing.assert_close(sae.decode(sae.encode(x)), out.x_hat, **TOL)
+
+
+def clustered(n, d=16, clusters=8, seed=0):
+    """Tokens near a few directions, on a large common offset, as LM activations are."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(clusters, d, generator=g) * 3
+    which = torch.randint(clusters, (n,), generator=g)
+    return 10 + centres[which] + 0.5 * torch.randn(n, d, generator=g)
+
+
+def train_on(x_all, normalize, steps=60, batch=256, seed=0):
+    """train()'s loop in small: the first batch fixes the scale (if asked) and the biases, then Adam steps."""
+    torch.manual_seed(seed)
+    sae = S.SwitchSAE(16, 64, 4, 4)
+    opt = S.make_optimizer(sae)
+    for step in range(steps):
+        x = x_all[step * batch % len(x_all) :][:batch]
+        if step == 0:
+            if normalize:
+                sae.normalize_inputs_(x)
+            sae.init_biases_(x)
+        S.train_step(sae, opt, x, 3e-3, {"lb_alpha": 3.0})
+    return sae
+
+
+def test_normalized_training_is_the_same_at_any_scale():
+    """The same data times 100 trains, with --normalize-activations, to the same routing and (divided by 100)
+    the same reconstruction; without it the router sees other logits and routes otherwise."""
+    x, held_out = clustered(4096), clustered(1024, seed=1)
+    one, hundred, raw1, raw100 = train_on(x, True), train_on(100 * x, True), train_on(x, False), train_on(100 * x, False)
+    with torch.no_grad():
+        out1, out100 = one(held_out), hundred(100 * held_out)
+        assert (out1.expert == out100.expert).float().mean() > 0.99
+        torch.testing.assert_close(out100.x_hat / 100, out1.x_hat, rtol=1e-3, atol=1e-2)
+        assert (raw1(held_out).expert == raw100(100 * held_out).expert).float().mean() < 0.9
+
+
 def test_decoder_rows_stay_unit_norm_and_grad_is_projected():
     sae, x = random_sae()
     opt = S.make_optimizer(sae)
@@ -963,11 +1019,15 @@ def saelens_encode(cfg, W, x):
     return torch.zeros_like(pre).scatter(-1, idx, vals.relu() * gate[:, None])
 
 
-@pytest.mark.parametrize("arch,experts", [("switch", 1), ("switch", 4), ("relu", 1), ("gated", 1)])
-def test_export_to_saelens_reproduces_the_sae(tiny_run, tmp_path, arch, experts):
+@pytest.mark.parametrize("arch,experts,normalize", [("switch", 1, False), ("switch", 4, False), ("relu", 1, False),
+                                                    ("gated", 1, False), ("switch", 4, True), ("relu", 1, True),
+                                                    ("gated", 1, True)])
+def test_export_to_saelens_reproduces_the_sae(tiny_run, tmp_path, arch, experts, normalize):
     from safetensors.torch import load_file
 
-    S.main(tiny_args(tiny_run, tmp_path / "run", arch=arch, experts=experts, skip_ce=True, l1_coeff=0.01, lr=1e-3))
+    S.main(tiny_args(tiny_run, tmp_path / "run", arch=arch, experts=experts, skip_ce=True, l1_coeff=0.01, lr=1e-3,
+                     **({"normalize_activations": True} if normalize else {})))
+    assert (S.load_sae(tmp_path / "run").input_scale.item() != 1) == normalize
     S.main(["export", str(tmp_path / "run"), str(tmp_path / "saelens"), "--format", "saelens"])
     cfg = json.load(open(tmp_path / "saelens" / "cfg.json"))
     W = load_file(tmp_path / "saelens" / "sae_weights.safetensors")
