@@ -871,7 +871,7 @@ def test_notebooks_run_at_smoke_scale(name, tmp_path, monkeypatch):
     monkeypatch.setenv("CACHE", str(tmp_path / "cache" / "smoke.bin"))
     client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": notebooks}})
     client.execute()  # raises CellExecutionError, with the cell and its traceback, on any error
-    assert os.listdir(tmp_path / "runs" / name)  # the runs went where RESULTS points
+    assert os.listdir(tmp_path / "runs" / "smoke")  # the runs went where RESULTS points
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_run, tmp_path, monkeypatch, capsys):

@@ -1,19 +1,24 @@
-"""What the three notebooks (scaling_laws, pareto, feature_geometry) share, kept here once so that they cannot drift apart:
-where runs and the activation cache live, which LM activations they read, and the helpers that build a run's Config,
-write the shared cache once, train a run unless it is done, and read the held-out activations.
+"""What the notebooks share, kept once so that they cannot drift apart: the scales (which LM, layer, text, tokens
+and steps every SAE gets), the activation cache, the held-out split, training a run unless it is done, the fair
+sweep (lr tuned per arm on a validation split, then several seeds) and the statistics the verdicts rest on.
 
-Each notebook keeps its own parameter cell (SCALE, NOTEBOOK, SETTINGS, P) and passes what it needs in explicitly, so a
-notebook's differences (pareto measures loss recovered itself) stay in the notebook. Import this before torch: it sets
-TQDM_MININTERVAL, which tqdm reads when it is first imported (torch imports it).
+    study = common.Study("small")           # prints the model, data and hardware; writes the cache once
+    results = study.sweep({"topk_M576_k32": study.arm(1, 576, 32)})
+
+Every SAE lives in one folder per scale (runs/<scale>/<arm>_lr<lr>_s<seed>), shared by all notebooks: the same
+SAE asked for twice is trained once, and a notebook rerun only redraws. Import this before torch: it sets
+TQDM_MININTERVAL, which tqdm reads when it is first imported.
 """
+import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
 import random
 import sys
 
-os.environ.setdefault("TQDM_MININTERVAL", "30")  # train()'s progress bars: an update every 30 s keeps the notebooks small
+os.environ.setdefault("TQDM_MININTERVAL", "30")  # train()'s progress bars: an update every 30 s keeps notebooks small
 
 import numpy as np
 import torch
@@ -23,39 +28,214 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 import switch_sae as S  # noqa: E402
 
+TEXT = os.environ.get("TEXT", os.path.join(REPO, "..", "shared", "data", "corpus.jsonl.gz"))
+SCALES = {
+    # seconds on a CPU: a random tiny GPT-2 built here; checks that the code runs, says nothing about the method
+    "smoke": dict(lm=dict(model="tiny", layer=1, ctx=16, lm_batch_size=16, eval_tokens=512),
+                  cache_file="smoke.bin", cache_tokens=2304, buffer_tokens=1024, batch_size=256, tokens=2048,
+                  lrs=[1e-3, 3e-3], seeds=[0, 1], log_every=2, ce_contexts=8),
+    # SmolLM2-135M layer 15 on 2 CPU cores: every 128-token window of the text (--windows all) captured once in
+    # bf16 (~25 min), 2.6M training tokens; each SAE trains 2,048 steps of 1,152 tokens (about a minute), so an
+    # SAE of 2,304 latents sees 1,024 training tokens per latent
+    "small": dict(lm=dict(model=os.environ.get("MODEL_DIR", os.path.join(REPO, "models", "smollm2")), layer=15,
+                          ctx=128, lm_batch_size=16, eval_tokens=32768, windows="all", text=(TEXT,)),
+                  cache_file="smollm2_l15_all.bin", cache_tokens=2_600_000, buffer_tokens=130_000,
+                  batch_size=1152, tokens=2_359_296, lrs=[1e-3, 3e-3, 1e-2], seeds=[0, 1, 2],
+                  log_every=20, ce_contexts=64),
+    # the paper on a GPU: GPT-2 small layer 8, OpenWebText streamed live, 100k steps of 2,048 tokens (its
+    # FLOP-matched script)
+    "paper": dict(lm=dict(model="gpt2", layer=8, ctx=128, skip_positions=0, lm_batch_size=128, eval_tokens=65536),
+                  cache_file="", batch_size=2048, tokens=204_800_000, lrs=[5e-5, 1.6e-4, 5e-4], seeds=[0, 1, 2],
+                  log_every=200, ce_contexts=256),
+}
 
-def setup(scale, notebook, settings):
-    """Where this notebook's runs go, the shared activation cache, the LM settings and the device, and a one-line note
-    for figure titles; prints what this scale runs on, so the committed outputs say which model, data and hardware
-    produced them. Env RESULTS and CACHE move the runs and the cache (the tests point them into a temporary folder).
-    Returns (runs, cache, lm, device, note); cache is "" when the settings capture activations live (paper scale)."""
-    results = os.environ.get("RESULTS", os.path.join(REPO, "notebooks", "runs", scale))
-    runs = os.path.join(results, notebook)  # one folder per run inside: config.json, sae.safetensors, metrics.json
-    default_name = settings.get("cache_file", "smollm2_l15.bin" if scale == "small" else f"{scale}.bin")
-    default_cache = os.path.join(REPO, "notebooks", "cache", default_name)
-    cache = os.environ.get("CACHE", default_cache) if settings["cache"] else ""  # one cache shared by all three notebooks
-    device = S.pick_device("auto")
-    lm = dict(settings["lm"])  # which activations: model, layer, text, context length; the same for every run
-    if lm["model"] == "tiny":  # deterministic, so rebuilding it next to its cache gives the same model every time
-        lm["model"], lm["text"] = make_tiny_lm(os.path.join(os.path.dirname(cache), "smoke_lm"))
-    model_name = "random tiny GPT-2 (2 layers, d=32)" if scale == "smoke" else os.path.basename(lm["model"].rstrip("/"))
-    note = "smoke test: random model, not a result" if scale == "smoke" else f"{model_name} layer {lm['layer']} resid"
-    hardware = (torch.cuda.get_device_name() if device.type == "cuda" else
-                f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads")
-    print(f"scale {scale}: {model_name}, layer {lm['layer']} resid, {settings['tokens']:,} training tokens per SAE "
-          f"(batches of {settings['batch_size']}), activations {'from the cache ' + cache if cache else 'captured live'}; "
-          f"device {device.type} ({hardware}); runs in {runs}")
-    return runs, cache, lm, device, note
+
+class Study:
+    """One scale's setting: where runs and the cache live, the held-out split, and the fair sweep."""
+
+    def __init__(self, scale, **overrides):
+        self.scale, self.p = scale, {**SCALES[scale], **overrides}
+        results = os.environ.get("RESULTS", os.path.join(REPO, "notebooks", "runs"))
+        self.runs = os.path.join(results, scale)  # one folder per SAE inside: config.json, sae.safetensors, metrics
+        cache_file = self.p["cache_file"]
+        self.cache = cache_file and os.environ.get("CACHE", os.path.join(REPO, "notebooks", "cache", cache_file))
+        self.device = S.pick_device("auto")
+        self.lm = dict(self.p["lm"])
+        if self.lm["model"] == "tiny":  # deterministic, so rebuilding it beside its cache gives the same model
+            self.lm["model"], self.lm["text"] = make_tiny_lm(os.path.join(os.path.dirname(self.cache), "smoke_lm"))
+        name = "random tiny GPT-2 (2 layers, d=32)" if scale == "smoke" else os.path.basename(
+            self.lm["model"].rstrip("/"))
+        self.note = "smoke test: random model, not a result" if scale == "smoke" else f"{name} layer {self.lm['layer']}"
+        hardware = (torch.cuda.get_device_name() if self.device.type == "cuda" else
+                    f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads")
+        self.steps = self.p["tokens"] // self.p["batch_size"]
+        print(f"scale {scale}: {name}, layer {self.lm['layer']} resid; every SAE trains {self.steps:,} steps of "
+              f"{self.p['batch_size']:,} tokens ({self.p['tokens']:,} tokens), activations "
+              f"{'from the cache ' + self.cache if self.cache else 'captured live'}; device {self.device.type} "
+              f"({hardware}); runs in {self.runs}")
+        self.ensure_cache()
+        self._held_out = None
+
+    @staticmethod
+    def arm(experts, width, k=32):
+        """A Switch SAE's name and fields: (name, dict(experts, width, k)); experts=1 is TopK."""
+        name = f"topk_M{width}_k{k}" if experts == 1 else f"switch{experts}_M{width}_k{k}"
+        return name, dict(experts=experts, width=width, k=k)
+
+    def config(self, name, **fields):
+        """One run's TrainConfig: the LM settings, this scale's training settings, then the run's own fields (which
+        win), so every run reads the same activations in the same order and differs only where it says so."""
+        train = dict(tokens=self.p["tokens"], batch_size=self.p["batch_size"], device="auto", acts=self.cache,
+                     out=os.path.join(self.runs, name), log_every=self.p["log_every"], skip_ce=True,
+                     buffer_tokens=self.p["buffer_tokens"] if self.cache else S.TrainConfig.buffer_tokens)
+        return S.TrainConfig(**{**self.lm, **train, **fields})
+
+    def ensure_cache(self):
+        """Write the activation cache (switch_sae.write_cache) unless one for this LM and layer, long enough for
+        a run of this scale, is there. All notebooks share it, so the LM runs once for all of them."""
+        if not self.cache:
+            return
+        cfg = S.TrainConfig(**self.lm, tokens=self.p["cache_tokens"], batch_size=self.p["batch_size"],
+                            buffer_tokens=self.p["buffer_tokens"], out=self.cache, device="auto")
+        need = sum(n for _, _, n in S.chunk_plan(self.config("any")))  # training contexts a run reads
+        try:
+            header = S.open_cache(self.cache)[0]
+        except S.UsageError:  # missing or left incomplete
+            header = None
+        if header is not None:
+            keys = ("model", "layer", "site", "ctx", "skip_positions", "windows")
+            keys = [key for key in keys if key in header]  # caches written before `windows` existed lack it
+            if {key: header[key] for key in keys} != {key: getattr(cfg, key) for key in keys}:
+                raise ValueError(f"{self.cache} holds other activations ({header['model']} layer "
+                                 f"{header['layer']}): delete it or set CACHE")
+            if header["contexts"] - header["eval_contexts"] >= need:
+                return
+        os.makedirs(os.path.dirname(self.cache) or ".", exist_ok=True)
+        S.write_cache(cfg)
+
+    def run(self, cfg):
+        """Train one SAE unless it is done; returns its metrics, or None when its loss diverged (a too-high lr in a
+        sweep; diverged.txt marks it). A finished run trained with other settings is an error, not a silent reuse."""
+        done, diverged = os.path.join(cfg.out, "metrics.json"), os.path.join(cfg.out, "diverged.txt")
+        if os.path.isfile(diverged):
+            return None
+        if os.path.isfile(done):
+            saved = S.load_config(cfg.out)
+            differ = [f.name for f in dataclasses.fields(cfg) if f.name not in ("out", "resume", "device")
+                      and getattr(saved, f.name) != getattr(cfg, f.name)]
+            if differ:
+                raise ValueError(f"{cfg.out} was trained with other {', '.join(differ)}: delete it to retrain")
+        else:
+            if os.path.isfile(os.path.join(cfg.out, "sae.safetensors")):  # interrupted: go on from its checkpoint
+                cfg = dataclasses.replace(cfg, resume=True)
+            log = io.StringIO()  # train()'s progress bars and table would fill the notebook: one line instead
+            try:
+                with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                    S.train(cfg)
+            except S.UsageError as e:
+                if "the loss became" not in str(e):
+                    raise
+                with open(diverged, "w") as f:
+                    f.write(str(e))
+                print(f"trained {os.path.basename(cfg.out)}: diverged (lr too high)")
+                return None
+            metrics = json.load(open(done))
+            print(f"trained {os.path.basename(cfg.out)} in {metrics['seconds_sae'] + metrics['seconds_activations']:.0f} s:"
+                  f" MSE {metrics['mse']:.4g}, FVE {metrics['fve']:.3f}")
+        return json.load(open(done))
+
+    def held_out(self):
+        """The held-out contexts (C, L) and their activations, exactly those train() evaluates on, cut in two
+        content-disjoint halves: "val" chooses learning rates, "test" reports results. Also, per half, the mask of
+        its typical tokens (norm at most 4x the median: a few massive activations otherwise dominate the MSE)."""
+        if self._held_out is None:
+            tokens_CL, x = held_out_activations(self.lm, self.cache)
+            skip = S.open_cache(self.cache)[0]["skip_positions"] if self.cache else self.lm.get("skip_positions", 1)
+            per, half = tokens_CL.shape[1] - skip, len(tokens_CL) // 2
+            x = x.float()
+            split = {"val": (tokens_CL[:half], x[: half * per]), "test": (tokens_CL[half:], x[half * per :])}
+            typical = {name: xs.norm(dim=1) <= 4 * xs.norm(dim=1).median() for name, (_, xs) in split.items()}
+            self._held_out = split, typical
+        return self._held_out
+
+    def mse(self, sae, part="test", typical_only=True):
+        """Mean over the part's (typical) tokens of sum_d (x - x_hat)^2."""
+        split, typical = self.held_out()
+        x = split[part][1]
+        with torch.no_grad():
+            err = torch.cat([(xb - sae(xb).x_hat).pow(2).sum(1).cpu() for xb in x.to(self.device).split(4096)])
+        return err[typical[part]].mean().item() if typical_only else err.mean().item()
+
+    def sweep(self, arms, lrs=None, seeds=None, halves=False):
+        """The fair comparison: every arm at every lr with the first seed; the lr with the lowest validation MSE
+        (typical tokens) wins; the other seeds train at it. With halves, each seed also trains for half the steps
+        (the first half of the same batches), for the convergence check. Returns, per arm: val MSE per lr, the
+        chosen lr, and per seed the test MSE (typical tokens and all; mse_half at half length), the run's metrics
+        and its loss change over the last tenth (loss_change)."""
+        lrs, seeds = lrs or self.p["lrs"], seeds or self.p["seeds"]
+        results = {}
+        for arm, fields in arms.items():
+            name = lambda lr, seed: f"{arm}_lr{lr:g}_s{seed}"
+            val = {}
+            for lr in lrs:
+                cfg = self.config(name(lr, seeds[0]), lr=lr, seed=seeds[0], **fields)
+                trained = self.run(cfg) is not None
+                val[lr] = self.mse(S.load_sae(cfg.out, self.device), "val") if trained else math.inf
+            best = min(val, key=val.get)
+            per_seed = []
+            for seed in seeds:
+                cfg = self.config(name(best, seed), lr=best, seed=seed, **fields)
+                metrics = self.run(cfg)
+                sae = S.load_sae(cfg.out, self.device)
+                per_seed.append(dict(seed=seed, out=cfg.out, mse_typ=self.mse(sae), mse=self.mse(sae, typical_only=False),
+                                     last=loss_change(metrics), metrics=metrics))
+                if halves:
+                    half = self.config(name(best, seed) + "_half", lr=best, seed=seed, tokens=self.p["tokens"] // 2,
+                                       **fields)
+                    self.run(half)
+                    per_seed[-1]["mse_half"] = self.mse(S.load_sae(half.out, self.device))
+            results[arm] = dict(val=val, lr=best, seeds=per_seed, fields=fields)
+        return results
+
+    def loss_recovered(self, run_dir):
+        """switch_sae.evaluate with the LM on the first ce_contexts test contexts: fraction of the LM's loss
+        recovered with the SAE spliced in, delta CE and KL. Needs the LM; None without it."""
+        if not hasattr(self, "_lm_model"):
+            cfg = S.TrainConfig(**self.lm, device="auto")
+            self._lm_model = S.lm_for_evaluation(cfg, self.device)
+        model, module = self._lm_model
+        if model is None:
+            return None
+        tokens_CL, x = self.held_out()[0]["test"]
+        contexts = min(self.p["ce_contexts"], len(tokens_CL))
+        per = len(x) // len(tokens_CL)
+        cfg = S.load_config(run_dir)
+        return S.evaluate(S.load_sae(run_dir, self.device), cfg, x[: contexts * per], model, module,
+                          tokens_CL[:contexts].to(self.device))
+
+
+def held_out_activations(lm, cache):
+    """The held-out contexts and their activations (d columns), from the cache when there is one, else captured."""
+    if cache:
+        header, rows, tokens = S.open_cache(cache)
+        n = header["eval_contexts"]
+        return tokens[:n], S.cache_reader(cache, rows, header, range(n))(n)
+    cfg = S.TrainConfig(**lm, device="auto")
+    model, tokenizer = S.load_lm(cfg, S.pick_device("auto"))
+    tokens = S.take(S.token_contexts(cfg, tokenizer), S.held_out_contexts(cfg))
+    module = S.hooked_module(model, cfg.layer, cfg.site)
+    return tokens, S.lm_activations(model, module, tokens, cfg.lm_batch_size, cfg.skip_positions).cpu()
 
 
 def make_tiny_lm(folder):
-    """Smoke scale: a random 2-layer GPT-2 (n_embd 32), a word-level tokenizer trained here, a synthetic corpus, so the
-    notebooks run in seconds with nothing downloaded. Returns (model_dir, (corpus,))."""
+    """Smoke scale: a random 2-layer GPT-2 (n_embd 32), a word-level tokenizer trained here, a synthetic corpus, so
+    the notebooks run in seconds with nothing downloaded. Returns (model_dir, (corpus,))."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    words = ("the of and to in is that it was for on are as with his they at be this from have or by one had not but what "
-             "all were when we there can an your which their said if do will each about how up out them then she many").split()
+    words = ("the of and to in is that it was for on are as with his they at be this from have or by one had not "
+             "but what all were when we there can an your which their said if do will each about how up out them "
+             "then she many").split()
     rng, corpus, model_dir = random.Random(0), os.path.join(folder, "corpus.jsonl"), os.path.join(folder, "gpt2-tiny")
     os.makedirs(folder, exist_ok=True)
     with open(corpus, "w") as f:
@@ -71,67 +251,8 @@ def make_tiny_lm(folder):
     return model_dir, (corpus,)
 
 
-def config(settings, lm, cache, runs, name, /, **fields):
-    """One run's TrainConfig: the LM settings, this scale's training settings, then the run's own fields (which win), so every
-    run in a notebook reads the same activations and differs only where it says so. The run lives in runs/name."""
-    train = dict(tokens=settings["tokens"], batch_size=settings["batch_size"], device="auto", acts=cache,
-                 out=os.path.join(runs, name), log_every=50)
-    if "buffer_tokens" in settings:
-        train["buffer_tokens"] = settings["buffer_tokens"]
-    return S.TrainConfig(**{**lm, **train, **fields})
-
-
-def ensure_cache(settings, lm, cache, configs):
-    """Write the activation cache (switch_sae.write_cache) unless one for this model and layer, long enough for
-    every run in `configs`, is already there. All three notebooks share it, so the LM runs once for all of them;
-    the held-out contexts come first."""
-    if not cache:
-        return
-    need = max(sum(n for _, _, n in S.chunk_plan(c)) for c in configs)  # training contexts the longest run reads
-    cfg = S.TrainConfig(**lm, tokens=settings["cache_tokens"], batch_size=settings["batch_size"],
-                   buffer_tokens=settings["buffer_tokens"], out=cache, device="auto")
-    if need > sum(n for _, _, n in S.chunk_plan(cfg)):
-        raise ValueError(f"cache_tokens={settings['cache_tokens']} is too few for these runs: raise it in the parameter cell")
-    try:
-        header = S.open_cache(cache)[0]
-    except S.UsageError:  # missing or left incomplete
-        header = None
-    if header is not None:
-        keys = ("model", "layer", "site", "ctx", "skip_positions")
-        if {key: header[key] for key in keys} != {key: getattr(cfg, key) for key in keys}:
-            raise ValueError(f"{cache} holds other activations ({header['model']} layer {header['layer']}): delete it or set CACHE")
-        if header["contexts"] - header["eval_contexts"] >= need:
-            return
-    os.makedirs(os.path.dirname(cache) or ".", exist_ok=True)
-    S.write_cache(cfg)
-
-
-def run(cfg):
-    """Train one SAE unless its metrics.json exists, so rerunning a notebook only redraws; returns its metrics."""
-    done = os.path.join(cfg.out, "metrics.json")
-    if not os.path.isfile(done):
-        if os.path.isfile(os.path.join(cfg.out, "sae.safetensors")):  # interrupted: go on from its last checkpoint
-            cfg = dataclasses.replace(cfg, resume=True)
-        S.train(cfg)
-    return json.load(open(done))
-
-
-def held_out(lm, cache, device):
-    """The held-out contexts and their activations (d columns), exactly those train() evaluates on, so the notebooks'
-    own measurements match the runs' metrics.json: from the cache when there is one, else captured from the LM."""
-    if cache:
-        header, rows, tokens = S.open_cache(cache)
-        return tokens[: header["eval_contexts"]], S.cache_reader(cache, rows, header, range(header["eval_contexts"]))(header["eval_contexts"])
-    cfg = S.TrainConfig(**lm, device="auto")
-    model, tokenizer = S.load_lm(cfg, device)
-    tokens = S.take(S.token_contexts(cfg, tokenizer), S.held_out_contexts(cfg))
-    module = S.hooked_module(model, cfg.layer, cfg.site)
-    return tokens, S.lm_activations(model, module, tokens, cfg.lm_batch_size, cfg.skip_positions).cpu()
-
-
 # -----------------------------------------------------------------------------
-# fair comparisons: the same tokens, order and steps for every arm; lr tuned per arm on a validation split; seeds;
-# intervals; verdicts computed from them
+# statistics: intervals over seeds, paired comparisons, convergence
 
 T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 8: 2.365, 10: 2.262}  # Student t, two-sided 95%
 
@@ -139,63 +260,80 @@ T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 8: 2.365, 10: 2.262}  
 def interval(values):
     """Mean and the half-width of its 95% confidence interval (Student t over len(values) >= 2 seeds)."""
     values = np.asarray(values, dtype=float)
+    if len(values) < 2:  # one seed: no interval
+        return values.mean(), math.nan
     return values.mean(), T95[len(values)] * values.std(ddof=1) / math.sqrt(len(values))
 
 
 def compare(values, reference):
-    """Relative difference values / reference - 1, paired by seed (same init seed and data order), as (mean, half-width
-    of the 95% interval, sign): sign is -1 or +1 when the whole interval lies below or above 0, else 0."""
+    """Relative difference values / reference - 1, paired by seed (same init seed and data order), as (mean,
+    half-width of the 95% interval, sign): sign is -1 or +1 when the whole interval lies below or above 0, else 0."""
     mean, half = interval(np.asarray(values) / np.asarray(reference) - 1)
     return mean, half, -1 if mean + half < 0 else 1 if mean - half > 0 else 0
 
 
-def held_out_split(tokens_CL, x, skip):
-    """The held-out contexts cut in two: the first half validates (learning rates are chosen on it), the second tests
-    (results are reported on it). Returns {"val": x_val, "test": x_test} and, for each, the mask of its typical tokens
-    (norm at most 4x the split's median: a few massive activations otherwise dominate the MSE)."""
-    per = tokens_CL.shape[1] - skip
-    half = len(tokens_CL) // 2 * per
-    splits = {"val": x[:half].float(), "test": x[half:].float()}
-    typical = {name: xs.norm(dim=1) <= 4 * xs.norm(dim=1).median() for name, xs in splits.items()}
-    return splits, typical
-
-
-@torch.no_grad()
-def mse(sae, x, mask, device):
-    """Mean over the masked tokens of sum_d (x - x_hat)^2."""
-    err = torch.cat([(xb - sae(xb).x_hat).pow(2).sum(1).cpu() for xb in x.to(device).split(4096)])
-    return err[mask].mean().item()
-
-
-def last_tenth_change(metrics):
-    """How much the logged reconstruction loss still moved over the last 10% of steps: the least-squares slope there,
-    times the span, over the mean loss there (a flattened curve gives about 0)."""
+def loss_change(metrics):
+    """How much the logged training loss moved over the last tenth of the steps: its median there over its median
+    in the tenth before, minus 1 (medians: a few batches holding massive activations log losses 20x the rest).
+    Descriptive only: the batches differ in text, and the lr decays to 0 over the last 20%, so it is no test."""
     steps, loss = np.array(metrics["loss_curve"], dtype=float).T
-    tail = steps >= steps[-1] * 0.9
-    slope = np.polyfit(steps[tail], loss[tail], 1)[0]
-    return slope * (steps[tail][-1] - steps[tail][0]) / loss[tail].mean()
+    tenths = [loss[(steps > lo * steps[-1]) & (steps <= (lo + 0.1) * steps[-1])] for lo in (0.8, 0.9)]
+    return np.median(tenths[1]) / np.median(tenths[0]) - 1 if all(len(t) for t in tenths) else math.nan
 
 
-def sweep(config, arms, lrs, seeds, splits, typical, device):
-    """Train every arm at every lr with seeds[0], keep the lr with the lowest validation MSE (typical tokens), then train
-    the other seeds at that lr. Returns, per arm: val MSE per lr, the chosen lr, and per seed the test MSE (typical
-    tokens and all), the metrics and the last-10% change of the loss curve."""
-    results = {}
-    for arm, fields in arms.items():
-        name = lambda lr, seed: f"{arm}_lr{lr:g}_s{seed}"
-        val = {}
-        for lr in lrs:
-            cfg = config(name(lr, seeds[0]), lr=lr, seed=seeds[0], **fields)
-            run(cfg)
-            val[lr] = mse(S.load_sae(cfg.out, device), splits["val"], typical["val"], device)
-        best = min(val, key=val.get)
-        per_seed = []
-        for seed in seeds:
-            cfg = config(name(best, seed), lr=best, seed=seed, **fields)
-            metrics = run(cfg)
-            sae = S.load_sae(cfg.out, device)
-            per_seed.append(dict(seed=seed, mse_typ=mse(sae, splits["test"], typical["test"], device),
-                                 mse=mse(sae, splits["test"], torch.ones_like(typical["test"]), device),
-                                 change=last_tenth_change(metrics), metrics=metrics))
-        results[arm] = dict(val=val, lr=best, seeds=per_seed)
-    return results
+def width_check(results, narrow, wide):
+    """Convergence check 1, printed: the wider TopK arm must beat the narrower one (paired interval below 0); runs
+    too short for their latents fail it. Returns True if it holds."""
+    mean, half, sign = compare(test_mse(results[wide]), test_mse(results[narrow]))
+    print(f"- width: {wide} against {narrow}: {mean:+.1%} ± {half:.1%} test MSE "
+          + ("(lower: the wider SAE is better, as it must be)" if sign < 0 else "(NOT lower: the runs are too short)"))
+    return sign < 0
+
+
+def still_learning(results):
+    """Printed, not checked: how much the SAEs still learn at the end of training."""
+    doubling = [np.mean(test_mse(r)) / np.mean([s["mse_half"] for s in r["seeds"]]) - 1
+                for r in results.values() if "mse_half" in r["seeds"][0]]
+    last = [s["last"] for r in results.values() for s in r["seeds"] if not math.isnan(s["last"])] or [math.nan]
+    print(f"- still learning: the training loss moved {min(last):+.1%} to {max(last):+.1%} over the last tenth of steps"
+          + (f"; doubling the steps changed test MSE by {min(doubling):+.1%} to {max(doubling):+.1%}" if doubling else "")
+          + ": no SAE here is converged in the strict sense, so verdicts rest on check 2 (stability)")
+
+
+def decide(results, arm, reference, paper_sign, width_ok, claim):
+    """The verdict on `arm` against `reference` (paper_sign -1: the paper found lower MSE), printed with its checks:
+    the paired interval at full length decides ('agrees' / 'disagrees' wholly on one side of 0, else
+    'inconclusive'); it stands only if (check 2, stability) the half-length runs give the same verdict and the gap,
+    extrapolated one more doubling of steps from half to full, keeps its sign; and check 1 (width) held."""
+    full = compare(test_mse(results[arm]), test_mse(results[reference]))
+    half = compare([s["mse_half"] for s in results[arm]["seeds"]], [s["mse_half"] for s in results[reference]["seeds"]])
+    next_gap = 2 * full[0] - half[0]  # the gap one more doubling on, if it moves as it did from half to full
+    stable = full[2] == half[2] != 0 and np.sign(next_gap) == full[2]
+    said = {paper_sign: "agrees", -paper_sign: "disagrees", 0: "inconclusive (the interval straddles 0)"}[full[2]]
+    if full[2] != 0 and not (width_ok and stable):
+        said = "inconclusive (" + ("check 1 (width) failed" if not width_ok else "not stable under training length") + ")"
+    print(f"{claim}: {arm} against {reference}: {full[0]:+.1%} ± {full[1]:.1%} test MSE ({half[0]:+.1%} ± {half[1]:.1%} "
+          f"at half the steps; {next_gap:+.1%} extrapolated to twice the steps). Verdict: {said}")
+    return said
+
+
+def table(results):
+    """One line per arm: the lr sweep (validation MSE at each lr, * the chosen), test MSE with its 95% interval
+    over seeds (typical tokens and all) and, where trained, at half the steps."""
+    halves = any("mse_half" in r["seeds"][0] for r in results.values())
+    print(f"{'arm':>26} {'lr: validation MSE (typical tokens)':>46} {'test MSE typ':>16} {'test MSE':>16}"
+          + (f" {'half the steps':>16}" if halves else ""))
+    for arm, r in results.items():
+        sweep = " ".join(f"{lr:g}:{v:.4g}{'*' if lr == r['lr'] else ''}" for lr, v in r["val"].items())
+        typ, full = interval(test_mse(r)), interval(test_mse(r, typical_only=False))
+        line = f"{arm:>26} {sweep:>46} {typ[0]:>9.4g} ± {typ[1]:<4.2g} {full[0]:>9.4g} ± {full[1]:<4.2g}"
+        if "mse_half" in r["seeds"][0]:
+            half = interval([s["mse_half"] for s in r["seeds"]])
+            line += f" {half[0]:>9.4g} ± {half[1]:<4.2g}"
+        print(line)
+    print("* the lr chosen on the validation half of the held-out contexts; ± the 95% interval over seeds (test half)")
+
+
+def test_mse(result, typical_only=True):
+    """An arm's test MSE per seed, in seed order."""
+    return [s["mse_typ" if typical_only else "mse"] for s in result["seeds"]]
