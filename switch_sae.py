@@ -1358,6 +1358,8 @@ def train(cfg):
                    auxk_steps=auxk_steps,
                    loss_curve=loss_curve,  # [step, reconstruction loss] at each log step (of this process)
                    paper_flops_per_token=flops["paper_encoder_only"],
+                   input_scale=whole.input_scale.item(),  # 1 unless --normalize-activations
+                   lb_scale=whole.lb_scale.item() if cfg.arch == "switch" else None,  # alpha's multiplier
                    dropped_contexts=dropped,  # live: among the contexts read; cached: in the whole cache
                    seconds_activations=seconds["activations"],  # LM forwards (or cache reads), this process
                    seconds_sae=seconds["loop"] - seconds["activations"])  # SAE steps, logging, checkpoints

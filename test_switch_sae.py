@@ -174,6 +174,31 @@ def test_normalized_inputs_by_hand_and_against_the_dense_reference():
     torch.testing.assert_close(sae.decode(sae.encode(x)), out.x_hat, **TOL)
 
 
+@pytest.mark.parametrize("arch", ["switch", "relu", "gated"])
+def test_an_input_scale_is_the_same_sae_on_scaled_data(arch):
+    """An SAE with input scale c on x / c is the SAE with scale 1 on x: its loss (AuxK, L1 and the gated aux term
+    included) and gradients are equal, and its output is 1/c of the other's, in the fast and the dense forward."""
+    torch.manual_seed(0)
+    sae, y = S.make_sae(arch, 24, 96, 4, 5), torch.randn(200, 24) * 2 + 1
+    dead_M = torch.arange(96) % 3 == 0 if arch == "switch" else None  # a third dead: AuxK runs
+    coefs = {"lb_alpha": 3.0, "auxk_alpha": 0.5} if arch == "switch" else {"l1_coeff": 0.1}
+
+    def step(x):
+        out = sae(x) if dead_M is None else sae(x, dead_M)
+        loss, _ = sae.loss(x, out, **coefs)
+        dense = sae.forward_dense(x).x_hat if arch == "switch" else out.x_hat
+        return out.x_hat, dense, loss, grads(sae, loss)
+
+    x_hat1, dense1, loss1, grads1 = step(y)
+    sae.input_scale.fill_(7.0)
+    x_hat7, dense7, loss7, grads7 = step(y / 7)
+    torch.testing.assert_close(x_hat7 * 7, x_hat1, **TOL)
+    torch.testing.assert_close(dense7 * 7, dense1, **TOL)
+    torch.testing.assert_close(loss7, loss1, **TOL)
+    for name in grads1:
+        torch.testing.assert_close(grads7[name], grads1[name], rtol=1e-3, atol=1e-4, msg=name)
+
+
 def clustered(n, d=16, clusters=8, seed=0):
     """Tokens near a few directions, on a large common offset, as LM activations are."""
     g = torch.Generator().manual_seed(seed)
@@ -623,10 +648,12 @@ def test_cli_trains_evaluates_and_checkpoint_reloads(tiny_run, tmp_path, capsys)
     assert mse(sae) < 0.99 * mse(untrained)  # 8 small steps on a random tiny LM: a modest but real gain
 
 
-def test_resume_ends_with_the_same_weights(tiny_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("normalize", [False, True])
+def test_resume_ends_with_the_same_weights(tiny_run, tmp_path, monkeypatch, normalize):
     from safetensors.torch import load_file
 
-    S.main(tiny_args(tiny_run, tmp_path / "whole"))
+    extra = {"normalize_activations": True} if normalize else {}
+    S.main(tiny_args(tiny_run, tmp_path / "whole", **extra))
     real_step = S.train_step
     calls = []
 
@@ -638,7 +665,7 @@ def test_resume_ends_with_the_same_weights(tiny_run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(S, "train_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        S.main(tiny_args(tiny_run, tmp_path / "cut"))
+        S.main(tiny_args(tiny_run, tmp_path / "cut", **extra))
     monkeypatch.setattr(S, "train_step", real_step)
     S.main(["--resume", f"--out={tmp_path / 'cut'}"])
     whole, cut = load_file(tmp_path / "whole" / "sae.safetensors"), load_file(tmp_path / "cut" / "sae.safetensors")

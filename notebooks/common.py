@@ -21,6 +21,7 @@ import sys
 os.environ.setdefault("TQDM_MININTERVAL", "30")  # train()'s progress bars: an update every 30 s keeps notebooks small
 
 import numpy as np
+import scipy.stats
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,15 +118,15 @@ class Study:
         """Train one SAE unless it is done; returns its metrics, or None when its loss diverged (a too-high lr in a
         sweep; diverged.txt marks it). A finished run trained with other settings is an error, not a silent reuse."""
         done, diverged = os.path.join(cfg.out, "metrics.json"), os.path.join(cfg.out, "diverged.txt")
-        if os.path.isfile(diverged):
-            return None
-        if os.path.isfile(done):
+        if os.path.isfile(os.path.join(cfg.out, "config.json")):  # finished, diverged or interrupted alike
             saved = S.load_config(cfg.out)
             differ = [f.name for f in dataclasses.fields(cfg) if f.name not in ("out", "resume", "device")
                       and getattr(saved, f.name) != getattr(cfg, f.name)]
             if differ:
                 raise ValueError(f"{cfg.out} was trained with other {', '.join(differ)}: delete it to retrain")
-        else:
+        if os.path.isfile(diverged):
+            return None
+        if not os.path.isfile(done):
             if os.path.isfile(os.path.join(cfg.out, "sae.safetensors")):  # interrupted: go on from its checkpoint
                 cfg = dataclasses.replace(cfg, resume=True)
             log = io.StringIO()  # train()'s progress bars and table would fill the notebook: one line instead
@@ -168,10 +169,10 @@ class Study:
 
     def sweep(self, arms, lrs=None, seeds=None, halves=False):
         """The fair comparison: every arm at every lr with the first seed; the lr with the lowest validation MSE
-        (typical tokens) wins; the other seeds train at it. With halves, each seed also trains for half the steps
-        (the first half of the same batches), for the convergence check. Returns, per arm: val MSE per lr, the
-        chosen lr, and per seed the test MSE (typical tokens and all; mse_half at half length), the run's metrics
-        and its loss change over the last tenth (loss_change)."""
+        (typical tokens) wins; the other seeds train at it. With halves, each seed also trains on half the tokens
+        (about the first half of its batches, its lr decaying over its own last 20%), for the stability check.
+        Returns, per arm: val MSE per lr, the chosen lr, and per seed the test MSE (typical tokens and all;
+        mse_half at half length; nan where a run diverged), the run's metrics and the last-tenth loss change."""
         lrs, seeds = lrs or self.p["lrs"], seeds or self.p["seeds"]
         results = {}
         for arm, fields in arms.items():
@@ -186,14 +187,18 @@ class Study:
             for seed in seeds:
                 cfg = self.config(name(best, seed), lr=best, seed=seed, **fields)
                 metrics = self.run(cfg)
+                if metrics is None:  # diverged at the lr the first seed chose: no result, so no verdict
+                    per_seed.append(dict(seed=seed, out=cfg.out, mse_typ=math.nan, mse=math.nan, last=math.nan,
+                                         metrics=None, mse_half=math.nan))
+                    continue
                 sae = S.load_sae(cfg.out, self.device)
                 per_seed.append(dict(seed=seed, out=cfg.out, mse_typ=self.mse(sae), mse=self.mse(sae, typical_only=False),
                                      last=loss_change(metrics), metrics=metrics))
                 if halves:
                     half = self.config(name(best, seed) + "_half", lr=best, seed=seed, tokens=self.p["tokens"] // 2,
                                        **fields)
-                    self.run(half)
-                    per_seed[-1]["mse_half"] = self.mse(S.load_sae(half.out, self.device))
+                    trained = self.run(half) is not None
+                    per_seed[-1]["mse_half"] = self.mse(S.load_sae(half.out, self.device)) if trained else math.nan
             results[arm] = dict(val=val, lr=best, seeds=per_seed, fields=fields)
         return results
 
@@ -254,20 +259,20 @@ def make_tiny_lm(folder):
 # -----------------------------------------------------------------------------
 # statistics: intervals over seeds, paired comparisons, convergence
 
-T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 8: 2.365, 10: 2.262}  # Student t, two-sided 95%
-
-
 def interval(values):
     """Mean and the half-width of its 95% confidence interval (Student t over len(values) >= 2 seeds)."""
     values = np.asarray(values, dtype=float)
     if len(values) < 2:  # one seed: no interval
         return values.mean(), math.nan
-    return values.mean(), T95[len(values)] * values.std(ddof=1) / math.sqrt(len(values))
+    t95 = scipy.stats.t.ppf(0.975, len(values) - 1)  # Student t, two-sided 95%
+    return values.mean(), t95 * values.std(ddof=1) / math.sqrt(len(values))
 
 
 def compare(values, reference):
     """Relative difference values / reference - 1, paired by seed (same init seed and data order), as (mean,
     half-width of the 95% interval, sign): sign is -1 or +1 when the whole interval lies below or above 0, else 0."""
+    if len(values) != len(reference):
+        raise ValueError(f"compare pairs by seed: {len(values)} values against {len(reference)}")
     mean, half = interval(np.asarray(values) / np.asarray(reference) - 1)
     return mean, half, -1 if mean + half < 0 else 1 if mean - half > 0 else 0
 
