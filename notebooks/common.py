@@ -177,12 +177,15 @@ class Study:
         results = {}
         for arm, fields in arms.items():
             name = lambda lr, seed: f"{arm}_lr{lr:g}_s{seed}"
-            val = {}
-            for lr in lrs:
-                cfg = self.config(name(lr, seeds[0]), lr=lr, seed=seeds[0], **fields)
-                trained = self.run(cfg) is not None
-                val[lr] = self.mse(S.load_sae(cfg.out, self.device), "val") if trained else math.inf
-            best = min(val, key=val.get)
+            val, grid = {}, list(lrs)
+            while grid:  # the grid, then one more step beyond whichever edge wins, twice at most
+                for lr in grid:
+                    cfg = self.config(name(lr, seeds[0]), lr=lr, seed=seeds[0], **fields)
+                    trained = self.run(cfg) is not None
+                    val[lr] = self.mse(S.load_sae(cfg.out, self.device), "val") if trained else math.inf
+                best, tried = min(val, key=val.get), sorted(val)
+                beyond = half_decade(best, +1) if best == tried[-1] else half_decade(best, -1)
+                grid = [beyond] if best in (tried[0], tried[-1]) and len(val) < len(lrs) + 2 else []
             per_seed = []
             for seed in seeds:
                 cfg = self.config(name(best, seed), lr=best, seed=seed, **fields)
@@ -217,6 +220,12 @@ class Study:
         cfg = S.load_config(run_dir)
         return S.evaluate(S.load_sae(run_dir, self.device), cfg, x[: contexts * per], model, module,
                           tokens_CL[:contexts].to(self.device))
+
+
+def half_decade(lr, direction):
+    """The next value of the ladder 1e-3, 3e-3, 1e-2, 3e-2, ... up (+1) or down (-1) from lr."""
+    step = 3 if f"{lr:.0e}"[0] == ("1" if direction > 0 else "3") else 10 / 3
+    return float(f"{lr * step ** direction:.1g}")
 
 
 def held_out_activations(lm, cache):
@@ -329,14 +338,16 @@ def table(results):
     print(f"{'arm':>26} {'lr: validation MSE (typical tokens)':>46} {'test MSE typ':>16} {'test MSE':>16}"
           + (f" {'half the steps':>16}" if halves else ""))
     for arm, r in results.items():
-        sweep = " ".join(f"{lr:g}:{v:.4g}{'*' if lr == r['lr'] else ''}" for lr, v in r["val"].items())
+        sweep = " ".join(f"{lr:g}:{v:.4g}{'*' if lr == r['lr'] else ''}" for lr, v in sorted(r["val"].items()))
+        sweep += " (edge)" if r["lr"] in (min(r["val"]), max(r["val"])) and len(r["val"]) > 1 else ""
         typ, full = interval(test_mse(r)), interval(test_mse(r, typical_only=False))
         line = f"{arm:>26} {sweep:>46} {typ[0]:>9.4g} ± {typ[1]:<4.2g} {full[0]:>9.4g} ± {full[1]:<4.2g}"
         if "mse_half" in r["seeds"][0]:
             half = interval([s["mse_half"] for s in r["seeds"]])
             line += f" {half[0]:>9.4g} ± {half[1]:<4.2g}"
         print(line)
-    print("* the lr chosen on the validation half of the held-out contexts; ± the 95% interval over seeds (test half)")
+    print("* the lr chosen on the validation half of the held-out contexts (a grid edge wins: the grid is extended"
+          " one step that way, twice at most; '(edge)': still at an edge); ± the 95% interval over seeds (test half)")
 
 
 def test_mse(result, typical_only=True):
