@@ -272,8 +272,13 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def normalize_inputs_(self, x_BD):
-        """Fix the input scale from the first batch: its mean norm becomes sqrt(d) (Gao et al.)."""
-        self.input_scale.fill_(math.sqrt(self.d_in) / x_BD.float().norm(dim=1).mean())
+        """Fix the input scale from the first batch: its typical tokens' mean norm becomes sqrt(d) (Gao et
+        al.). Typical: norm at most 4x the median; a massive activation (an attention sink, 20-100x the
+        usual norm) in the batch would otherwise set the scale of every other token. Returns them."""
+        norms_B = x_BD.float().norm(dim=1)
+        typical_BD = x_BD.float()[norms_B <= 4 * norms_B.median()]
+        self.input_scale.fill_(math.sqrt(self.d_in) / typical_BD.norm(dim=1).mean())
+        return typical_BD
 
     @torch.no_grad()
     def project_decoder_grad_(self):
@@ -315,10 +320,12 @@ class SwitchSAE(SAE):
 
     @torch.no_grad()
     def normalize_inputs_(self, x_BD):
-        """Also weigh the load balance in the scaled data's units: alpha V, V its total variance, instead of
-        alpha d, which holds in GPT-2's raw units only (elsewhere the balance can swamp reconstruction)."""
-        super().normalize_inputs_(x_BD)
-        self.lb_scale.fill_((x_BD.float() * self.input_scale).var(0, correction=0).sum())
+        """Also weigh the load balance in the scaled data's units: alpha V, V the typical tokens' total
+        variance, instead of alpha d, which holds in GPT-2's raw units only (elsewhere the balance can
+        swamp the reconstruction, or vanish beside it)."""
+        typical_BD = super().normalize_inputs_(x_BD)
+        self.lb_scale.fill_((typical_BD * self.input_scale).var(0, correction=0).sum())
+        return typical_BD
 
     @property
     def k_aux(self):
@@ -1359,10 +1366,11 @@ def train(cfg):
                    loss_curve=loss_curve,  # [step, reconstruction loss] at each log step (of this process)
                    paper_flops_per_token=flops["paper_encoder_only"],
                    input_scale=whole.input_scale.item(),  # 1 unless --normalize-activations
-                   lb_scale=whole.lb_scale.item() if cfg.arch == "switch" else None,  # alpha's multiplier
                    dropped_contexts=dropped,  # live: among the contexts read; cached: in the whole cache
                    seconds_activations=seconds["activations"],  # LM forwards (or cache reads), this process
                    seconds_sae=seconds["loop"] - seconds["activations"])  # SAE steps, logging, checkpoints
+    if cfg.arch == "switch":
+        metrics["lb_scale"] = whole.lb_scale.item()  # what alpha multiplies: d, or V when normalized
     write_json(os.path.join(cfg.out, "metrics.json"), metrics)
     print_table(metrics)
     return metrics
