@@ -185,7 +185,7 @@ class Study:
                     val[lr] = self.mse(S.load_sae(cfg.out, self.device), "val") if trained else math.inf
                 best, tried = min(val, key=val.get), sorted(val)
                 beyond = half_decade(best, +1) if best == tried[-1] else half_decade(best, -1)
-                grid = [beyond] if best in (tried[0], tried[-1]) and len(val) < len(lrs) + 2 else []
+                grid = [beyond] if len(lrs) > 1 and best in (tried[0], tried[-1]) and len(val) < len(lrs) + 2 else []
             per_seed = []
             for seed in seeds:
                 cfg = self.config(name(best, seed), lr=best, seed=seed, **fields)
@@ -339,7 +339,7 @@ def table(results):
           + (f" {'half the steps':>16}" if halves else ""))
     for arm, r in results.items():
         sweep = " ".join(f"{lr:g}:{v:.4g}{'*' if lr == r['lr'] else ''}" for lr, v in sorted(r["val"].items()))
-        sweep += " (edge)" if r["lr"] in (min(r["val"]), max(r["val"])) and len(r["val"]) > 1 else ""
+        sweep += " (edge)" if r["lr"] in (min(r["val"]), max(r["val"])) and len(r["val"]) > 2 else ""
         typ, full = interval(test_mse(r)), interval(test_mse(r, typical_only=False))
         line = f"{arm:>26} {sweep:>46} {typ[0]:>9.4g} ± {typ[1]:<4.2g} {full[0]:>9.4g} ± {full[1]:<4.2g}"
         if "mse_half" in r["seeds"][0]:
