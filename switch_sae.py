@@ -12,8 +12,9 @@ router. For one language-model activation x:
     L     = |x - x_hat|^2 + alpha d N sum_n f_n P_n  f_n: share of the batch routed to n, P_n: mean p_n
 
 With normalized activations (Gao et al.; SAELens) the SAE works on s x, s fixed so that the first batch's
-mean norm is sqrt(d), and alpha d becomes alpha V, V the scaled batch's total variance (d for centred
-data): the loss and the routing then do not depend on the activations' units. Outputs are in the LM's.
+typical tokens (norm at most 4x the median) have mean norm sqrt(d), and alpha d becomes alpha V, V their
+scaled total variance (d for centred data): the loss and the routing then do not depend on the
+activations' units. Outputs are in the LM's.
 
 The decoder rows are kept at unit norm. N = 1 is exactly a TopK SAE (Gao et al. 2024), same code. The
 routing is real, unlike the authors' code (dense encoder, then mask): tokens are sorted by expert, each
@@ -540,9 +541,9 @@ class SAEConfig:
     width: int = arg(24576, "M, total latents over all experts")
     k: int = arg(32, "active latents per token")
     lb_alpha: float = arg(3.0, "load-balance weight alpha; the loss adds alpha * d * L_lb (alpha * V * L_lb "
-                               "with --normalize-activations, V: the scaled data's total variance)")
+                               "with --normalize-activations, V: the scaled typical tokens' total variance)")
     normalize_activations: bool = arg(False, "scale the SAE's input by one constant fixed on the first "
-                                             "batch, so that its mean norm is sqrt(d) (Gao et al.); the "
+                                             "batch, so that its typical tokens' mean norm is sqrt(d); the "
                                              "SAE still takes and returns the LM's units")
     auxk_alpha: float = arg(0.0, "AuxK weight (Gao et al. use 1/32); 0 as the paper ran")
     l1_coeff: float = arg(5.0, "L1 weight of the relu and gated baselines (sweep it for a Pareto curve)")
