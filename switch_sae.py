@@ -37,7 +37,9 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import errno
 import gzip
+import hashlib
 import itertools
 import json
 import math
@@ -45,13 +47,16 @@ import os
 import queue
 import random
 import shutil
+import signal
 import socket
 import statistics
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
 import warnings
+import zlib
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -527,8 +532,15 @@ def flops_per_token(d, width, experts, k, batch_size, arch="switch", k_aux=0):
 # config
 
 
-def arg(default, help, positional=False):
-    return dataclasses.field(default=default, metadata={"help": help, "positional": positional})
+def arg(default, help, positional=False, low=None, high=None, choices=None):
+    """A config field: its default, its help, and what it accepts (low <= value <= high, one of choices;
+    a float must also be finite). check_fields holds every field to this; the CLI's --help shows it."""
+    rule = {"low": low, "high": high, "choices": choices}
+    return dataclasses.field(default=default, metadata={"help": help, "positional": positional, **rule})
+
+
+def cli_flag(name):
+    return "--" + name.replace("_", "-")
 
 
 @dataclass
@@ -536,18 +548,25 @@ class SAEConfig:
     """What an SAE is and what its loss weighs."""
 
     arch: str = arg("switch", "switch (TopK experts behind a router; --experts 1 is TopK), "
-                              "or the baselines relu (L1) and gated")
-    experts: int = arg(16, "N, the number of experts; 1 gives a plain TopK SAE")
-    width: int = arg(24576, "M, total latents over all experts")
-    k: int = arg(32, "active latents per token")
+                              "or the baselines relu (L1) and gated", choices=("switch", "relu", "gated"))
+    experts: int = arg(16, "N, the number of experts; 1 gives a plain TopK SAE", low=1)
+    width: int = arg(24576, "M, total latents over all experts", low=1)
+    k: int = arg(32, "active latents per token", low=1)
     lb_alpha: float = arg(3.0, "load-balance weight alpha; the loss adds alpha * d * L_lb (alpha * V * L_lb "
-                               "with --normalize-activations, V: the scaled typical tokens' total variance)")
+                               "with --normalize-activations, V: the scaled typical tokens' total variance)",
+                          low=0)
     normalize_activations: bool = arg(False, "scale the SAE's input by one constant fixed on the first "
                                              "batch, so that its typical tokens' mean norm is sqrt(d); the "
                                              "SAE still takes and returns the LM's units")
-    auxk_alpha: float = arg(0.0, "AuxK weight (Gao et al. use 1/32); 0 as the paper ran")
-    l1_coeff: float = arg(5.0, "L1 weight of the relu and gated baselines (sweep it for a Pareto curve)")
-    dead_tokens: int = arg(10_000_000, "a latent is dead after this many training tokens without firing")
+    auxk_alpha: float = arg(0.0, "AuxK weight (Gao et al. use 1/32); 0 as the paper ran", low=0)
+    l1_coeff: float = arg(5.0, "L1 weight of the relu and gated baselines (sweep it for a Pareto curve)",
+                          low=0)
+    dead_tokens: int = arg(10_000_000, "a latent is dead after this many training tokens without firing",
+                           low=1)
+
+
+# what --resume may change mid-run (besides --device and --compile, which are always this command's)
+RESUMABLE = ("lr", "grad_clip", "tokens", "save_every", "log_every", "skip_ce")
 
 
 @dataclass
@@ -556,46 +575,75 @@ class TrainConfig(SAEConfig):
 
     # activations: which model, where, on what text
     model: str = arg("gpt2", "Hugging Face causal LM: a hub id, a local directory or a .gguf file")
-    layer: int = arg(8, "block whose site is hooked, 0-based (GPT-2 small layer 8 in the paper)")
-    site: str = arg("resid", "resid (block output), attn (attention output) or mlp (MLP output)")
+    layer: int = arg(8, "block whose site is hooked, 0-based (GPT-2 small layer 8 in the paper)", low=0)
+    site: str = arg("resid", "resid (block output), attn (attention output) or mlp (MLP output)",
+                    choices=("resid", "attn", "mlp"))
     text: tuple = arg((), "local .txt, .jsonl or .jsonl.gz files (a 'text' field per line) "
                           "instead of --dataset")
     dataset: str = arg("Skylion007/openwebtext", "hub dataset streamed when no --text is given")
-    ctx: int = arg(128, "tokens per context (see --windows)")
+    ctx: int = arg(128, "tokens per context (see --windows), at most the model's positions", low=2)
     windows: str = arg("first", "first: each document's first ctx tokens, shorter documents skipped (the "
-                                "paper's); all: every consecutive ctx-token window of each document")
+                                "paper's); all: every consecutive ctx-token window of each document",
+                       choices=("first", "all"))
     skip_positions: int = arg(1, "leading positions of each context not trained on, spliced or ablated: "
-                                 "the first is an attention sink with ~100x the usual norm (0: the paper)")
-    lm_batch_size: int = arg(64, "contexts per language-model forward")
+                                 "the first is an attention sink with ~100x the usual norm (0: the paper)",
+                             low=0)
+    lm_batch_size: int = arg(64, "contexts per language-model forward", low=1)
     lm_dtype: str = arg("auto", "the LM's dtype: float32, bfloat16, or auto: bfloat16 on CUDA and on CPUs "
-                                "with bf16 instructions (AMX, AVX512_BF16), float32 elsewhere")
-    buffer_tokens: int = arg(2**20, "activations captured, then served in random order (shuffle buffer)")
+                                "with bf16 instructions (AMX, AVX512_BF16), float32 elsewhere",
+                        choices=("auto", "float32", "bfloat16"))
+    buffer_tokens: int = arg(2**20, "activations captured, then served in random order (shuffle buffer)",
+                             low=1)
     # training
-    tokens: int = arg(50_000_000, "training tokens (the paper: 819_200_000)")
-    batch_size: int = arg(8192, "tokens per step")
+    tokens: int = arg(50_000_000, "training tokens (the paper: 819_200_000)", low=1)
+    batch_size: int = arg(8192, "tokens per step", low=1)
     lr: float = arg(0.0, "learning rate; 0 means the paper's: 2e-4 / sqrt(width / 2^14) for switch, "
-                         "5e-5 relu, 3e-4 gated")
-    decay_start: float = arg(0.8, "fraction of training after which lr decays linearly to 0")
-    grad_clip: float = arg(1.0, "gradient-norm clip")
-    seed: int = arg(0, "seed for the SAE init and the data order")
+                         "5e-5 relu, 3e-4 gated", low=0)
+    decay_start: float = arg(0.8, "fraction of training after which lr decays linearly to 0", low=0, high=1)
+    grad_clip: float = arg(1.0, "gradient-norm clip; 0 turns clipping off", low=0)
+    seed: int = arg(0, "seed for the SAE init and the data order", low=0, high=2**32 - 1)
     expert_parallel: bool = arg(False, "under torchrun: split the experts over the ranks "
                                        "(experts divisible by ranks)")
     compile: bool = arg(False, "torch.compile the passes over the (width, d) matrices between backward "
                                "and Adam and the decoder renormalisation, fusing each into fewer sweeps")
-    device: str = arg("auto", "auto, cuda or cpu")
+    device: str = arg("auto", "auto (cuda if there is one), cuda or cpu", choices=("auto", "cuda", "cpu"))
     # evaluation and checkpoints
     acts: str = arg("", "activation cache from 'switch_sae.py cache' to train on instead of running the LM")
-    eval_tokens: int = arg(16384, "held-out tokens for evaluation, never trained on")
+    eval_tokens: int = arg(16384, "held-out tokens for evaluation, never trained on", low=1)
     skip_ce: bool = arg(False, "leave out loss-recovered evaluation (three LM passes over the held-out text)")
     out: str = arg("out", "directory for checkpoints and metrics.json")
-    save_every: int = arg(10_000_000, "training tokens between checkpoints")
-    resume: bool = arg(False, "continue the run saved in --out, with its saved settings "
-                              "(but this command's --device and --compile)")
-    log_every: int = arg(10, "steps between progress updates (each one waits for the GPU)")
+    save_every: int = arg(10_000_000, "training tokens between checkpoints", low=1)
+    resume: bool = arg(False, "continue the run saved in --out with its saved settings; of this command's "
+                              f"flags only {', '.join(cli_flag(f) for f in RESUMABLE)} "
+                              "may change them (recorded in config.json)")
+    log_every: int = arg(10, "steps between progress updates (each one waits for the GPU)", low=1)
 
 
 class UsageError(Exception):
     """Bad input: main() prints it as one line and exits with status 2."""
+
+
+def cause(e):
+    """An exception's type and the first line of its message, for a one-line error to quote."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def check_fields(cfg):
+    """Every field of a config dataclass against its declaration (arg), before anything loads."""
+    for f in dataclasses.fields(cfg):
+        value, rule, name = getattr(cfg, f.name), f.metadata, cli_flag(f.name)
+        numbers = (int,) if f.type is int else (int, float)  # set in code, a value may not be argparse's type
+        if f.type in (int, float) and (isinstance(value, bool) or not isinstance(value, numbers)):
+            raise UsageError(f"{name} {value!r} is not {'an integer' if f.type is int else 'a number'}")
+        if f.type is float and not math.isfinite(value):
+            raise UsageError(f"{name} {value}: give a finite number")
+        if rule.get("choices") and value not in rule["choices"]:
+            raise UsageError(f"unknown {name} {value!r}: use {', '.join(rule['choices'])}")
+        low, high = rule.get("low"), rule.get("high")
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"at least {low}" if high is None else f"from {low} to {high}"
+            raise UsageError(f"{name} {value} is out of range: it must be {bounds}")
 
 
 def compiler_found():
@@ -604,14 +652,12 @@ def compiler_found():
 
 
 def check_sae_config(cfg):
-    if cfg.arch not in ("switch", "relu", "gated"):
-        raise UsageError(f"unknown --arch {cfg.arch!r}: use switch, relu or gated")
-    if cfg.arch == "switch" and (cfg.experts < 1 or cfg.width % cfg.experts):
-        raise UsageError(f"--width {cfg.width} is not divisible by --experts {cfg.experts}: "
-                         "pick a width that is a multiple of the expert count")
-    if cfg.arch == "switch" and not 1 <= cfg.k <= cfg.width // cfg.experts:
-        raise UsageError(f"--k {cfg.k} must be between 1 and the latents per expert "
-                         f"({cfg.width // cfg.experts} = width / experts): lower --k or raise --width")
+    """The fields one by one, then the rules between an SAE's fields."""
+    check_fields(cfg)
+    m = cfg.width // cfg.experts
+    if cfg.arch == "switch" and (cfg.width % cfg.experts or cfg.k > m):
+        raise UsageError(f"--width {cfg.width} must be a multiple of --experts {cfg.experts} and --k {cfg.k} "
+                         f"at most the latents per expert ({m} = width / experts): change one of them")
     if cfg.auxk_alpha and cfg.arch != "switch":
         raise UsageError("--auxk-alpha is a rule of TopK latents: use it with --arch switch, or set it to 0")
     if cfg.compile and not compiler_found():
@@ -619,55 +665,64 @@ def check_sae_config(cfg):
                          "with one): install g++ or drop --compile")
 
 
-def file_above(path):
-    """The first regular file among path and the folders above it, or None."""
-    path = os.path.abspath(path)
-    while not os.path.isfile(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
-    return path if os.path.isfile(path) else None
-
-
-def check_config(cfg, out_is_file=False):
-    """Bad settings, found before anything slow starts. out_is_file: --out names a file (the cache)."""
+def check_config(cfg):
+    """Bad settings, found before anything slow starts."""
     check_sae_config(cfg)
-    if cfg.lr < 0:
-        raise UsageError(f"--lr {cfg.lr} is negative (that trains by gradient ascent): give a positive "
-                         "learning rate, or 0 for the paper's rule")
-    if cfg.batch_size < 1:
-        raise UsageError(f"--batch-size {cfg.batch_size}: a step needs at least 1 token")
     if cfg.eval_tokens < cfg.ctx:
         raise UsageError(f"--eval-tokens {cfg.eval_tokens} is less than one context of --ctx {cfg.ctx}: "
                          "evaluation needs at least one held-out context")
-    blocking = file_above(os.path.dirname(os.path.abspath(cfg.out)) if out_is_file else cfg.out)
-    if blocking:
-        raise UsageError(f"--out {cfg.out}: {blocking} is a file, so nothing can be written there; "
-                         "pick another --out")
-    model_dir = not cfg.acts and os.path.isdir(cfg.model)
-    if model_dir and not os.path.isfile(os.path.join(cfg.model, "config.json")):
-        raise UsageError(f"--model {cfg.model} holds no config.json, so it is no Hugging Face model "
-                         "directory: point --model at one (or at a hub id or a .gguf file)")
-    if cfg.windows not in ("first", "all"):
-        raise UsageError(f"unknown --windows {cfg.windows!r}: use first or all")
-    if cfg.lm_dtype not in ("auto", "float32", "bfloat16"):
-        raise UsageError(f"unknown --lm-dtype {cfg.lm_dtype!r}: use auto, float32 or bfloat16")
-    if cfg.site not in ("resid", "attn", "mlp"):
-        raise UsageError(f"unknown --site {cfg.site!r}: use resid, attn or mlp")
-    if not 0 <= cfg.skip_positions < cfg.ctx:
-        raise UsageError(f"--skip-positions {cfg.skip_positions} must be at least 0 and below "
-                         f"--ctx {cfg.ctx}")
-    if cfg.log_every < 1 or cfg.save_every < 1:
-        raise UsageError("--log-every and --save-every must be at least 1")
+    if cfg.skip_positions >= cfg.ctx:
+        raise UsageError(f"--skip-positions {cfg.skip_positions} must be below --ctx {cfg.ctx}")
     if cfg.tokens < cfg.batch_size:
         raise UsageError(f"--tokens {cfg.tokens} is less than one batch of --batch-size {cfg.batch_size}: "
                          "raise --tokens")
     if cfg.expert_parallel and (cfg.arch != "switch" or cfg.auxk_alpha):
         raise UsageError("--expert-parallel needs --arch switch and --auxk-alpha 0 "
                          "(AuxK across ranks is not supported yet)")
+    model_dir = not cfg.acts and os.path.isdir(cfg.model)
+    if model_dir and not os.path.isfile(os.path.join(cfg.model, "config.json")):
+        raise UsageError(f"--model {cfg.model} holds no config.json, so it is no Hugging Face model "
+                         "directory: point --model at one (or at a hub id or a .gguf file)")
     for path in cfg.text:
-        if not os.path.isfile(path):
-            raise UsageError(f"--text {path}: no such file; pass existing .txt, .jsonl or .jsonl.gz files")
-        if os.path.getsize(path) == 0:
-            raise UsageError(f"--text {path} is empty: pass a file with text in it")
+        if not os.path.isfile(path) or os.path.getsize(path) == 0:
+            raise UsageError(f"--text {path}: no such file, or it is empty; pass .txt, .jsonl or .jsonl.gz "
+                             "files with text in them")
+
+
+def writable_place(path, what):
+    """The nearest existing folder at or above `path`, once a probe shows files can be made there."""
+    place = os.path.abspath(path)
+    while not os.path.exists(place):
+        place = os.path.dirname(place)
+    if not os.path.isdir(place):
+        raise UsageError(f"{what} {path}: {place} is a file, so nothing can be written there; pick another")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=place))
+    except OSError as e:
+        raise UsageError(f"{what} {path}: cannot write in {place} ({e.strerror}); pick another") from None
+    return place
+
+
+def check_room(path, what, needed):
+    """Refuse to start what would fill the disk: `needed` bytes must be free where `path` is written."""
+    free = shutil.disk_usage(writable_place(path, what)).free
+    if needed > free:
+        raise UsageError(f"{what} {path} needs {needed / 2**30:.2f} GiB and its disk has {free / 2**30:.2f} "
+                         "GiB free: free some space or write elsewhere")
+
+
+@contextlib.contextmanager
+def disk_space_for(path, needed):
+    """A disk that fills up while `path` is written becomes one line saying how much room it needed."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        raise UsageError(f"the disk filled up writing {path}: it needs {needed / 2**20:.1f} MiB and "
+                         f"{free / 2**20:.1f} MiB are free (files written before stay whole); make room "
+                         "and run again") from None
 
 
 def pick_device(name):
@@ -676,8 +731,6 @@ def pick_device(name):
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but torch sees no CUDA GPU: use --device cpu "
                          "(or install a CUDA build of torch)")
-    if name not in ("cuda", "cpu"):
-        raise UsageError(f"unknown --device {name!r}: use auto, cuda or cpu")
     return torch.device(name)
 
 
@@ -690,16 +743,21 @@ def read_documents(cfg):
     if cfg.text:
         docs = []
         for path in cfg.text:
-            opener = gzip.open if path.endswith(".gz") else open
+            name = os.path.basename(path).lower()
+            opener = gzip.open if name.endswith(".gz") else open
             try:
                 with opener(path, "rt", encoding="utf-8") as f:
-                    if ".jsonl" in path:
-                        docs += [json.loads(line)["text"] for line in f if line.strip()]
+                    if name.endswith((".jsonl", ".jsonl.gz")):
+                        texts = [json.loads(line)["text"] for line in f if line.strip()]
+                        if not all(isinstance(text, str) for text in texts):
+                            raise TypeError("a \"text\" value is not a string")
+                        docs += texts
                     else:  # plain text: blank lines separate documents
                         docs += [d for d in f.read().split("\n\n") if d.strip()]
-            except (ValueError, KeyError, TypeError, OSError) as e:  # bad JSON or UTF-8, no "text", bad gzip
-                raise UsageError(f"--text {path}: cannot read documents ({type(e).__name__}: {e}); give "
-                                 "UTF-8 .txt, or .jsonl(.gz) with a \"text\" field per line") from None
+            # bad JSON or UTF-8, no "text" or not a string, a gzip file that is corrupt or cut short
+            except (ValueError, KeyError, TypeError, OSError, EOFError, zlib.error) as e:
+                raise UsageError(f"--text {path}: cannot read documents ({cause(e)}); give "
+                                 "UTF-8 .txt, or .jsonl(.gz) with a \"text\" string per line") from None
         if not docs:
             raise UsageError(f"--text {' '.join(cfg.text)} holds no documents: pass files with text in them")
         random.Random(cfg.seed).shuffle(docs)  # local corpora are often grouped by source
@@ -712,8 +770,7 @@ def read_documents(cfg):
         for row in hub_dataset(cfg.dataset).shuffle(seed=cfg.seed, buffer_size=10_000):
             yield row["text"]
     except Exception as e:
-        cause = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UsageError(f"could not stream dataset {cfg.dataset!r} ({type(e).__name__}: {cause}); "
+        raise UsageError(f"could not stream dataset {cfg.dataset!r} ({cause(e)}); "
                          "pass local text with --text FILE.jsonl.gz") from None
 
 
@@ -878,10 +935,23 @@ def load_lm(cfg, device):
         load_dtype = torch.float32 if gguf else dtype  # GGUF dequantises to float32; cast after
         model = AutoModelForCausalLM.from_pretrained(source, dtype=load_dtype, attn_implementation="sdpa",
                                                      **gguf)
-    except OSError:
+    except OSError as e:
+        if os.path.exists(cfg.model):
+            raise UsageError(f"could not load model {cfg.model!r} ({cause(e)}): its files are cut short or "
+                             "corrupt; download or convert it again") from None
         raise UsageError(f"could not load model {cfg.model!r}: no network, or no such hub id or directory; "
                          "pass a local model with --model DIR or --model FILE.gguf") from None
+    except Exception as e:  # whatever the weight, tokenizer or GGUF parsers raise on a broken file
+        raise UsageError(f"could not load model {cfg.model!r} ({cause(e)}): its files are "
+                         "cut short or corrupt; download or convert it again") from None
+    check_positions(model.config, cfg.ctx)
     return model.to(device, dtype).eval(), tokenizer
+
+
+def check_positions(config, ctx):
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions and ctx > positions:
+        raise UsageError(f"--ctx {ctx} is longer than the model's {positions} positions: lower --ctx")
 
 
 def hooked_module(model, layer, site):
@@ -945,14 +1015,23 @@ def splice_hook(patch, skip_positions):
     return hook
 
 
+def chunk_contexts(cfg, n_steps):
+    """Contexts that n_steps batches of a run read (each context gives ctx - skip_positions tokens)."""
+    return math.ceil(n_steps * cfg.batch_size / (cfg.ctx - cfg.skip_positions))
+
+
 def chunk_plan(cfg):
-    """(first step, steps, contexts) of each shuffle-buffer chunk of a run: the same live and cached."""
+    """Yield (first step, steps, contexts) of each shuffle-buffer chunk of a run: the same live and cached."""
     steps, per_chunk = cfg.tokens // cfg.batch_size, max(1, cfg.buffer_tokens // cfg.batch_size)
-    plan = []
     for first in range(0, steps, per_chunk):
         n_steps = min(per_chunk, steps - first)
-        plan.append((first, n_steps, math.ceil(n_steps * cfg.batch_size / (cfg.ctx - cfg.skip_positions))))
-    return plan
+        yield first, n_steps, chunk_contexts(cfg, n_steps)
+
+
+def contexts_needed(cfg):
+    """The training contexts a whole run reads: the sum over chunk_plan, without walking it."""
+    steps, per_chunk = cfg.tokens // cfg.batch_size, max(1, cfg.buffer_tokens // cfg.batch_size)
+    return steps // per_chunk * chunk_contexts(cfg, per_chunk) + chunk_contexts(cfg, steps % per_chunk)
 
 
 def activation_batches(cfg, read_contexts, start_step, device):
@@ -988,50 +1067,90 @@ def live_reader(cfg, model, module, contexts):
 def write_cache(cfg):
     from tqdm import tqdm
 
-    check_config(cfg, out_is_file=True)
+    check_config(cfg)
     device = pick_device(cfg.device)
     if os.path.isdir(cfg.out):
         raise UsageError(f"cache --out {cfg.out} is a directory: name the cache file, "
                          f"e.g. --out {os.path.join(cfg.out, 'acts.bin')}")
+    writable_place(os.path.dirname(os.path.abspath(cfg.out)), "cache --out")
     model, tokenizer = load_lm(cfg, device)
     module = hooked_module(model, cfg.layer, cfg.site)
+    n_eval, d = held_out_contexts(cfg), model.config.hidden_size
+    n_total = n_eval + contexts_needed(cfg)
+    rows = n_total * (cfg.ctx - cfg.skip_positions)
+    replaced = sum(os.path.getsize(p) for p in (cfg.out, cfg.out + ".tokens") if os.path.isfile(p))
+    needed = rows * d * 2 + n_total * cfg.ctx * 4
+    check_room(cfg.out, "cache --out", needed - replaced)  # before the LM runs, not when the disk is full
     contexts = token_contexts(cfg, tokenizer)
-    n_eval = held_out_contexts(cfg)
     held_out_CL = take(contexts, n_eval)
     dropped = {"equal_to_held_out": 0, "duplicate": 0}
     contexts = itertools.chain(held_out_CL, distinct_contexts(contexts, held_out_CL, dropped))
-    n_total = n_eval + sum(n for _, _, n in chunk_plan(cfg))
     header = {"model": cfg.model, "layer": cfg.layer, "site": cfg.site, "ctx": cfg.ctx,
-              "skip_positions": cfg.skip_positions, "d": model.config.hidden_size, "dtype": "bfloat16",
-              "eval_contexts": n_eval, "contexts": n_total, "rows": n_total * (cfg.ctx - cfg.skip_positions),
-              "seed": cfg.seed, "windows": cfg.windows, "lm_dtype": str(model.dtype), "complete": False}
-    os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
+              "skip_positions": cfg.skip_positions, "d": d, "dtype": "bfloat16", "eval_contexts": n_eval,
+              "contexts": n_total, "rows": rows, "seed": cfg.seed, "windows": cfg.windows,
+              "lm_dtype": str(model.dtype), "complete": False}
     write_json(cfg.out + ".json", header)  # says "incomplete" until the last row is written
-    with open(cfg.out, "wb") as acts_file, open(cfg.out + ".tokens", "wb") as tokens_file:
+    with disk_space_for(cfg.out, needed), open(cfg.out, "wb") as acts_file, \
+            open(cfg.out + ".tokens", "wb") as tokens_file:
         for first in tqdm(range(0, n_total, cfg.lm_batch_size), desc="cache", unit_scale=cfg.lm_batch_size,
                           unit="ctx"):
             tokens_CL = take(contexts, min(cfg.lm_batch_size, n_total - first))
             acts = lm_activations(model, module, tokens_CL, cfg.lm_batch_size, cfg.skip_positions)
             acts_file.write(acts.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
             tokens_file.write(tokens_CL.to(torch.int32).numpy().tobytes())
-    write_json(cfg.out + ".json", {**header, "complete": True, "dropped_contexts": dropped})
+    write_json(cfg.out + ".json", {**header, **cache_digests(cfg.out, header), "complete": True,
+                                   "dropped_contexts": dropped})
     print(f"wrote {header['rows']} activations of {cfg.model} layer {cfg.layer} {cfg.site} to {cfg.out} "
           f"({n_eval} held-out contexts first; left out: {dropped['equal_to_held_out']} training contexts "
           f"equal to a held-out one, {dropped['duplicate']} repeats)")
 
 
+CACHE_HEADER = {"model": str, "layer": int, "site": str, "ctx": int, "skip_positions": int, "d": int,
+                "eval_contexts": int, "contexts": int, "rows": int, "complete": bool}
+
+
+def cache_digests(path, header):
+    """sha256 of a cache's contexts and of its held-out rows: they tie its three files together, so a
+    .tokens or .bin file of another cache is found out (hashing the held-out rows alone keeps it fast)."""
+    held_out_bytes = header["eval_contexts"] * (header["ctx"] - header["skip_positions"]) * header["d"] * 2
+    with open(path, "rb") as acts_file, open(path + ".tokens", "rb") as tokens_file:
+        return {"held_out_sha256": hashlib.sha256(acts_file.read(held_out_bytes)).hexdigest(),
+                "tokens_sha256": hashlib.sha256(tokens_file.read()).hexdigest()}
+
+
 def open_cache(path):
-    """Header, activation rows (memory-mapped) and contexts of a cache; refuses one left incomplete."""
+    """Header, activation rows (memory-mapped) and contexts of a cache. Refused in one line: a cache left
+    incomplete; a header cut, edited or of the wrong types; a part missing, cut, or from another cache;
+    held-out rows that are not finite."""
     import numpy as np
 
+    again = f"write it again with 'switch_sae.py cache --out {path}'"
     if not os.path.isfile(path + ".json"):
         raise UsageError(f"--acts {path}: no cache there (no {path}.json); write one with "
                          f"'switch_sae.py cache --out {path}'")
-    header = json.load(open(path + ".json"))
-    if not header["complete"] or os.path.getsize(path) != header["rows"] * header["d"] * 2:
-        raise UsageError(f"--acts {path} is incomplete (its cache run was stopped): write it again with "
-                         "'switch_sae.py cache'")
+    try:
+        header = json.load(open(path + ".json"))
+        wrong = [key for key, kind in CACHE_HEADER.items() if type(header[key]) is not kind]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"--acts {path}: its header {path}.json is unreadable ({cause(e)}); "
+                         f"{again}") from None
+    if wrong:
+        raise UsageError(f"--acts {path}: its header has {', '.join(wrong)} of the wrong type; {again}")
+    if not header["complete"]:
+        raise UsageError(f"--acts {path} is incomplete (its cache run was stopped): {again}")
+    n_eval, per_context = header["eval_contexts"], header["ctx"] - header["skip_positions"]
+    sizes = {path: header["rows"] * header["d"] * 2, path + ".tokens": header["contexts"] * header["ctx"] * 4}
+    if not (0 < n_eval <= header["contexts"] and header["rows"] == header["contexts"] * per_context
+            and all(os.path.isfile(p) and os.path.getsize(p) == size for p, size in sizes.items())):
+        raise UsageError(f"--acts {path}: its files are missing, cut short, or do not match its header; "
+                         f"{again}")
+    digests = cache_digests(path, header)
+    if any(header.get(key, value) != value for key, value in digests.items()):  # older caches have none
+        raise UsageError(f"--acts {path}: its .bin and .tokens files do not belong to its header (a file of "
+                         f"another cache?); {again}")
     rows = np.memmap(path, dtype=np.int16, mode="r", shape=(header["rows"], header["d"]))
+    if not torch.from_numpy(np.array(rows[: n_eval * per_context])).view(torch.bfloat16).isfinite().all():
+        raise UsageError(f"--acts {path}: its held-out activations are not all finite (NaN or inf); {again}")
     tokens = np.fromfile(path + ".tokens", dtype=np.int32).reshape(header["contexts"], header["ctx"])
     return header, rows, torch.from_numpy(tokens).long()
 
@@ -1046,10 +1165,6 @@ def cache_reader(path, rows, header, context_ids):
     def read_contexts(n, skip=False):
         ids = context_ids[position[0] : position[0] + n]
         position[0] += n
-        if len(ids) < n:
-            raise UsageError(f"--acts {path} holds {len(context_ids)} distinct training contexts and this "
-                             "run needs more: write the cache with this run's --tokens, --batch-size and "
-                             "--buffer-tokens")
         if skip:
             return None
         rows_read = rows_CLD[ids].reshape(-1, header["d"])  # contiguous runs of ids read as fast as slices
@@ -1096,9 +1211,14 @@ def is_sharded(p):
     return getattr(p, "expert_shard", False)
 
 
+def base_lr(cfg):
+    """--lr, or the paper's rule for the run's kind of SAE."""
+    return cfg.lr or {"switch": 2e-4 / math.sqrt(cfg.width / 2**14), "relu": 5e-5, "gated": 3e-4}[cfg.arch]
+
+
 def lr_at(cfg, step, steps):
     """Constant (after a 1000-step warm-up for gated), then linear decay to 0 after decay_start."""
-    base = cfg.lr or {"switch": 2e-4 / math.sqrt(cfg.width / 2**14), "relu": 5e-5, "gated": 3e-4}[cfg.arch]
+    base = base_lr(cfg)
     if cfg.arch == "gated":
         base *= min(1.0, (step + 1) / 1000)
     decay_from = int(cfg.decay_start * steps)
@@ -1124,8 +1244,11 @@ def squared_norm(t):
 
 
 def clip_gradients(sae, max_norm, comms=SINGLE_PROCESS):
-    """torch.nn.utils.clip_grad_norm_'s rule, with the norm taken over all ranks' expert shards."""
+    """torch.nn.utils.clip_grad_norm_'s rule, with the norm taken over all ranks' expert shards; max_norm 0
+    leaves the gradients as they are."""
     grads = [p for p in sae.parameters() if p.grad is not None]
+    if not max_norm:
+        return
     total = torch.stack([squared_norm(p.grad) for p in grads if not is_sharded(p)]).sum()
     sharded = [squared_norm(p.grad) for p in grads if is_sharded(p)]
     if sharded:
@@ -1210,13 +1333,18 @@ def activation_source(cfg, device, comms, dropped):
         keys = ("model", "layer", "site", "ctx", "skip_positions")
         cfg = dataclasses.replace(cfg, **{key: header[key] for key in keys})
         n_eval = header["eval_contexts"]
-        eval_x = cache_reader(cfg.acts, rows, header, range(n_eval))(n_eval)
-        evaluating_ce = comms.rank == 0 and not cfg.skip_ce
-        model, module = lm_for_evaluation(cfg, device) if evaluating_ce else (None, None)
         # caches written before contexts were made distinct may repeat some: pass over those here
         kept = distinct_contexts(zip(range(n_eval, header["contexts"]), cache_tokens[n_eval:]),
                                  cache_tokens[:n_eval], dropped, key=lambda pair: pair[1])
-        read_contexts = cache_reader(cfg.acts, rows, header, [i for i, _ in kept])
+        kept = [i for i, _ in kept]
+        if len(kept) < contexts_needed(cfg):  # known now, so a run cannot train on and then run out
+            raise UsageError(f"--acts {cfg.acts} holds {len(kept)} distinct training contexts and this run "
+                             f"needs {contexts_needed(cfg)}: write the cache with this run's --tokens, "
+                             "--batch-size and --buffer-tokens, or lower --tokens")
+        eval_x = cache_reader(cfg.acts, rows, header, range(n_eval))(n_eval)
+        evaluating_ce = comms.rank == 0 and not cfg.skip_ce
+        model, module = lm_for_evaluation(cfg, device) if evaluating_ce else (None, None)
+        read_contexts = cache_reader(cfg.acts, rows, header, kept)
         return cfg, (header["d"], read_contexts, cache_tokens[:n_eval], eval_x, model, module)
     model, tokenizer = load_lm(cfg, device)
     module = hooked_module(model, cfg.layer, cfg.site)
@@ -1240,17 +1368,15 @@ def lm_for_evaluation(cfg, device):
 
 @contextlib.contextmanager
 def stop_on_signals():
-    """Within the block, the first SIGINT or SIGTERM sets the yielded flag, so the run saves and exits
-    cleanly at its next log step; a second one interrupts at once. The previous handlers come back after
+    """Within the block, the first SIGINT or SIGTERM sets the yielded flag to its number, so the run saves
+    and stops at its next log step; a second one interrupts at once. The previous handlers come back after
     (a notebook that trains several SAEs keeps its own interrupt)."""
-    import signal
-
     flag = torch.zeros(1)
 
     def handler(signum, frame):
         if flag.item():
             raise KeyboardInterrupt
-        flag.fill_(1)
+        flag.fill_(signum)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -1268,12 +1394,82 @@ def build_sae(cfg, d, comms):
     return make_sae(cfg.arch, d, cfg.width, cfg.experts, cfg.k)
 
 
-def train(cfg):
+def free_memory(device):
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) * 1024
+    except (OSError, StopIteration):  # not Linux: unknown
+        return math.inf
+
+
+def check_memory(cfg, d, device, saes=1):
+    """Refuse SAEs that cannot fit, before they are built: the two (M, D) matrices with their gradients and
+    Adam's two moments, and a step's (B, m) encoder pre-activations twice over, in float32."""
+    m = cfg.width // cfg.experts if cfg.arch == "switch" else cfg.width
+    needed, free = saes * 4 * (8 * cfg.width * d + 2 * cfg.batch_size * m), free_memory(device)
+    if needed > free:
+        raise UsageError(f"training needs about {needed / 2**30:.1f} GiB and {device} has {free / 2**30:.1f} "
+                         "GiB free: lower --width or --batch-size")
+
+
+class Diverged(UsageError):
+    """The loss became NaN or infinite: the learning rate was too high, or the activations not finite."""
+
+
+def diverged(cfg, loss, step, saved_step):
+    """The error for a loss that became NaN or infinite, saying what is true of the run's checkpoint."""
+    lr, what = base_lr(cfg), f"the loss became {loss} by step {step}"
+    if saved_step:
+        return Diverged(f"{what}; the checkpoint of step {saved_step} in {cfg.out} is intact: continue it "
+                        f"at a lower learning rate with --resume --out {cfg.out} --lr {lr / 3:.2g}")
+    return Diverged(f"{what}, before the first checkpoint: start again with a lower --lr than {lr:.2g}")
+
+
+class Stopped(KeyboardInterrupt):
+    """A run stopped by SIGINT or SIGTERM once its checkpoint was saved: main() exits with 128 + signum."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def resumed_config(cfg, given):
+    """The run saved in cfg.out, with this command's --device and --compile and the RESUMABLE fields it
+    gives; another field given with a value other than the run's is refused. Returns it and the run's
+    history of such changes, this one last ({field: [saved, new]})."""
+    saved = dataclasses.replace(load_config(cfg.out), device=cfg.device, compile=cfg.compile)
+    changed = {name: [getattr(saved, name), getattr(cfg, name)] for name in sorted(given)
+               if name not in ("resume", "out", "device", "compile")
+               and getattr(saved, name) != getattr(cfg, name)}
+    fixed = [cli_flag(name) for name in changed if name not in RESUMABLE]
+    if fixed:
+        raise UsageError(f"--resume continues the run in {cfg.out} with its own settings, and "
+                         f"{', '.join(fixed)} "
+                         f"cannot change mid-run (only {', '.join(map(cli_flag, RESUMABLE))} can): drop "
+                         "them, or start a new run in another --out")
+    history = json.load(open(os.path.join(cfg.out, "config.json"))).get("resumes", [])
+    resumed = dataclasses.replace(saved, **{name: new for name, (_, new) in changed.items()})
+    return resumed, history + [changed]
+
+
+def train(cfg, given=None):
+    """Train one SAE, or with cfg.resume continue the run in cfg.out; returns its metrics on rank 0.
+    given: the fields this command sets, which --resume holds against the run's own (by default those
+    that differ from TrainConfig's defaults). Every check runs before anything is written."""
     from tqdm import tqdm
 
+    history = []
     if cfg.resume:  # the run's own settings; where and how fast to run it are this command's
-        cfg = dataclasses.replace(load_config(cfg.out), device=cfg.device, compile=cfg.compile)
+        if given is None:
+            given = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default}
+        cfg, history = resumed_config(cfg, given)
     check_config(cfg)
+    if not cfg.resume and os.path.isfile(os.path.join(cfg.out, "sae.safetensors")):
+        raise UsageError(f"--out {cfg.out} holds another run's checkpoint: continue it with --resume, or "
+                         "pick another --out")
+    writable_place(cfg.out, "--out")
     device, comms = start_distributed(pick_device(cfg.device))
     ranks = comms.ranks
     if cfg.batch_size % ranks or (cfg.expert_parallel and cfg.experts % ranks):
@@ -1285,15 +1481,23 @@ def train(cfg):
     # live, each rank captures its own share of each batch; from a cache it reads the global batch
     local = dataclasses.replace(cfg, tokens=cfg.tokens // ranks, batch_size=cfg.batch_size // ranks,
                                 buffer_tokens=cfg.buffer_tokens // ranks)
+    check_memory(local, d, device)
     sae = build_sae(cfg, d, comms).to(device)
     opt = make_optimizer(sae)
     tokens_since_fired_M = torch.zeros(len(sae.W_dec), dtype=torch.long, device=device)
     steps = cfg.tokens // cfg.batch_size
     start = load_checkpoint(cfg.out, sae, opt, tokens_since_fired_M, comms) if cfg.resume else 0
-    os.makedirs(cfg.out, exist_ok=True)
+    if steps < start:
+        raise UsageError(f"--tokens {cfg.tokens} is fewer than the {start * cfg.batch_size} this run has "
+                         "trained on: give at least that many")
+    weights_bytes = sum(t.nbytes for t in sae.state_dict().values()) * comms.ranks
+    check_room(cfg.out, "--out", 3 * weights_bytes)  # the checkpoint: weights and Adam's two moments
     flops = flops_per_token(d, cfg.width, cfg.experts, cfg.k, cfg.batch_size, cfg.arch)
     if comms.rank == 0:
-        write_json(os.path.join(cfg.out, "config.json"), dataclasses.asdict(cfg))
+        os.makedirs(cfg.out, exist_ok=True)
+        if history:
+            history[-1] = {"step": start, "changed": history[-1]}
+        write_json(os.path.join(cfg.out, "config.json"), {**dataclasses.asdict(cfg), "resumes": history})
         print(f"{cfg.model} layer {cfg.layer} {cfg.site}: d={d}, {cfg.experts} experts x "
               f"{cfg.width // cfg.experts} latents, k={cfg.k}, {steps} steps of {cfg.batch_size} tokens on "
               f"{ranks} rank(s), {flops['total'] / 1e6:.2f} MFLOP/token "
@@ -1306,6 +1510,7 @@ def train(cfg):
         print(f"training: {feed}; the bar moves once each shuffle buffer is filled")
     save_every = max(1, cfg.save_every // cfg.batch_size)
     seconds, started, auxk_steps, loss_curve = {"activations": 0.0}, time.perf_counter(), 0, []
+    saved_step = start
     read_contexts = timed_reader(read_contexts, device, seconds)
     with stop_on_signals() as stop:
         bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True, disable=comms.rank > 0)
@@ -1329,20 +1534,19 @@ def train(cfg):
                 loss, recon, stopping = comms.all_reduce(logged).tolist()
                 loss_curve.append([step + 1, recon / ranks])
                 if not math.isfinite(loss):  # checked before any save, so the last checkpoint stays good
-                    raise UsageError(f"the loss became {loss} by step {step + 1}: the last good checkpoint "
-                                     f"in {cfg.out} is intact; lower --lr and continue with "
-                                     f"--resume --out {cfg.out}")
+                    raise diverged(cfg, loss, step + 1, saved_step)
                 bar.set_postfix(loss=f"{loss / ranks:.1f}", fve=f"{parts['fve'].item():.3f}",
                                 tok_s=f"{(bar.format_dict['rate'] or 0) * cfg.batch_size:.0f}",
                                 pflop=f"{flops['total'] * (step + 1) * cfg.batch_size / 1e15:.4f}")
                 if saving or stopping:
                     save_checkpoint(cfg.out, sae, cfg, step + 1, opt, tokens_since_fired_M, comms)
+                    saved_step = step + 1
                 if stopping:
                     bar.close()
                     if comms.rank == 0:
                         print(f"stopped by a signal after step {step + 1}: checkpoint saved in {cfg.out}; "
                               f"continue with --resume --out {cfg.out}")
-                    return None
+                    raise Stopped(int(stop.item()) or signal.SIGTERM)  # the signal came to another rank
     bar.close()
     sync(device)
     seconds["loop"] = time.perf_counter() - started
@@ -1473,13 +1677,30 @@ def print_table(metrics):
 
 
 def write_json(path, obj):
-    atomic_write(path, lambda tmp: open(tmp, "w").write(json.dumps(obj, indent=1)))
+    text = json.dumps(obj, indent=1)
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    atomic_write(path, write, len(text))
 
 
-def atomic_write(path, write):
-    """Write to a temporary file, then rename over `path`: a crash leaves the old file whole."""
+def atomic_write(path, write, size):
+    """write(tmp) to a temporary file, then rename it over `path`: a crash or a full disk leaves the old
+    file whole and no temporary behind. The file is made as readable as the umask allows (safetensors
+    writes its files private). size: the bytes it needs, for the message when the disk is full."""
     tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
+    try:
+        with disk_space_for(path, size):
+            write(tmp)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
 
 
@@ -1500,7 +1721,7 @@ def save_checkpoint(out_dir, sae, cfg, step, opt=None, tokens_since_fired_M=None
     meta = {"sae": json.dumps(sae.config()), "config": json.dumps(dataclasses.asdict(cfg)), "step": str(step)}
     if comms.rank == 0:
         write = lambda tmp: save_file(tensors, tmp, metadata=meta)
-        atomic_write(os.path.join(out_dir, "sae.safetensors"), write)
+        atomic_write(os.path.join(out_dir, "sae.safetensors"), write, sum(t.nbytes for t in tensors.values()))
 
 
 def checkpoint_file(run):
@@ -1508,20 +1729,46 @@ def checkpoint_file(run):
     return os.path.join(run, "sae.safetensors") if os.path.isdir(run) else run
 
 
-def load_sae(path, device="cpu"):
-    """A trained SAE (SwitchSAE, or a baseline) from a run directory or its sae.safetensors file."""
-    from safetensors import safe_open
+def read_checkpoint(path, device="cpu", train_state=False):
+    """A checkpoint's metadata ({"sae", "config", "step"}) and its tensors (with train_state, also the
+    optimizer's and the dead-latent clock). A file cut short, corrupt, or not written by this code (an
+    export, another tool's) is refused in one line."""
+    from safetensors import SafetensorError, safe_open
 
     path = checkpoint_file(path)
-    with safe_open(path, framework="pt", device=str(device)) as f:
-        sae = make_sae(**json.loads(f.metadata()["sae"])).to(device)
-        missing = [name for name, _ in sae.named_parameters() if name not in f.keys()]
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: no such checkpoint (sae.safetensors); train a run first")
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            info = {"sae": json.loads(meta["sae"]), "config": json.loads(meta["config"]),
+                    "step": int(meta["step"])}
+            tensors = {key: f.get_tensor(key) for key in f.keys()
+                       if train_state or not key.startswith("train.")}
+    except (OSError, SafetensorError, KeyError, ValueError, TypeError) as e:
+        raise UsageError(f"{path} is no readable checkpoint of this code ({cause(e)}): it is cut "
+                         "short, corrupt, or another tool's file (an export?)") from None
+    return info, tensors
+
+
+def sae_from(info, tensors, device="cpu"):
+    try:
+        sae = make_sae(**info["sae"]).to(device)
+        missing = [name for name, _ in sae.named_parameters() if name not in tensors]
         if missing:
-            raise UsageError(f"{path} lacks {', '.join(missing)}: it is not an SAE checkpoint of this code")
+            raise KeyError(f"it lacks {', '.join(missing)}")
         state = sae.state_dict()  # buffers newer than the file (input_scale, lb_scale) keep their defaults
-        state.update({name: f.get_tensor(name) for name in state if name in f.keys()})
+        state.update({name: tensors[name] for name in state if name in tensors})
         sae.load_state_dict(state)
+    except (TypeError, KeyError, ValueError, RuntimeError, AssertionError) as e:
+        raise UsageError(f"the checkpoint's tensors do not match its SAE config {info['sae']} "
+                         f"({cause(e)}): it is no SAE checkpoint of this code") from None
     return sae
+
+
+def load_sae(path, device="cpu"):
+    """A trained SAE (SwitchSAE, or a baseline) from a run directory or its sae.safetensors file."""
+    return sae_from(*read_checkpoint(path, device), device)
 
 
 def load_config(out_dir):
@@ -1529,40 +1776,45 @@ def load_config(out_dir):
     if not os.path.isfile(path):
         raise UsageError(f"--resume: no run to continue in {out_dir} (no config.json); drop --resume or "
                          "point --out at the run")
-    fields = json.load(open(path))
-    fields.update(text=tuple(fields["text"]), resume=True, out=out_dir)  # the run may have been moved
-    if "lm_dtype" not in fields:  # a run from before --lm-dtype: its LM ran in bf16 on CUDA, fp32 on CPU
-        fields["lm_dtype"] = "bfloat16" if pick_device(fields["device"]).type == "cuda" else "float32"
-    return TrainConfig(**fields)
+    try:
+        fields = json.load(open(path))
+        fields.pop("resumes", None)  # the run's history of --resume changes
+        fields.update(text=tuple(fields["text"]), resume=True, out=out_dir)  # the run may have been moved
+        if "lm_dtype" not in fields:  # a run from before --lm-dtype: its LM ran in bf16 on CUDA, fp32 on CPU
+            fields["lm_dtype"] = "bfloat16" if pick_device(fields["device"]).type == "cuda" else "float32"
+        return TrainConfig(**fields)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UsageError(f"--resume: {path} is unreadable ({cause(e)}); restore it, or start "
+                         "a new run in another --out") from None
 
 
 def load_checkpoint(out_dir, sae, opt, tokens_since_fired_M, comms=SINGLE_PROCESS):
     """Restore weights, Adam state and the dead-latent clock (this rank's shard of each); returns the step
     to continue from."""
-    from safetensors import safe_open
-
     path = os.path.join(out_dir, "sae.safetensors")
     if not os.path.isfile(path):
         raise UsageError(f"--resume: {out_dir} has no checkpoint yet; drop --resume to start the run afresh")
+    info, tensors = read_checkpoint(path, sae.device, train_state=True)
     params = dict(sae.named_parameters())
     names = list(params)
     mine = lambda p, t: comms.shard_rows(t) if is_sharded(p) else t
-    with safe_open(path, framework="pt", device=str(sae.device)) as f:
-        sae.load_state_dict({name: mine(p, f.get_tensor(name)) for name, p in params.items()}, strict=False)
+    try:
+        sae.load_state_dict({name: mine(p, tensors[name]) for name, p in params.items()}, strict=False)
         for name, buffer in sae.named_buffers():  # absent from files written before it existed
-            if name in f.keys():
-                buffer.copy_(f.get_tensor(name))
+            if name in tensors:
+                buffer.copy_(tensors[name])
         state = {}
-        for key in f.keys():
+        for key, value in tensors.items():
             if key.startswith("train.adam."):
                 _, _, i, field = key.split(".")
-                value = f.get_tensor(key)
                 value = mine(params[names[int(i)]], value) if value.dim() else value
                 state.setdefault(int(i), {})[field] = value
-        tokens_since_fired_M.copy_(mine(sae.W_dec, f.get_tensor("train.tokens_since_fired")))
-        step = int(f.metadata()["step"])
-    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
-    return step
+        tokens_since_fired_M.copy_(mine(sae.W_dec, tensors["train.tokens_since_fired"]))
+        opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    except (KeyError, ValueError, RuntimeError, IndexError) as e:
+        raise UsageError(f"--resume: {path} does not fit the run's config.json ({cause(e)}); "
+                         "restore the pair, or start a new run in another --out") from None
+    return info["step"]
 
 
 @dataclass
@@ -1572,7 +1824,8 @@ class ExportConfig:
     run: str = arg("out", "a run directory (or its sae.safetensors)", positional=True)
     dest: str = arg("export", "the directory to write", positional=True)
     format: str = arg("saelens", "saelens: cfg.json and sae_weights.safetensors as SAELens stores a "
-                                 "pretrained SAE (topk for --experts 1; switch, a custom architecture, else)")
+                                 "pretrained SAE (topk for --experts 1; switch, a custom architecture, else)",
+                      choices=("saelens",))
 
 
 TRANSFORMER_LENS_HOOKS = {"resid": "hook_resid_post", "attn": "hook_attn_out", "mlp": "hook_mlp_out"}
@@ -1611,17 +1864,14 @@ def tokenizer_adds_bos(model):
 
 def export(cfg):
     """Export a run in SAELens's pretrained-SAE layout: cfg.json and sae_weights.safetensors."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
-    if cfg.format != "saelens":
-        raise UsageError(f"unknown --format {cfg.format!r}: use saelens")
-    path = checkpoint_file(cfg.run)
-    if not os.path.isfile(path):
-        raise UsageError(f"export: no trained SAE at {cfg.run} (no sae.safetensors); train one first")
-    with safe_open(path, framework="pt") as f:
-        run = json.loads(f.metadata()["config"])
-    sae = load_sae(path)
+    check_fields(cfg)
+    if os.path.isfile(cfg.dest):
+        raise UsageError(f"export {cfg.dest} is a file: name a directory to write the export in")
+    writable_place(cfg.dest, "export")
+    info, tensors = read_checkpoint(cfg.run)
+    sae, run = sae_from(info, tensors), info["config"]
     architecture, subtract_b_dec, tensors = saelens_tensors(sae)
     layout = {"d_in": sae.d_in, "d_sae": sae.width, "dtype": "float32", "device": "cpu",
               "apply_b_dec_to_input": subtract_b_dec, "normalize_activations": "none",
@@ -1638,7 +1888,8 @@ def export(cfg):
                 "sae_lens_version": "6.0.0"}  # the version of the format followed, not a producer
     os.makedirs(cfg.dest, exist_ok=True)
     weights = {name: t.detach().float().contiguous().cpu() for name, t in tensors.items()}
-    atomic_write(os.path.join(cfg.dest, "sae_weights.safetensors"), lambda tmp: save_file(weights, tmp))
+    atomic_write(os.path.join(cfg.dest, "sae_weights.safetensors"), lambda tmp: save_file(weights, tmp),
+                 sum(t.nbytes for t in weights.values()))
     write_json(os.path.join(cfg.dest, "cfg.json"), {**layout, "metadata": metadata})
     print(f"wrote {architecture} SAE ({sae.width} latents of {sae.d_in}) to {cfg.dest}")
 
@@ -1750,7 +2001,8 @@ class ExpertParallelSwitchSAE(SwitchSAE):
 def train_field(name, default=dataclasses.MISSING):
     """TrainConfig's field `name`, with its help (and maybe another default): one meaning, one text."""
     field = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
-    return arg(field.default if default is dataclasses.MISSING else default, field.metadata["help"])
+    return dataclasses.field(default=field.default if default is dataclasses.MISSING else default,
+                             metadata=field.metadata)
 
 
 @dataclass
@@ -1758,10 +2010,10 @@ class BenchConfig(SAEConfig):
     """Time training steps of an SAE (a Switch SAE by default) and of a TopK SAE of the same width, on
     random activations; optionally also LM activation capture."""
 
-    d_in: int = arg(768, "activation dimension")
+    d_in: int = arg(768, "activation dimension", low=1)
     batch_size: int = train_field("batch_size", 4096)
-    dtype: str = arg("float32", "dtype of the SAE weights and data: float32 or bfloat16")
-    steps: int = arg(5, "timed steps of each SAE, alternating, after 2 warm-up steps")
+    dtype: str = arg("float32", "dtype of the SAE weights and data", choices=("float32", "bfloat16"))
+    steps: int = arg(5, "timed steps of each SAE, alternating, after 2 warm-up steps", low=1)
     profile: bool = arg(False, "also print where each SAE's step time goes (torch.profiler), on stderr")
     model: str = arg("", "also time capture: a config name (gpt2, llama, ...) or a model directory; "
                          "random weights")
@@ -1881,10 +2133,13 @@ def bench_capture(cfg, device):
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if os.path.isdir(cfg.model):
-        config = AutoConfig.from_pretrained(cfg.model)
-    else:
-        config = AutoConfig.for_model(cfg.model)
+    try:
+        from_dir = os.path.isdir(cfg.model)
+        config = AutoConfig.from_pretrained(cfg.model) if from_dir else AutoConfig.for_model(cfg.model)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"bench --model {cfg.model} ({cause(e)}): name a config (gpt2, llama, ...) or a "
+                         "model directory") from None
+    check_positions(config, cfg.ctx)
     dtype = lm_dtype(cfg.lm_dtype, device)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     model = model.to(device).eval()
@@ -1901,8 +2156,7 @@ def bench_capture(cfg, device):
 def bench(cfg):
     check_sae_config(cfg)
     device, comms = start_distributed(pick_device(cfg.device))
-    if cfg.dtype not in ("float32", "bfloat16"):
-        raise UsageError(f"unknown --dtype {cfg.dtype!r}: use float32 or bfloat16")
+    check_memory(cfg, cfg.d_in, device, saes=2)
     dtype = getattr(torch, cfg.dtype)
     if cfg.expert_parallel:
         if comms.ranks == 1 or cfg.experts % comms.ranks:
@@ -1945,22 +2199,35 @@ def bench(cfg):
 # command line
 
 
-def parse_config(argv, cls=TrainConfig, prog=None):
-    """A `cls` from command-line flags: one flag per dataclass field, --field-name."""
-    parser = argparse.ArgumentParser(prog=prog, description=cls.__doc__)
+class FlagParser(argparse.ArgumentParser):
+    def error(self, message):  # one line and status 2, as for any other bad input, not usage and error
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def flags_given(argv, cls=TrainConfig, prog=None):
+    """The fields that command-line flags set, one flag per dataclass field (--field-name), as a dict."""
+    parser = FlagParser(prog=prog, description=cls.__doc__, argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        if f.metadata["positional"]:
-            parser.add_argument(f.name, help=f.metadata["help"])
+        rule = f.metadata
+        if rule["positional"]:
+            parser.add_argument(f.name, help=rule["help"])
         elif f.type is bool:
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+            parser.add_argument(cli_flag(f.name), action="store_true", help=rule["help"])
         elif f.type is tuple:
-            parser.add_argument(flag, nargs="+", default=f.default, help=f.metadata["help"])
+            parser.add_argument(cli_flag(f.name), nargs="+", help=rule["help"])
         else:
-            help = f"{f.metadata['help']} (default {f.default})"
-            parser.add_argument(flag, type=f.type, default=f.default, help=help)
-    args = vars(parser.parse_args(argv))
-    return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in args.items()})
+            accepts = f"one of {', '.join(rule['choices'])}; " if rule["choices"] else ""
+            accepts += "" if rule["low"] is None else f"at least {rule['low']}; " if rule["high"] is None \
+                else f"{rule['low']} to {rule['high']}; "
+            help = f"{rule['help']} ({accepts}default {f.default})"
+            parser.add_argument(cli_flag(f.name), type=f.type, help=help)
+    given = vars(parser.parse_args(argv))
+    return {key: tuple(value) if isinstance(value, list) else value for key, value in given.items()}
+
+
+def parse_config(argv, cls=TrainConfig, prog=None):
+    """A `cls` from command-line flags; fields without a flag keep their defaults."""
+    return cls(**flags_given(argv, cls, prog))
 
 
 def keep_freed_memory():
@@ -1987,11 +2254,14 @@ def main(argv=None):
         elif argv[:1] == ["export"]:
             export(parse_config(argv[1:], ExportConfig, "switch_sae.py export"))
         else:
-            train(parse_config(argv))
+            given = flags_given(argv)
+            train(TrainConfig(**given), given)
         stop_distributed(finished=True)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
         sys.exit(2)
+    except Stopped as e:  # the checkpoint is saved; a scheduler or a following && still sees the stop
+        sys.exit(128 + e.signum)
     finally:
         stop_distributed()
 

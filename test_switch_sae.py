@@ -707,7 +707,7 @@ def test_cache_holds_the_live_stream_and_refuses_a_partial_file(tiny_run, tmp_pa
     capsys.readouterr()
     with pytest.raises(SystemExit):
         S.main(tiny_args(tiny_run, tmp_path / "run2", acts=path))
-    assert "incomplete" in capsys.readouterr().err
+    assert "cut short" in capsys.readouterr().err
 
 
 # -----------------------------------------------------------------------------
@@ -715,15 +715,15 @@ def test_cache_holds_the_live_stream_and_refuses_a_partial_file(tiny_run, tmp_pa
 
 
 BAD = [
-    (dict(width=100, experts=16), "not divisible by --experts"),
+    (dict(width=100, experts=16), "must be a multiple of --experts 16"),
     (dict(k=40, width=512, experts=16), "latents per expert"),
     (dict(layer=7), "out of range"),
     (dict(site="embed"), "unknown --site"),
     (dict(arch="dense"), "unknown --arch"),
     (dict(text="/nonexistent/corpus.jsonl"), "no such file"),
-    (dict(lr=-1), "--lr -1.0 is negative"),
-    (dict(batch_size=0), "--batch-size 0: a step needs at least 1 token"),
-    (dict(eval_tokens=0), "--eval-tokens 0 is less than one context"),
+    (dict(lr=-1), "--lr -1.0 is out of range: it must be at least 0"),
+    (dict(batch_size=0), "--batch-size 0 is out of range: it must be at least 1"),
+    (dict(eval_tokens=8), "--eval-tokens 8 is less than one context"),
     (dict(windows="some"), "unknown --windows"),
     (dict(lm_dtype="fp16"), "unknown --lm-dtype"),
     (dict(arch="relu", auxk_alpha=0.03), "--auxk-alpha is a rule of TopK latents"),
@@ -1354,12 +1354,16 @@ def test_cache_and_cached_runs_hold_distinct_training_contexts(tiny_run, tmp_pat
         seen.add(key)
     dropped = {"equal_to_held_out": 0, "duplicate": 0}
     cfg = S.parse_config(args(tmp_path / "run") + [f"--acts={old}", "--skip-ce"])
+    with pytest.raises(S.UsageError, match=f"holds {len(expected_ids)} distinct training contexts and this run needs"):
+        S.activation_source(cfg, torch.device("cpu"), S.SINGLE_PROCESS, dropped)  # its repeats leave too few
+    cfg = S.parse_config(args(tmp_path / "run") + [f"--acts={old}", "--skip-ce", "--tokens=512"])
+    dropped = {"equal_to_held_out": 0, "duplicate": 0}
     _, (_, read_contexts, _, _, _, _) = S.activation_source(cfg, torch.device("cpu"), S.SINGLE_PROCESS, dropped)
     assert sum(dropped.values()) == repeats > 0
     per = header["ctx"] - header["skip_positions"]
-    want = torch.cat([torch.from_numpy(rows[i * per : (i + 1) * per].copy()) for i in expected_ids[:40]])
-    torch.testing.assert_close(read_contexts(40), want.view(torch.bfloat16).float(), rtol=0, atol=0)
-    assert expected_ids[:40] != list(range(n_eval, n_eval + 40))  # those 40 really skip some repeats
+    want = torch.cat([torch.from_numpy(rows[i * per : (i + 1) * per].copy()) for i in expected_ids[:30]])
+    torch.testing.assert_close(read_contexts(30), want.view(torch.bfloat16).float(), rtol=0, atol=0)
+    assert expected_ids[:30] != list(range(n_eval, n_eval + 30))  # those 30 really skip some repeats
 
 
 def test_lm_dtype_auto_takes_bf16_only_where_the_cpu_has_bf16_instructions(monkeypatch):

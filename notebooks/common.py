@@ -98,7 +98,7 @@ class Study:
             return
         cfg = S.TrainConfig(**self.lm, tokens=self.p["cache_tokens"], batch_size=self.p["batch_size"],
                             buffer_tokens=self.p["buffer_tokens"], out=self.cache, device="auto")
-        need = sum(n for _, _, n in S.chunk_plan(self.config("any")))  # training contexts a run reads
+        need = S.contexts_needed(self.config("any"))  # training contexts a run reads
         try:
             header = S.open_cache(self.cache)[0]
         except S.UsageError:  # missing or left incomplete
@@ -133,9 +133,7 @@ class Study:
             try:
                 with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
                     S.train(cfg)
-            except S.UsageError as e:
-                if "the loss became" not in str(e):
-                    raise
+            except S.Diverged as e:
                 with open(diverged, "w") as f:
                     f.write(str(e))
                 print(f"trained {os.path.basename(cfg.out)}: diverged (lr too high)")
