@@ -565,15 +565,11 @@ class SAEConfig:
                            low=1)
 
 
-# what --resume may change mid-run (besides --device and --compile, which are always this command's)
-RESUMABLE = ("lr", "grad_clip", "tokens", "save_every", "log_every", "skip_ce")
-
-
 @dataclass
-class TrainConfig(SAEConfig):
-    """A training run: which activations, how long and how fast, where results go."""
+class CacheConfig:
+    """Activations of one site of a causal LM on text cut into contexts: enough for a run of --tokens, the
+    held-out contexts first (what the cache command writes, and what a training run captures live)."""
 
-    # activations: which model, where, on what text
     model: str = arg("gpt2", "Hugging Face causal LM: a hub id, a local directory or a .gguf file")
     layer: int = arg(8, "block whose site is hooked, 0-based (GPT-2 small layer 8 in the paper)", low=0)
     site: str = arg("resid", "resid (block output), attn (attention output) or mlp (MLP output)",
@@ -594,22 +590,32 @@ class TrainConfig(SAEConfig):
                         choices=("auto", "float32", "bfloat16"))
     buffer_tokens: int = arg(2**20, "activations captured, then served in random order (shuffle buffer)",
                              low=1)
-    # training
     tokens: int = arg(50_000_000, "training tokens (the paper: 819_200_000)", low=1)
     batch_size: int = arg(8192, "tokens per step", low=1)
+    eval_tokens: int = arg(16384, "held-out tokens for evaluation, never trained on", low=1)
+    seed: int = arg(0, "seed for the SAE init and the data order", low=0, high=2**32 - 1)
+    device: str = arg("auto", "auto (cuda if there is one), cuda or cpu", choices=("auto", "cuda", "cpu"))
+    out: str = arg("acts.bin", "the cache file; beside it FILE.tokens (its contexts) and FILE.json")
+
+
+# what --resume may change mid-run (besides --device and --compile, which are always this command's)
+RESUMABLE = ("lr", "grad_clip", "tokens", "save_every", "log_every", "skip_ce")
+
+
+@dataclass
+class TrainConfig(CacheConfig, SAEConfig):
+    """A training run: an SAE (fields first), its activations (next), how long and how fast, where results
+    go (last)."""
+
     lr: float = arg(0.0, "learning rate; 0 means the paper's: 2e-4 / sqrt(width / 2^14) for switch, "
                          "5e-5 relu, 3e-4 gated", low=0)
     decay_start: float = arg(0.8, "fraction of training after which lr decays linearly to 0", low=0, high=1)
     grad_clip: float = arg(1.0, "gradient-norm clip; 0 turns clipping off", low=0)
-    seed: int = arg(0, "seed for the SAE init and the data order", low=0, high=2**32 - 1)
     expert_parallel: bool = arg(False, "under torchrun: split the experts over the ranks "
                                        "(experts divisible by ranks)")
     compile: bool = arg(False, "torch.compile the passes over the (width, d) matrices between backward "
                                "and Adam and the decoder renormalisation, fusing each into fewer sweeps")
-    device: str = arg("auto", "auto (cuda if there is one), cuda or cpu", choices=("auto", "cuda", "cpu"))
-    # evaluation and checkpoints
     acts: str = arg("", "activation cache from 'switch_sae.py cache' to train on instead of running the LM")
-    eval_tokens: int = arg(16384, "held-out tokens for evaluation, never trained on", low=1)
     skip_ce: bool = arg(False, "leave out loss-recovered evaluation (three LM passes over the held-out text)")
     out: str = arg("out", "directory for checkpoints and metrics.json")
     save_every: int = arg(10_000_000, "training tokens between checkpoints", low=1)
@@ -625,8 +631,9 @@ class UsageError(Exception):
 
 def cause(e):
     """An exception's type and the first line of its message, for a one-line error to quote."""
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    line = (str(e).strip().splitlines() or [""])[0]
+    line = line if len(line) <= 200 else line[:200] + "..."  # transformers' can list hundreds of names
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
 
 
 def check_fields(cfg):
@@ -652,8 +659,7 @@ def compiler_found():
 
 
 def check_sae_config(cfg):
-    """The fields one by one, then the rules between an SAE's fields."""
-    check_fields(cfg)
+    """The rules between an SAE's fields (check_fields has checked each one)."""
     m = cfg.width // cfg.experts
     if cfg.arch == "switch" and (cfg.width % cfg.experts or cfg.k > m):
         raise UsageError(f"--width {cfg.width} must be a multiple of --experts {cfg.experts} and --k {cfg.k} "
@@ -665,9 +671,8 @@ def check_sae_config(cfg):
                          "with one): install g++ or drop --compile")
 
 
-def check_config(cfg):
-    """Bad settings, found before anything slow starts."""
-    check_sae_config(cfg)
+def check_cache_config(cfg):
+    """The rules between the fields of what is captured."""
     if cfg.eval_tokens < cfg.ctx:
         raise UsageError(f"--eval-tokens {cfg.eval_tokens} is less than one context of --ctx {cfg.ctx}: "
                          "evaluation needs at least one held-out context")
@@ -676,17 +681,20 @@ def check_config(cfg):
     if cfg.tokens < cfg.batch_size:
         raise UsageError(f"--tokens {cfg.tokens} is less than one batch of --batch-size {cfg.batch_size}: "
                          "raise --tokens")
-    if cfg.expert_parallel and (cfg.arch != "switch" or cfg.auxk_alpha):
-        raise UsageError("--expert-parallel needs --arch switch and --auxk-alpha 0 "
-                         "(AuxK across ranks is not supported yet)")
-    model_dir = not cfg.acts and os.path.isdir(cfg.model)
-    if model_dir and not os.path.isfile(os.path.join(cfg.model, "config.json")):
-        raise UsageError(f"--model {cfg.model} holds no config.json, so it is no Hugging Face model "
-                         "directory: point --model at one (or at a hub id or a .gguf file)")
     for path in cfg.text:
         if not os.path.isfile(path) or os.path.getsize(path) == 0:
             raise UsageError(f"--text {path}: no such file, or it is empty; pass .txt, .jsonl or .jsonl.gz "
                              "files with text in them")
+
+
+def check_config(cfg):
+    """A training run's settings, found bad before anything slow starts."""
+    check_fields(cfg)
+    check_sae_config(cfg)
+    check_cache_config(cfg)
+    if cfg.expert_parallel and (cfg.arch != "switch" or cfg.auxk_alpha):
+        raise UsageError("--expert-parallel needs --arch switch and --auxk-alpha 0 "
+                         "(AuxK across ranks is not supported yet)")
 
 
 def writable_place(path, what):
@@ -880,6 +888,9 @@ def take(contexts, n):
 def model_source(model):
     """from_pretrained's arguments for --model: a hub id or directory as it is; a .gguf file as its folder
     and file name (transformers reads and dequantises GGUF with the gguf and accelerate packages)."""
+    if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "config.json")):
+        raise UsageError(f"--model {model} holds no config.json, so it is no Hugging Face model "
+                         "directory: point --model at one (or at a hub id or a .gguf file)")
     if not model.endswith(".gguf"):
         if not os.path.isdir(model):
             hub_reachable()  # when it is not, offline mode makes a model missing from the cache fail at once
@@ -935,15 +946,13 @@ def load_lm(cfg, device):
         load_dtype = torch.float32 if gguf else dtype  # GGUF dequantises to float32; cast after
         model = AutoModelForCausalLM.from_pretrained(source, dtype=load_dtype, attn_implementation="sdpa",
                                                      **gguf)
-    except OSError as e:
-        if os.path.exists(cfg.model):
-            raise UsageError(f"could not load model {cfg.model!r} ({cause(e)}): its files are cut short or "
-                             "corrupt; download or convert it again") from None
-        raise UsageError(f"could not load model {cfg.model!r}: no network, or no such hub id or directory; "
-                         "pass a local model with --model DIR or --model FILE.gguf") from None
-    except Exception as e:  # whatever the weight, tokenizer or GGUF parsers raise on a broken file
-        raise UsageError(f"could not load model {cfg.model!r} ({cause(e)}): its files are "
-                         "cut short or corrupt; download or convert it again") from None
+    except Exception as e:  # the hub's errors, and whatever the weight, tokenizer or GGUF parsers raise
+        if not os.path.exists(cfg.model):
+            raise UsageError(f"could not load model {cfg.model!r} ({cause(e)}): no network, or no such hub "
+                             "id or directory; pass a local model with --model DIR or --model FILE.gguf"
+                             ) from None
+        raise UsageError(f"could not load model {cfg.model!r} ({cause(e)}): its files are cut short or "
+                         "corrupt; download or convert it again") from None
     check_positions(model.config, cfg.ctx)
     return model.to(device, dtype).eval(), tokenizer
 
@@ -1067,7 +1076,8 @@ def live_reader(cfg, model, module, contexts):
 def write_cache(cfg):
     from tqdm import tqdm
 
-    check_config(cfg)
+    check_fields(cfg)
+    check_cache_config(cfg)
     device = pick_device(cfg.device)
     if os.path.isdir(cfg.out):
         raise UsageError(f"cache --out {cfg.out} is a directory: name the cache file, "
@@ -1410,7 +1420,7 @@ def check_memory(cfg, d, device, saes=1):
     m = cfg.width // cfg.experts if cfg.arch == "switch" else cfg.width
     needed, free = saes * 4 * (8 * cfg.width * d + 2 * cfg.batch_size * m), free_memory(device)
     if needed > free:
-        raise UsageError(f"training needs about {needed / 2**30:.1f} GiB and {device} has {free / 2**30:.1f} "
+        raise UsageError(f"training needs about {needed / 2**30:.3g} GiB and {device} has {free / 2**30:.3g} "
                          "GiB free: lower --width or --batch-size")
 
 
@@ -1512,8 +1522,8 @@ def train(cfg, given=None):
     seconds, started, auxk_steps, loss_curve = {"activations": 0.0}, time.perf_counter(), 0, []
     saved_step = start
     read_contexts = timed_reader(read_contexts, device, seconds)
-    with stop_on_signals() as stop:
-        bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True, disable=comms.rank > 0)
+    bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True, disable=comms.rank > 0)
+    with stop_on_signals() as stop, bar:  # the bar ends its line on any exit, an error's too
         for step, x_BD in activation_batches(cfg if cfg.acts else local, read_contexts, start, device):
             x_BD = x_BD.chunk(ranks)[comms.rank] if cfg.acts else x_BD  # from a cache, keep this rank's share
             if step == 0:  # from the whole first batch, the same on every rank
@@ -1542,12 +1552,11 @@ def train(cfg, given=None):
                     save_checkpoint(cfg.out, sae, cfg, step + 1, opt, tokens_since_fired_M, comms)
                     saved_step = step + 1
                 if stopping:
-                    bar.close()
+                    bar.close()  # before the message
                     if comms.rank == 0:
                         print(f"stopped by a signal after step {step + 1}: checkpoint saved in {cfg.out}; "
                               f"continue with --resume --out {cfg.out}")
                     raise Stopped(int(stop.item()) or signal.SIGTERM)  # the signal came to another rank
-    bar.close()
     sync(device)
     seconds["loop"] = time.perf_counter() - started
 
@@ -1782,8 +1791,10 @@ def load_config(out_dir):
         fields.update(text=tuple(fields["text"]), resume=True, out=out_dir)  # the run may have been moved
         if "lm_dtype" not in fields:  # a run from before --lm-dtype: its LM ran in bf16 on CUDA, fp32 on CPU
             fields["lm_dtype"] = "bfloat16" if pick_device(fields["device"]).type == "cuda" else "float32"
-        return TrainConfig(**fields)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        cfg = TrainConfig(**fields)
+        check_fields(cfg)
+        return cfg
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, UsageError) as e:
         raise UsageError(f"--resume: {path} is unreadable ({cause(e)}); restore it, or start "
                          "a new run in another --out") from None
 
@@ -2129,7 +2140,8 @@ def matmul_tflops(cfg, device, dtype):
 
 
 def bench_capture(cfg, device):
-    """Tokens per second and TFLOP/s of an LM forward stopped at the hooked layer (random weights)."""
+    """measure() -> tokens per second and TFLOP/s of an LM forward stopped at the hooked layer (random
+    weights). The model is built here, so a bad --model, --layer or --ctx is refused before SAEs are timed."""
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -2146,17 +2158,23 @@ def bench_capture(cfg, device):
     module = hooked_module(model, cfg.layer, "resid")
     tokens = torch.randint(0, config.vocab_size, (cfg.lm_batch_size, cfg.ctx), device=device)
     capture = lambda: lm_activations(model, module, tokens, cfg.lm_batch_size)
-    capture()
-    with FlopCounterMode(display=False) as counter:
+
+    def measure():
         capture()
-    seconds = timed(capture, device, 3)
-    return tokens.numel() / seconds, counter.get_total_flops() / seconds / 1e12
+        with FlopCounterMode(display=False) as counter:
+            capture()
+        seconds = timed(capture, device, 3)
+        return tokens.numel() / seconds, counter.get_total_flops() / seconds / 1e12
+
+    return measure
 
 
 def bench(cfg):
+    check_fields(cfg)
     check_sae_config(cfg)
     device, comms = start_distributed(pick_device(cfg.device))
     check_memory(cfg, cfg.d_in, device, saes=2)
+    measure_capture = bench_capture(cfg, device) if cfg.model else None
     dtype = getattr(torch, cfg.dtype)
     if cfg.expert_parallel:
         if comms.ranks == 1 or cfg.experts % comms.ranks:
@@ -2184,7 +2202,7 @@ def bench(cfg):
             "peak_mem_mb": sae_mem, "topk_peak_mem_mb": topk_mem, "sae_tokens_per_s": cfg.batch_size / sae_s,
         }
         if cfg.model:
-            tokens_per_s, capture_tflops = bench_capture(cfg, device)
+            tokens_per_s, capture_tflops = measure_capture()
             lm_s, sae_token_s = 1 / tokens_per_s, sae_s / cfg.batch_size
             result.update(capture_dtype=str(lm_dtype(cfg.lm_dtype, device)), capture_tflops=capture_tflops,
                           capture_tokens_per_s=tokens_per_s, capture_mfu=capture_tflops / peak,
@@ -2250,7 +2268,7 @@ def main(argv=None):
         if argv[:1] == ["bench"]:
             bench(parse_config(argv[1:], BenchConfig, "switch_sae.py bench"))
         elif argv[:1] == ["cache"]:
-            write_cache(parse_config(argv[1:], prog="switch_sae.py cache"))
+            write_cache(parse_config(argv[1:], CacheConfig, "switch_sae.py cache"))
         elif argv[:1] == ["export"]:
             export(parse_config(argv[1:], ExportConfig, "switch_sae.py export"))
         else:

@@ -96,7 +96,7 @@ class Study:
         a run of this scale, is there. All notebooks share it, so the LM runs once for all of them."""
         if not self.cache:
             return
-        cfg = S.TrainConfig(**self.lm, tokens=self.p["cache_tokens"], batch_size=self.p["batch_size"],
+        cfg = S.CacheConfig(**self.lm, tokens=self.p["cache_tokens"], batch_size=self.p["batch_size"],
                             buffer_tokens=self.p["buffer_tokens"], out=self.cache, device="auto")
         need = S.contexts_needed(self.config("any"))  # training contexts a run reads
         try:
