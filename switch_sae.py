@@ -532,15 +532,20 @@ def flops_per_token(d, width, experts, k, batch_size, arch="switch", k_aux=0):
 # config
 
 
-def arg(default, help, positional=False, low=None, high=None, choices=None):
+def arg(default, help, positional=False, low=None, high=None, choices=None, item=str):
     """A config field: its default, its help, and what it accepts (low <= value <= high, one of choices;
-    a float must also be finite). check_fields holds every field to this; the CLI's --help shows it."""
-    rule = {"low": low, "high": high, "choices": choices}
+    a float must also be finite; a tuple's items are of type `item`, each held to the same rules).
+    check_fields holds every field to this; the CLI's --help shows it."""
+    rule = {"low": low, "high": high, "choices": choices, "item": item}
     return dataclasses.field(default=default, metadata={"help": help, "positional": positional, **rule})
 
 
 def cli_flag(name):
     return "--" + name.replace("_", "-")
+
+
+def as_tuple(value):
+    return value if isinstance(value, tuple) else (value,)
 
 
 @dataclass
@@ -571,9 +576,10 @@ class CacheConfig:
     held-out contexts first (what the cache command writes, and what a training run captures live)."""
 
     model: str = arg("gpt2", "Hugging Face causal LM: a hub id, a local directory or a .gguf file")
-    layer: int = arg(8, "block whose site is hooked, 0-based (GPT-2 small layer 8 in the paper)", low=0)
-    site: str = arg("resid", "resid (block output), attn (attention output) or mlp (MLP output)",
-                    choices=("resid", "attn", "mlp"))
+    layer: tuple = arg((8,), "blocks whose sites are hooked, 0-based: one cache per layer and site, all "
+                             "from one LM pass that stops after the deepest", low=0, item=int)
+    site: tuple = arg(("resid",), "sites: resid (block output), attn (attention output), mlp (MLP output)",
+                      choices=("resid", "attn", "mlp"))
     text: tuple = arg((), "local .txt, .jsonl or .jsonl.gz files (a 'text' field per line) "
                           "instead of --dataset")
     dataset: str = arg("Skylion007/openwebtext", "hub dataset streamed when no --text is given")
@@ -607,6 +613,9 @@ class TrainConfig(CacheConfig, SAEConfig):
     """A training run: an SAE (fields first), its activations (next), how long and how fast, where results
     go (last)."""
 
+    layer: int = arg(8, "block whose site is hooked, 0-based (GPT-2 small layer 8 in the paper)", low=0)
+    site: str = arg("resid", "resid (block output), attn (attention output) or mlp (MLP output)",
+                    choices=("resid", "attn", "mlp"))
     lr: float = arg(0.0, "learning rate; 0 means the paper's: 2e-4 / sqrt(width / 2^14) for switch, "
                          "5e-5 relu, 3e-4 gated", low=0)
     decay_start: float = arg(0.8, "fraction of training after which lr decays linearly to 0", low=0, high=1)
@@ -639,18 +648,20 @@ def cause(e):
 def check_fields(cfg):
     """Every field of a config dataclass against its declaration (arg), before anything loads."""
     for f in dataclasses.fields(cfg):
-        value, rule, name = getattr(cfg, f.name), f.metadata, cli_flag(f.name)
-        numbers = (int,) if f.type is int else (int, float)  # set in code, a value may not be argparse's type
-        if f.type in (int, float) and (isinstance(value, bool) or not isinstance(value, numbers)):
-            raise UsageError(f"{name} {value!r} is not {'an integer' if f.type is int else 'a number'}")
-        if f.type is float and not math.isfinite(value):
-            raise UsageError(f"{name} {value}: give a finite number")
-        if rule.get("choices") and value not in rule["choices"]:
-            raise UsageError(f"unknown {name} {value!r}: use {', '.join(rule['choices'])}")
-        low, high = rule.get("low"), rule.get("high")
-        if (low is not None and value < low) or (high is not None and value > high):
-            bounds = f"at least {low}" if high is None else f"from {low} to {high}"
-            raise UsageError(f"{name} {value} is out of range: it must be {bounds}")
+        rule, name, values = f.metadata, cli_flag(f.name), getattr(cfg, f.name)
+        kind = rule["item"] if f.type is tuple else f.type
+        numbers = (int,) if kind is int else (int, float)  # set in code, a value may not be argparse's type
+        for value in as_tuple(values):
+            if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, numbers)):
+                raise UsageError(f"{name} {value!r} is not {'an integer' if kind is int else 'a number'}")
+            if kind is float and not math.isfinite(value):
+                raise UsageError(f"{name} {value}: give a finite number")
+            if rule["choices"] and value not in rule["choices"]:
+                raise UsageError(f"unknown {name} {value!r}: use {', '.join(rule['choices'])}")
+            low, high = rule["low"], rule["high"]
+            if (low is not None and value < low) or (high is not None and value > high):
+                bounds = f"at least {low}" if high is None else f"from {low} to {high}"
+                raise UsageError(f"{name} {value} is out of range: it must be {bounds}")
 
 
 def compiler_found():
@@ -992,24 +1003,34 @@ def site_output(output):
 
 
 @torch.no_grad()
-def lm_activations(model, module, tokens_CL, batch_size, skip_positions=0):
-    """Activations (C * (L - skip), D) in float32 at `module`'s output, on the model's device."""
-    captured = []
+def site_activations(model, modules, tokens_CL, batch_size, skip_positions=0):
+    """Activations (C * (L - skip), D) in float32 at each module's output, on the model's device, from one
+    forward per batch that stops once the last of them has run: the layers past the deepest never run."""
+    captured, pending = {module: [] for module in modules}, set()
 
     def capture_hook(mod, inputs, output):
-        captured.append(site_output(output)[:, skip_positions:].flatten(0, 1).float())
-        raise StopForward
+        captured[mod].append(site_output(output)[:, skip_positions:].flatten(0, 1).float())
+        pending.discard(mod)
+        if not pending:
+            raise StopForward
 
-    handle = module.register_forward_hook(capture_hook)
+    handles = [module.register_forward_hook(capture_hook) for module in modules]
     try:
         for tokens in tokens_CL.split(batch_size):
+            pending.update(modules)
             try:
                 model(tokens.to(model.device), use_cache=False)
             except StopForward:
                 pass
     finally:
-        handle.remove()
-    return torch.cat(captured)
+        for handle in handles:
+            handle.remove()
+    return [torch.cat(captured[module]) for module in modules]
+
+
+def lm_activations(model, module, tokens_CL, batch_size, skip_positions=0):
+    """Activations (C * (L - skip), D) in float32 at `module`'s output, on the model's device."""
+    return site_activations(model, [module], tokens_CL, batch_size, skip_positions)[0]
 
 
 def splice_hook(patch, skip_positions):
@@ -1073,7 +1094,17 @@ def live_reader(cfg, model, module, contexts):
 # from, FILE.json a header; the held-out evaluation contexts come first, as in a live run.
 
 
+def cache_files(cfg):
+    """(layer, site, path) of each cache the cache command writes: --out itself for one site, else --out
+    with _L{layer}_{site} before its ending (acts.bin: acts_L5_attn.bin, ...)."""
+    pairs = dict.fromkeys((layer, site) for layer in as_tuple(cfg.layer) for site in as_tuple(cfg.site))
+    stem, ending = os.path.splitext(cfg.out)
+    name = lambda layer, site: f"{stem}_L{layer}_{site}{ending}" if len(pairs) > 1 else cfg.out
+    return [(layer, site, name(layer, site)) for layer, site in pairs]
+
+
 def write_cache(cfg):
+    """One cache per (layer, site) of cfg, all from one LM pass: the same contexts, held out alike."""
     from tqdm import tqdm
 
     check_fields(cfg)
@@ -1083,36 +1114,43 @@ def write_cache(cfg):
         raise UsageError(f"cache --out {cfg.out} is a directory: name the cache file, "
                          f"e.g. --out {os.path.join(cfg.out, 'acts.bin')}")
     writable_place(os.path.dirname(os.path.abspath(cfg.out)), "cache --out")
+    caches = cache_files(cfg)
     model, tokenizer = load_lm(cfg, device)
-    module = hooked_module(model, cfg.layer, cfg.site)
+    modules = [hooked_module(model, layer, site) for layer, site, _ in caches]
     n_eval, d = held_out_contexts(cfg), model.config.hidden_size
     n_total = n_eval + contexts_needed(cfg)
     rows = n_total * (cfg.ctx - cfg.skip_positions)
-    replaced = sum(os.path.getsize(p) for p in (cfg.out, cfg.out + ".tokens") if os.path.isfile(p))
-    needed = rows * d * 2 + n_total * cfg.ctx * 4
+    parts = [path + end for *_, path in caches for end in ("", ".tokens")]
+    replaced = sum(os.path.getsize(part) for part in parts if os.path.isfile(part))
+    needed = len(caches) * (rows * d * 2 + n_total * cfg.ctx * 4)
     check_room(cfg.out, "cache --out", needed - replaced)  # before the LM runs, not when the disk is full
     contexts = token_contexts(cfg, tokenizer)
     held_out_CL = take(contexts, n_eval)
     dropped = {"equal_to_held_out": 0, "duplicate": 0}
     contexts = itertools.chain(held_out_CL, distinct_contexts(contexts, held_out_CL, dropped))
-    header = {"model": cfg.model, "layer": cfg.layer, "site": cfg.site, "ctx": cfg.ctx,
-              "skip_positions": cfg.skip_positions, "d": d, "dtype": "bfloat16", "eval_contexts": n_eval,
-              "contexts": n_total, "rows": rows, "seed": cfg.seed, "windows": cfg.windows,
-              "lm_dtype": str(model.dtype), "complete": False}
-    write_json(cfg.out + ".json", header)  # says "incomplete" until the last row is written
-    with disk_space_for(cfg.out, needed), open(cfg.out, "wb") as acts_file, \
-            open(cfg.out + ".tokens", "wb") as tokens_file:
+    headers = [{"model": cfg.model, "layer": layer, "site": site, "ctx": cfg.ctx,
+                "skip_positions": cfg.skip_positions, "d": d, "dtype": "bfloat16", "eval_contexts": n_eval,
+                "contexts": n_total, "rows": rows, "seed": cfg.seed, "windows": cfg.windows,
+                "lm_dtype": str(model.dtype), "complete": False} for layer, site, _ in caches]
+    for (*_, path), header in zip(caches, headers):
+        write_json(path + ".json", header)  # says "incomplete" until the last row is written
+    with disk_space_for(cfg.out, needed), contextlib.ExitStack() as files:
+        opened = [files.enter_context(open(part, "wb")) for part in parts]
+        outputs = list(zip(opened[::2], opened[1::2]))  # (activations, contexts) of each cache
         for first in tqdm(range(0, n_total, cfg.lm_batch_size), desc="cache", unit_scale=cfg.lm_batch_size,
                           unit="ctx"):
             tokens_CL = take(contexts, min(cfg.lm_batch_size, n_total - first))
-            acts = lm_activations(model, module, tokens_CL, cfg.lm_batch_size, cfg.skip_positions)
-            acts_file.write(acts.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
-            tokens_file.write(tokens_CL.to(torch.int32).numpy().tobytes())
-    write_json(cfg.out + ".json", {**header, **cache_digests(cfg.out, header), "complete": True,
-                                   "dropped_contexts": dropped})
-    print(f"wrote {header['rows']} activations of {cfg.model} layer {cfg.layer} {cfg.site} to {cfg.out} "
-          f"({n_eval} held-out contexts first; left out: {dropped['equal_to_held_out']} training contexts "
-          f"equal to a held-out one, {dropped['duplicate']} repeats)")
+            tokens = tokens_CL.to(torch.int32).numpy().tobytes()
+            acts = site_activations(model, modules, tokens_CL, cfg.lm_batch_size, cfg.skip_positions)
+            for acts_BD, (acts_file, tokens_file) in zip(acts, outputs):
+                acts_file.write(acts_BD.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
+                tokens_file.write(tokens)
+    for (layer, site, path), header in zip(caches, headers):
+        write_json(path + ".json", {**header, **cache_digests(path, header), "complete": True,
+                                    "dropped_contexts": dropped})
+        print(f"wrote {rows} activations of {cfg.model} layer {layer} {site} to {path}")
+    print(f"{n_eval} held-out contexts first; left out: {dropped['equal_to_held_out']} training contexts "
+          f"equal to a held-out one, {dropped['duplicate']} repeats")
 
 
 CACHE_HEADER = {"model": str, "layer": int, "site": str, "ctx": int, "skip_positions": int, "d": int,
@@ -2232,7 +2270,8 @@ def flags_given(argv, cls=TrainConfig, prog=None):
         elif f.type is bool:
             parser.add_argument(cli_flag(f.name), action="store_true", help=rule["help"])
         elif f.type is tuple:
-            parser.add_argument(cli_flag(f.name), nargs="+", help=rule["help"])
+            accepts = f" (one or more of {', '.join(rule['choices'])})" if rule["choices"] else ""
+            parser.add_argument(cli_flag(f.name), nargs="+", type=rule["item"], help=rule["help"] + accepts)
         else:
             accepts = f"one of {', '.join(rule['choices'])}; " if rule["choices"] else ""
             accepts += "" if rule["low"] is None else f"at least {rule['low']}; " if rule["high"] is None \

@@ -1834,3 +1834,39 @@ def test_every_reader_refuses_a_broken_file_in_one_line(tiny_run, artifacts, tmp
         run = run[kind] if kind in run else broken_run(kind, tmp_path, artifacts)
         argv = ["export", run, out]
     refused(argv, capsys, out)
+
+
+def test_a_multi_site_cache_equals_one_site_caches_byte_for_byte(tiny_run, tmp_path, capsys, monkeypatch):
+    S.main(["cache", *cache_args(tiny_run, tmp_path / "all.bin"), "--layer", "0", "1", "--site", "resid", "attn", "mlp"])
+    for layer in (0, 1):
+        for site in ("resid", "attn", "mlp"):
+            one = tmp_path / f"L{layer}_{site}.bin"
+            S.main(["cache", *cache_args(tiny_run, one, layer=layer, site=site)])
+            for end in ("", ".tokens", ".json"):
+                assert open(f"{tmp_path}/all_L{layer}_{site}.bin{end}", "rb").read() == open(f"{one}{end}", "rb").read()
+    capsys.readouterr()
+    # bad input: one line, nothing written
+    args = lambda out, *more: ["cache", *[a for a in cache_args(tiny_run, out) if not a.startswith("--layer")], *more]
+    assert "out of range: the model has 2 layers" in refused(args(tmp_path / "x.bin", "--layer", "0", "5"), capsys)
+    assert "unknown --site 'embed'" in refused(args(tmp_path / "x.bin", "--layer", "0", "--site", "attn", "embed"), capsys)
+    assert not list(tmp_path.glob("x*"))
+    single = sum(os.path.getsize(f"{tmp_path}/L0_resid.bin{end}") for end in ("", ".tokens"))
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real_usage(path)._replace(free=5 * single))
+    err = refused(args(tmp_path / "x.bin", "--layer", "0", "1", "--site", "resid", "attn", "mlp"), capsys)
+    assert f"needs {6 * single / 2**30:.2f} GiB" in err and not list(tmp_path.glob("x*"))
+
+
+def test_capture_stops_after_the_deepest_hooked_layer():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=4, vocab_size=50)).eval()
+    ran = []
+    for i, block in enumerate(model.transformer.h):
+        block.register_forward_pre_hook(lambda mod, inputs, i=i: ran.append(i))
+    modules = [S.hooked_module(model, 1, "mlp"), S.hooked_module(model, 0, "resid"), S.hooked_module(model, 1, "attn")]
+    got = S.site_activations(model, modules, torch.randint(0, 50, (3, 8)), batch_size=2)
+    assert ran == [0, 1, 0, 1]  # two batches; blocks 2 and 3 never start: block 1's MLP, the last site, stops it
+    singles = [S.lm_activations(model, module, torch.randint(0, 50, (3, 8)), 2) for module in modules]
+    assert [g.shape for g in got] == [s.shape for s in singles] == [(24, 32)] * 3
