@@ -590,7 +590,7 @@ class CacheConfig:
     skip_positions: int = arg(1, "leading positions of each context not trained on, spliced or ablated: "
                                  "the first is an attention sink with ~100x the usual norm (0: the paper)",
                              low=0)
-    lm_batch_size: int = arg(64, "contexts per language-model forward", low=1)
+    lm_batch_size: int = arg(64, "contexts per language-model forward", low=1, high=2**20)
     lm_dtype: str = arg("auto", "the LM's dtype: float32, bfloat16, or auto: bfloat16 on CUDA and on CPUs "
                                 "with bf16 instructions (AMX, AVX512_BF16), float32 elsewhere",
                         choices=("auto", "float32", "bfloat16"))
@@ -669,21 +669,37 @@ def compiler_found():
     return any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++"))
 
 
-def check_sae_config(cfg):
-    """The rules between an SAE's fields (check_fields has checked each one)."""
+def fields_set(cfg):
+    """The fields of a config that differ from their defaults: what a caller in code has set."""
+    return {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default}
+
+
+# the flags each kind of SAE has no use for: given another value than the one that means "none" (None:
+# any value), they are refused, not ignored
+NO_ROUTER = {"experts": 1, "k": None, "lb_alpha": 0, "auxk_alpha": 0}
+IGNORED_BY = {"switch": {"l1_coeff": None}, "relu": NO_ROUTER, "gated": NO_ROUTER}
+
+
+def check_sae_config(cfg, given):
+    """The rules between an SAE's fields (check_fields has checked each one); given: the fields set."""
     m = cfg.width // cfg.experts
     if cfg.arch == "switch" and (cfg.width % cfg.experts or cfg.k > m):
         raise UsageError(f"--width {cfg.width} must be a multiple of --experts {cfg.experts} and --k {cfg.k} "
                          f"at most the latents per expert ({m} = width / experts): change one of them")
-    if cfg.auxk_alpha and cfg.arch != "switch":
-        raise UsageError("--auxk-alpha is a rule of TopK latents: use it with --arch switch, or set it to 0")
+    ignored = [cli_flag(name) for name, none in IGNORED_BY[cfg.arch].items()
+               if name in given and getattr(cfg, name) != none]
+    if ignored:
+        why = " (AuxK and the router are rules of TopK experts)" if cfg.arch != "switch" else ""
+        raise UsageError(f"--arch {cfg.arch} has no use for {', '.join(ignored)}{why}: drop them")
     if cfg.compile and not compiler_found():
         raise UsageError("--compile needs a C/C++ compiler on PATH (torch.compile builds its kernels "
                          "with one): install g++ or drop --compile")
 
 
-def check_cache_config(cfg):
-    """The rules between the fields of what is captured."""
+def check_cache_config(cfg, given):
+    """The rules between the fields of what is captured; given: the fields set."""
+    if cfg.text and "dataset" in given:
+        raise UsageError("--text and --dataset both name the text: give one of them")
     if cfg.eval_tokens < cfg.ctx:
         raise UsageError(f"--eval-tokens {cfg.eval_tokens} is less than one context of --ctx {cfg.ctx}: "
                          "evaluation needs at least one held-out context")
@@ -696,21 +712,36 @@ def check_cache_config(cfg):
         if not os.path.isfile(path) or os.path.getsize(path) == 0:
             raise UsageError(f"--text {path}: no such file, or it is empty; pass .txt, .jsonl or .jsonl.gz "
                              "files with text in them")
+        if not os.path.basename(path).lower().endswith(TEXT_ENDINGS):
+            raise UsageError(f"--text {path}: read as which format? Name it .txt (documents between blank "
+                             "lines) or .jsonl (a {\"text\": ...} object per line), optionally .gz")
 
 
-def check_config(cfg):
-    """A training run's settings, found bad before anything slow starts."""
+def check_config(cfg, given):
+    """A training run's settings, found bad before anything slow starts; given: the fields set."""
     check_fields(cfg)
-    check_sae_config(cfg)
-    check_cache_config(cfg)
+    check_sae_config(cfg, given)
+    check_cache_config(cfg, given)
     if cfg.expert_parallel and (cfg.arch != "switch" or cfg.auxk_alpha):
         raise UsageError("--expert-parallel needs --arch switch and --auxk-alpha 0 "
                          "(AuxK across ranks is not supported yet)")
 
 
-def writable_place(path, what):
-    """The nearest existing folder at or above `path`, once a probe shows files can be made there."""
-    place = os.path.abspath(path)
+TEXT_ENDINGS = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz")
+
+
+def readable(n_bytes):
+    """54.7 KiB, 1.2 GiB: a size for a message."""
+    unit = max(i for i in range(5) if n_bytes >= 1024**i or i == 0)
+    return f"{n_bytes / 1024**unit:.3g} {('B', 'KiB', 'MiB', 'GiB', 'TiB')[unit]}"
+
+
+def writable_place(path, what, file=False):
+    """The nearest existing folder at or above `path` (a folder to write in, or with file=True a file to
+    write or replace), once a probe shows that files can be made there."""
+    if not path:
+        raise UsageError(f"{what} is empty: name where to write")
+    place = os.path.dirname(os.path.abspath(path)) if file else os.path.abspath(path)
     while not os.path.exists(place):
         place = os.path.dirname(place)
     if not os.path.isdir(place):
@@ -722,25 +753,27 @@ def writable_place(path, what):
     return place
 
 
-def check_room(path, what, needed):
+def check_room(path, what, needed, file=False):
     """Refuse to start what would fill the disk: `needed` bytes must be free where `path` is written."""
-    free = shutil.disk_usage(writable_place(path, what)).free
+    free = shutil.disk_usage(writable_place(path, what, file)).free
     if needed > free:
-        raise UsageError(f"{what} {path} needs {needed / 2**30:.2f} GiB and its disk has {free / 2**30:.2f} "
-                         "GiB free: free some space or write elsewhere")
+        raise UsageError(f"{what} {path} needs {readable(needed)} and its disk has {readable(free)} free: "
+                         "make room or write elsewhere")
 
 
 @contextlib.contextmanager
 def disk_space_for(path, needed):
     """A disk that fills up while `path` is written becomes one line saying how much room it needed."""
+    from safetensors import SafetensorError
+
     try:
         yield
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except (OSError, SafetensorError) as e:  # safetensors reports the OS's error in its own type
+        if getattr(e, "errno", None) not in (errno.ENOSPC, errno.EDQUOT) and "os error 28" not in str(e):
             raise
         free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
-        raise UsageError(f"the disk filled up writing {path}: it needs {needed / 2**20:.1f} MiB and "
-                         f"{free / 2**20:.1f} MiB are free (files written before stay whole); make room "
+        raise UsageError(f"the disk filled up writing {path}: it needs {readable(needed)} and "
+                         f"{readable(free)} are free (files written before stay whole); make room "
                          "and run again") from None
 
 
@@ -891,8 +924,9 @@ def take(contexts, n):
     """The next n contexts as a (C, L) tensor."""
     rows = list(itertools.islice(contexts, n))
     if len(rows) < n:
-        raise UsageError(f"the text ran out: {n} more contexts were needed, {len(rows)} were left; give more "
-                         "text or lower --tokens / --eval-tokens")
+        raise UsageError(f"the text ran out: the next {n} contexts were needed and {len(rows)} were left; "
+                         "give more text or lower --tokens / --eval-tokens (a run's last checkpoint can be "
+                         "finished early with --resume --tokens N)")
     return torch.stack(rows)
 
 
@@ -952,6 +986,8 @@ def load_lm(cfg, device):
     logging.disable_progress_bar()  # keeps error output to the one line that matters
     dtype = lm_dtype(cfg.lm_dtype, device)
     source, gguf = model_source(cfg.model)
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # its warnings and load reports would come before our one line
     try:
         tokenizer = load_tokenizer(cfg.model)
         load_dtype = torch.float32 if gguf else dtype  # GGUF dequantises to float32; cast after
@@ -962,8 +998,14 @@ def load_lm(cfg, device):
             raise UsageError(f"could not load model {cfg.model!r} ({cause(e)}): no network, or no such hub "
                              "id or directory; pass a local model with --model DIR or --model FILE.gguf"
                              ) from None
-        raise UsageError(f"could not load model {cfg.model!r} ({cause(e)}): its files are cut short or "
-                         "corrupt; download or convert it again") from None
+        raise UsageError(f"could not load model {cfg.model!r} ({cause(e)}): its files are cut short, corrupt "
+                         "or of an architecture this transformers does not know") from None
+    finally:
+        logging.set_verbosity(verbosity)
+    vocab = model.get_input_embeddings().num_embeddings
+    if not 1 < len(tokenizer) <= vocab:
+        raise UsageError(f"--model {cfg.model}: its tokenizer's {len(tokenizer)} tokens do not fit the "
+                         f"model's {vocab} embeddings: its tokenizer files are missing or another model's")
     check_positions(model.config, cfg.ctx)
     return model.to(device, dtype).eval(), tokenizer
 
@@ -1103,17 +1145,18 @@ def cache_files(cfg):
     return [(layer, site, name(layer, site)) for layer, site in pairs]
 
 
-def write_cache(cfg):
-    """One cache per (layer, site) of cfg, all from one LM pass: the same contexts, held out alike."""
+def write_cache(cfg, given=None):
+    """One cache per (layer, site) of cfg, all from one LM pass: the same contexts, held out alike.
+    given: the fields this command sets (by default those that differ from the defaults)."""
     from tqdm import tqdm
 
     check_fields(cfg)
-    check_cache_config(cfg)
+    check_cache_config(cfg, fields_set(cfg) if given is None else given)
     device = pick_device(cfg.device)
     if os.path.isdir(cfg.out):
         raise UsageError(f"cache --out {cfg.out} is a directory: name the cache file, "
                          f"e.g. --out {os.path.join(cfg.out, 'acts.bin')}")
-    writable_place(os.path.dirname(os.path.abspath(cfg.out)), "cache --out")
+    writable_place(cfg.out, "cache --out", file=True)
     caches = cache_files(cfg)
     model, tokenizer = load_lm(cfg, device)
     modules = [hooked_module(model, layer, site) for layer, site, _ in caches]
@@ -1123,7 +1166,7 @@ def write_cache(cfg):
     parts = [path + end for *_, path in caches for end in ("", ".tokens")]
     replaced = sum(os.path.getsize(part) for part in parts if os.path.isfile(part))
     needed = len(caches) * (rows * d * 2 + n_total * cfg.ctx * 4)
-    check_room(cfg.out, "cache --out", needed - replaced)  # before the LM runs, not when the disk is full
+    check_room(cfg.out, "cache --out", needed - replaced, file=True)  # before the LM runs
     contexts = token_contexts(cfg, tokenizer)
     held_out_CL = take(contexts, n_eval)
     dropped = {"equal_to_held_out": 0, "duplicate": 0}
@@ -1134,17 +1177,23 @@ def write_cache(cfg):
                 "lm_dtype": str(model.dtype), "complete": False} for layer, site, _ in caches]
     for (*_, path), header in zip(caches, headers):
         write_json(path + ".json", header)  # says "incomplete" until the last row is written
-    with disk_space_for(cfg.out, needed), contextlib.ExitStack() as files:
-        opened = [files.enter_context(open(part, "wb")) for part in parts]
-        outputs = list(zip(opened[::2], opened[1::2]))  # (activations, contexts) of each cache
-        for first in tqdm(range(0, n_total, cfg.lm_batch_size), desc="cache", unit_scale=cfg.lm_batch_size,
-                          unit="ctx"):
-            tokens_CL = take(contexts, min(cfg.lm_batch_size, n_total - first))
-            tokens = tokens_CL.to(torch.int32).numpy().tobytes()
-            acts = site_activations(model, modules, tokens_CL, cfg.lm_batch_size, cfg.skip_positions)
-            for acts_BD, (acts_file, tokens_file) in zip(acts, outputs):
-                acts_file.write(acts_BD.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
-                tokens_file.write(tokens)
+    try:
+        with disk_space_for(cfg.out, needed), contextlib.ExitStack() as files:
+            opened = [files.enter_context(open(part, "wb")) for part in parts]
+            outputs = list(zip(opened[::2], opened[1::2]))  # (activations, contexts) of each cache
+            for first in tqdm(range(0, n_total, cfg.lm_batch_size), desc="cache", unit="ctx",
+                              unit_scale=cfg.lm_batch_size):
+                tokens_CL = take(contexts, min(cfg.lm_batch_size, n_total - first))
+                tokens = tokens_CL.to(torch.int32).numpy().tobytes()
+                acts = site_activations(model, modules, tokens_CL, cfg.lm_batch_size, cfg.skip_positions)
+                for acts_BD, (acts_file, tokens_file) in zip(acts, outputs):
+                    acts_file.write(acts_BD.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
+                    tokens_file.write(tokens)
+    except UsageError as e:  # the text ran out, or the disk filled up: what was written is of no use
+        for part in parts + [path + ".json" for *_, path in caches]:
+            with contextlib.suppress(OSError):
+                os.remove(part)
+        raise UsageError(f"{e} (the unfinished cache files were removed)") from None
     for (layer, site, path), header in zip(caches, headers):
         write_json(path + ".json", {**header, **cache_digests(path, header), "complete": True,
                                     "dropped_contexts": dropped})
@@ -1154,15 +1203,20 @@ def write_cache(cfg):
 
 
 CACHE_HEADER = {"model": str, "layer": int, "site": str, "ctx": int, "skip_positions": int, "d": int,
-                "eval_contexts": int, "contexts": int, "rows": int, "complete": bool}
+                "dtype": str, "eval_contexts": int, "contexts": int, "rows": int, "complete": bool}
+DIGESTS = ("header_sha256", "held_out_sha256", "tokens_sha256")
 
 
 def cache_digests(path, header):
-    """sha256 of a cache's contexts and of its held-out rows: they tie its three files together, so a
-    .tokens or .bin file of another cache is found out (hashing the held-out rows alone keeps it fast)."""
+    """sha256 of a cache's settings, of its contexts and of its held-out rows: they tie its three files
+    together, so an edited header or a .tokens or .bin file of another cache is found out (hashing the
+    held-out rows alone keeps it fast)."""
     held_out_bytes = header["eval_contexts"] * (header["ctx"] - header["skip_positions"]) * header["d"] * 2
+    settings = {key: value for key, value in header.items() if key not in ("complete", "dropped_contexts")
+                and key not in DIGESTS}
     with open(path, "rb") as acts_file, open(path + ".tokens", "rb") as tokens_file:
-        return {"held_out_sha256": hashlib.sha256(acts_file.read(held_out_bytes)).hexdigest(),
+        return {"header_sha256": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest(),
+                "held_out_sha256": hashlib.sha256(acts_file.read(held_out_bytes)).hexdigest(),
                 "tokens_sha256": hashlib.sha256(tokens_file.read()).hexdigest()}
 
 
@@ -1174,6 +1228,9 @@ def open_cache(path):
 
     again = f"write it again with 'switch_sae.py cache --out {path}'"
     if not os.path.isfile(path + ".json"):
+        named = next((path[: -len(end)] for end in (".json", ".tokens") if path.endswith(end)), None)
+        if named and os.path.isfile(named + ".json"):
+            raise UsageError(f"--acts {path} is a part of the cache {named}: name the cache, --acts {named}")
         raise UsageError(f"--acts {path}: no cache there (no {path}.json); write one with "
                          f"'switch_sae.py cache --out {path}'")
     try:
@@ -1182,8 +1239,9 @@ def open_cache(path):
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"--acts {path}: its header {path}.json is unreadable ({cause(e)}); "
                          f"{again}") from None
-    if wrong:
-        raise UsageError(f"--acts {path}: its header has {', '.join(wrong)} of the wrong type; {again}")
+    if wrong or header["dtype"] != "bfloat16":
+        raise UsageError(f"--acts {path}: its header has {', '.join(wrong) or 'dtype'} of the wrong type; "
+                         f"{again}")
     if not header["complete"]:
         raise UsageError(f"--acts {path} is incomplete (its cache run was stopped): {again}")
     n_eval, per_context = header["eval_contexts"], header["ctx"] - header["skip_positions"]
@@ -1193,9 +1251,12 @@ def open_cache(path):
         raise UsageError(f"--acts {path}: its files are missing, cut short, or do not match its header; "
                          f"{again}")
     digests = cache_digests(path, header)
-    if any(header.get(key, value) != value for key, value in digests.items()):  # older caches have none
-        raise UsageError(f"--acts {path}: its .bin and .tokens files do not belong to its header (a file of "
-                         f"another cache?); {again}")
+    if any(header.get(key, value) != value for key, value in digests.items()):
+        raise UsageError(f"--acts {path}: its header was edited, or its .bin or .tokens file belongs to "
+                         f"another cache; {again}")
+    if not set(DIGESTS) <= set(header):
+        print(f"note: {path} was written before caches carried checksums, so its files cannot be checked "
+              "against each other; write it again to have them")
     rows = np.memmap(path, dtype=np.int16, mode="r", shape=(header["rows"], header["d"]))
     if not torch.from_numpy(np.array(rows[: n_eval * per_context])).view(torch.bfloat16).isfinite().all():
         raise UsageError(f"--acts {path}: its held-out activations are not all finite (NaN or inf); {again}")
@@ -1371,15 +1432,23 @@ def timed_reader(read_contexts, device, seconds):
     return read
 
 
-def activation_source(cfg, device, comms, dropped):
+def activation_source(cfg, device, comms, dropped, given=()):
     """Where a run's activations come from: the config (with a cache's model, layer and site filled in)
     and (d, read_contexts, held-out contexts, their activations or None, LM, hooked module). Live, each
     rank reads its own share of the text; from a cache, every rank reads the same global stream. Training
-    contexts equal to a held-out one, or to an earlier one, are left out and counted in `dropped`."""
+    contexts equal to a held-out one, or to an earlier one, are left out and counted in `dropped`. given:
+    the fields set, which a cache must agree with (its own settings are the run's)."""
     if cfg.acts:  # the LM is needed only for loss-recovered evaluation
         header, rows, cache_tokens = open_cache(cfg.acts)
-        keys = ("model", "layer", "site", "ctx", "skip_positions")
-        cfg = dataclasses.replace(cfg, **{key: header[key] for key in keys})
+        keys = ("model", "layer", "site", "ctx", "skip_positions", "windows")
+        differ = [cli_flag(key) for key in keys if key in given and getattr(cfg, key) != header.get(key)]
+        differ += [cli_flag(key) for key in ("text", "dataset") if key in given]
+        if "eval_tokens" in given and held_out_contexts(cfg) != header["eval_contexts"]:
+            differ.append("--eval-tokens")
+        if differ:
+            raise UsageError(f"{', '.join(differ)} differ from what --acts {cfg.acts} holds (a cached run "
+                             "reads the cache's model, layer, site, contexts and held-out tokens): drop them")
+        cfg = dataclasses.replace(cfg, **{key: header[key] for key in keys[:-1]})
         n_eval = header["eval_contexts"]
         # caches written before contexts were made distinct may repeat some: pass over those here
         kept = distinct_contexts(zip(range(n_eval, header["contexts"]), cache_tokens[n_eval:]),
@@ -1458,21 +1527,39 @@ def check_memory(cfg, d, device, saes=1):
     m = cfg.width // cfg.experts if cfg.arch == "switch" else cfg.width
     needed, free = saes * 4 * (8 * cfg.width * d + 2 * cfg.batch_size * m), free_memory(device)
     if needed > free:
-        raise UsageError(f"training needs about {needed / 2**30:.3g} GiB and {device} has {free / 2**30:.3g} "
-                         "GiB free: lower --width or --batch-size")
+        raise UsageError(f"training needs about {readable(needed)} and {device} has {readable(free)} free: "
+                         "lower --width or --batch-size")
 
 
 class Diverged(UsageError):
     """The loss became NaN or infinite: the learning rate was too high, or the activations not finite."""
 
 
-def diverged(cfg, loss, step, saved_step):
-    """The error for a loss that became NaN or infinite, saying what is true of the run's checkpoint."""
-    lr, what = base_lr(cfg), f"the loss became {loss} by step {step}"
-    if saved_step:
-        return Diverged(f"{what}; the checkpoint of step {saved_step} in {cfg.out} is intact: continue it "
-                        f"at a lower learning rate with --resume --out {cfg.out} --lr {lr / 3:.2g}")
-    return Diverged(f"{what}, before the first checkpoint: start again with a lower --lr than {lr:.2g}")
+def logged_values(sae, parts, stop, x_absmax, saving, comms=SINGLE_PROCESS):
+    """What a log step reads, summed over ranks in one collective: the loss, its reconstruction part, the
+    stop flag, the largest |activation| so far and, at a save, whether the weights are all finite (a step
+    can make them NaN before the loss shows it)."""
+    bad = torch.zeros((), device=sae.device)
+    if saving:
+        bad = torch.stack([(~p.isfinite()).any() for p in sae.parameters()]).sum()
+    logged = torch.stack([parts["loss"], parts["recon"], stop.to(sae.device)[0], x_absmax, bad.float()])
+    loss, recon, stopping, largest, bad = comms.all_reduce(logged).tolist()
+    return loss, recon, stopping, largest, bad == 0
+
+
+def diverged(cfg, step, saved_step, loss, x_absmax, weights_finite):
+    """The error for a run gone non-finite by `step`: why, and what is true of its checkpoint."""
+    lr = base_lr(cfg)
+    kept = f"the checkpoint of step {saved_step} in {cfg.out} is intact" if saved_step else \
+        "no checkpoint was saved before it"
+    if not math.isfinite(x_absmax):
+        source = f"the cache {cfg.acts}" if cfg.acts else "the LM"
+        return Diverged(f"the activations by step {step} hold NaN or inf, from {source}, not from training: "
+                        f"{kept}")
+    fix = f"start again with a lower --lr than {lr:.2g}" if not saved_step else \
+        f"continue it at a lower learning rate with --resume --out {cfg.out} --lr {lr / 3:.2g}"
+    what = f"the loss became {loss}" if weights_finite else "the weights became NaN or infinite"
+    return Diverged(f"{what} by step {step} (the largest activation so far: {x_absmax:.3g}); {kept}: {fix}")
 
 
 class Stopped(KeyboardInterrupt):
@@ -1508,23 +1595,19 @@ def train(cfg, given=None):
     that differ from TrainConfig's defaults). Every check runs before anything is written."""
     from tqdm import tqdm
 
-    history = []
+    history, given = [], fields_set(cfg) if given is None else given
     if cfg.resume:  # the run's own settings; where and how fast to run it are this command's
-        if given is None:
-            given = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default}
         cfg, history = resumed_config(cfg, given)
-    check_config(cfg)
+    check_config(cfg, given)
     if not cfg.resume and os.path.isfile(os.path.join(cfg.out, "sae.safetensors")):
         raise UsageError(f"--out {cfg.out} holds another run's checkpoint: continue it with --resume, or "
                          "pick another --out")
     writable_place(cfg.out, "--out")
     device, comms = start_distributed(pick_device(cfg.device))
     ranks = comms.ranks
-    if cfg.batch_size % ranks or (cfg.expert_parallel and cfg.experts % ranks):
-        raise UsageError(f"--batch-size {cfg.batch_size} and, with --expert-parallel, --experts "
-                         f"{cfg.experts} must be divisible by the {ranks} ranks")
+    check_ranks(cfg, ranks, one_rank_ok="expert_parallel" not in given)  # a resumed one may go on alone
     dropped = {"equal_to_held_out": 0, "duplicate": 0}
-    cfg, source = activation_source(cfg, device, comms, dropped)
+    cfg, source = activation_source(cfg, device, comms, dropped, given)
     d, read_contexts, eval_tokens_CL, eval_x, model, module = source
     # live, each rank captures its own share of each batch; from a cache it reads the global batch
     local = dataclasses.replace(cfg, tokens=cfg.tokens // ranks, batch_size=cfg.batch_size // ranks,
@@ -1538,8 +1621,10 @@ def train(cfg, given=None):
     if steps < start:
         raise UsageError(f"--tokens {cfg.tokens} is fewer than the {start * cfg.batch_size} this run has "
                          "trained on: give at least that many")
-    weights_bytes = sum(t.nbytes for t in sae.state_dict().values()) * comms.ranks
-    check_room(cfg.out, "--out", 3 * weights_bytes)  # the checkpoint: weights and Adam's two moments
+    checkpoint_bytes = 3 * sum(t.nbytes for t in sae.state_dict().values()) * comms.ranks  # Adam's too
+    saved = os.path.join(cfg.out, "sae.safetensors")
+    saved_bytes = os.path.getsize(saved) if os.path.isfile(saved) else 0
+    check_room(cfg.out, "--out", 2 * checkpoint_bytes - saved_bytes)  # a save holds the old file and the new
     flops = flops_per_token(d, cfg.width, cfg.experts, cfg.k, cfg.batch_size, cfg.arch)
     if comms.rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
@@ -1558,7 +1643,7 @@ def train(cfg, given=None):
         print(f"training: {feed}; the bar moves once each shuffle buffer is filled")
     save_every = max(1, cfg.save_every // cfg.batch_size)
     seconds, started, auxk_steps, loss_curve = {"activations": 0.0}, time.perf_counter(), 0, []
-    saved_step = start
+    saved_step, x_absmax = start, torch.zeros((), device=device)  # NaN once an input was
     read_contexts = timed_reader(read_contexts, device, seconds)
     bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True, disable=comms.rank > 0)
     with stop_on_signals() as stop, bar:  # the bar ends its line on any exit, an error's too
@@ -1574,15 +1659,16 @@ def train(cfg, given=None):
             out, parts = train_step(sae, opt, x_BD, lr_at(cfg, step, steps), coefs, cfg.grad_clip, comms,
                                     dead_M, cfg.compile)
             tick_dead_clock(tokens_since_fired_M, sae, out, comms)
+            x_absmax = torch.maximum(x_absmax, x_BD.abs().amax())
             auxk_steps += out.idx is not None and out.idx.shape[1] > cfg.k  # dead latents, so AuxK ran
             bar.update(1)
             saving = (step + 1) % save_every == 0 or step + 1 == steps
             if saving or (step + 1) % cfg.log_every == 0:  # all ranks check together: one collective
-                logged = torch.stack([parts["loss"], parts["recon"], stop.to(device)[0]])
-                loss, recon, stopping = comms.all_reduce(logged).tolist()
+                loss, recon, stopping, largest, weights_ok = logged_values(sae, parts, stop, x_absmax, saving,
+                                                                           comms)
                 loss_curve.append([step + 1, recon / ranks])
-                if not math.isfinite(loss):  # checked before any save, so the last checkpoint stays good
-                    raise diverged(cfg, loss, step + 1, saved_step)
+                if not (math.isfinite(loss) and math.isfinite(largest) and weights_ok):  # before any save
+                    raise diverged(cfg, step + 1, saved_step, loss, largest, weights_ok)
                 bar.set_postfix(loss=f"{loss / ranks:.1f}", fve=f"{parts['fve'].item():.3f}",
                                 tok_s=f"{(bar.format_dict['rate'] or 0) * cfg.batch_size:.0f}",
                                 pflop=f"{flops['total'] * (step + 1) * cfg.batch_size / 1e15:.4f}")
@@ -1603,7 +1689,7 @@ def train(cfg, given=None):
         return None
     whole = load_sae(cfg.out, device) if is_sharded(sae.W_dec) else sae
     print(f"evaluating on {len(eval_tokens_CL)} held-out contexts"
-          + ("" if cfg.skip_ce else " (then three LM passes for loss recovered and KL)"))
+          + ("" if cfg.skip_ce or model is None else " (then three LM passes for loss recovered and KL)"))
     if eval_x is None:
         eval_x = lm_activations(model, module, eval_tokens_CL, cfg.lm_batch_size, cfg.skip_positions)
     metrics = evaluate(whole, cfg, eval_x, None if cfg.skip_ce else model, module, eval_tokens_CL)
@@ -1784,7 +1870,8 @@ def read_checkpoint(path, device="cpu", train_state=False):
 
     path = checkpoint_file(path)
     if not os.path.isfile(path):
-        raise UsageError(f"{path}: no such checkpoint (sae.safetensors); train a run first")
+        raise UsageError(f"{path or 'an empty name'}: no such checkpoint (sae.safetensors); name a run "
+                         "directory, or train one first")
     try:
         with safe_open(path, framework="pt", device=str(device)) as f:
             meta = f.metadata() or {}
@@ -1810,6 +1897,9 @@ def sae_from(info, tensors, device="cpu"):
     except (TypeError, KeyError, ValueError, RuntimeError, AssertionError) as e:
         raise UsageError(f"the checkpoint's tensors do not match its SAE config {info['sae']} "
                          f"({cause(e)}): it is no SAE checkpoint of this code") from None
+    if not all(p.isfinite().all() for p in sae.parameters()):
+        raise UsageError("the checkpoint's weights are NaN or infinite (saved by a run that diverged): "
+                         "train it again")
     return sae
 
 
@@ -1911,7 +2001,7 @@ def tokenizer_adds_bos(model):
     return tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
 
 
-def export(cfg):
+def export(cfg, given=None):
     """Export a run in SAELens's pretrained-SAE layout: cfg.json and sae_weights.safetensors."""
     from safetensors.torch import save_file
 
@@ -1980,6 +2070,15 @@ class TorchDistributed(SingleProcess):
                 if not is_sharded(p):
                     self.all_reduce(p.grad)
                 p.grad.div_(self.ranks)
+
+
+def check_ranks(cfg, ranks, one_rank_ok=False):
+    if cfg.expert_parallel and ranks == 1 and not one_rank_ok:
+        raise UsageError("--expert-parallel splits the experts over torchrun's ranks, and this is one "
+                         "process: start it with torchrun --nproc-per-node N, or drop --expert-parallel")
+    if cfg.batch_size % ranks or (cfg.expert_parallel and cfg.experts % ranks):
+        raise UsageError(f"--batch-size {cfg.batch_size} and, with --expert-parallel, --experts "
+                         f"{cfg.experts} must be divisible by the {ranks} ranks")
 
 
 def start_distributed(device):
@@ -2062,7 +2161,7 @@ class BenchConfig(SAEConfig):
     d_in: int = arg(768, "activation dimension", low=1)
     batch_size: int = train_field("batch_size", 4096)
     dtype: str = arg("float32", "dtype of the SAE weights and data", choices=("float32", "bfloat16"))
-    steps: int = arg(5, "timed steps of each SAE, alternating, after 2 warm-up steps", low=1)
+    steps: int = arg(5, "timed steps of each SAE, alternating, after 2 warm-up steps", low=1, high=10**6)
     profile: bool = arg(False, "also print where each SAE's step time goes (torch.profiler), on stderr")
     model: str = arg("", "also time capture: a config name (gpt2, llama, ...) or a model directory; "
                          "random weights")
@@ -2207,17 +2306,15 @@ def bench_capture(cfg, device):
     return measure
 
 
-def bench(cfg):
+def bench(cfg, given=None):
     check_fields(cfg)
-    check_sae_config(cfg)
+    check_sae_config(cfg, fields_set(cfg) if given is None else given)
     device, comms = start_distributed(pick_device(cfg.device))
     check_memory(cfg, cfg.d_in, device, saes=2)
     measure_capture = bench_capture(cfg, device) if cfg.model else None
     dtype = getattr(torch, cfg.dtype)
+    check_ranks(cfg, comms.ranks)
     if cfg.expert_parallel:
-        if comms.ranks == 1 or cfg.experts % comms.ranks:
-            raise UsageError(f"bench --expert-parallel runs under torchrun with --experts ({cfg.experts}) "
-                             f"divisible by the ranks ({comms.ranks}): torchrun --nproc-per-node 2 ...")
         result = bench_expert_parallel(cfg, device, comms)
     else:
         (sae_s, sae_mem), (topk_s, topk_mem) = bench_sae_steps(cfg, device, dtype).values()
@@ -2300,25 +2397,28 @@ def keep_freed_memory():
     libc.mallopt(-1, 2**31)  # M_TRIM_THRESHOLD
 
 
+COMMANDS = {"bench": (BenchConfig, bench), "cache": (CacheConfig, write_cache),
+            "export": (ExportConfig, export)}
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     keep_freed_memory()
+    command = argv[0] if argv and argv[0] in COMMANDS else ""
+    cls, run = COMMANDS.get(command, (TrainConfig, train))
     try:
-        if argv[:1] == ["bench"]:
-            bench(parse_config(argv[1:], BenchConfig, "switch_sae.py bench"))
-        elif argv[:1] == ["cache"]:
-            write_cache(parse_config(argv[1:], CacheConfig, "switch_sae.py cache"))
-        elif argv[:1] == ["export"]:
-            export(parse_config(argv[1:], ExportConfig, "switch_sae.py export"))
-        else:
-            given = flags_given(argv)
-            train(TrainConfig(**given), given)
+        given = flags_given(argv[1:] if command else argv, cls, f"switch_sae.py {command}".strip())
+        run(cls(**given), set(given))  # each command refuses the flags it was given and has no use for
         stop_distributed(finished=True)
     except UsageError as e:
         print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
         sys.exit(2)
     except Stopped as e:  # the checkpoint is saved; a scheduler or a following && still sees the stop
         sys.exit(128 + e.signum)
+    except KeyboardInterrupt:  # a second Ctrl-C: at once, without a save
+        print("error: interrupted; files written before stay whole (a run's last checkpoint continues with "
+              "--resume)", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     finally:
         stop_distributed()
 

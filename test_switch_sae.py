@@ -573,6 +573,9 @@ def tiny_args(tiny_run, out, **extra):
                 buffer_tokens=1024, eval_tokens=256, lm_batch_size=16, out=str(out), device="cpu", save_every=512,
                 lm_dtype="float32")  # the tests' own LMs run in float32, whatever this CPU's bf16 speed
     args.update(extra)
+    unused = ("experts", "k") if args.get("arch", "switch") != "switch" else ("l1_coeff",)  # refused if given
+    unused += ("text",) if "acts" in args else ()  # a cached run reads the cache's
+    args = {key: value for key, value in args.items() if key not in unused}
     return [f"--{key.replace('_', '-')}" + ("" if value is True else f"={value}") for key, value in args.items()]
 
 
@@ -674,8 +677,9 @@ def test_resume_ends_with_the_same_weights(tiny_run, tmp_path, monkeypatch, norm
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(S, "train_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as exit_info:  # an interrupt at once: status 130 and one line, no traceback
         S.main(tiny_args(tiny_run, tmp_path / "cut", **extra))
+    assert exit_info.value.code == 130
     monkeypatch.setattr(S, "train_step", real_step)
     S.main(["--resume", f"--out={tmp_path / 'cut'}"])
     whole, cut = load_file(tmp_path / "whole" / "sae.safetensors"), load_file(tmp_path / "cut" / "sae.safetensors")
@@ -734,7 +738,7 @@ BAD = [
     (dict(eval_tokens=8), "--eval-tokens 8 is less than one context"),
     (dict(windows="some"), "unknown --windows"),
     (dict(lm_dtype="fp16"), "unknown --lm-dtype"),
-    (dict(arch="relu", auxk_alpha=0.03), "--auxk-alpha is a rule of TopK latents"),
+    (dict(arch="relu", auxk_alpha=0.03), "--arch relu has no use for --auxk-alpha"),
 ]
 
 
@@ -761,7 +765,9 @@ def run_cli(*args, **env):
 
 
 def test_hub_model_without_network_names_the_local_flag(tmp_path):
-    result = run_cli("--model", "gpt2", "--text", __file__, "--out", str(tmp_path), "--device", "cpu", HF_HUB_OFFLINE="1")
+    text = tmp_path / "some.txt"
+    text.write_text("some text")
+    result = run_cli("--model", "gpt2", "--text", text, "--out", str(tmp_path / "out"), "--device", "cpu", HF_HUB_OFFLINE="1")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "--model DIR" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -935,7 +941,8 @@ def test_non_finite_loss_stops_keeps_the_last_good_checkpoint_and_resumes_at_a_l
                                                                                         monkeypatch, capsys):
     real_step = diverging_from(5, monkeypatch)
     err = refused(tiny_args(tiny_run, tmp_path, log_every=1), capsys, mid_run=True)
-    assert "the loss became nan by step 5; the checkpoint of step 4" in err  # saved every 2 steps, before step 5
+    assert "the loss became nan by step 5 (the largest activation so far: " in err
+    assert "the checkpoint of step 4 in" in err and "is intact: continue it at a lower learning rate" in err  # every 2 steps
     assert checkpoint_step(tmp_path) == 4 and not (tmp_path / "metrics.json").exists()
     command = err.split("with ")[-1].split()  # the command it advises: --resume --out DIR --lr LR
     assert command[:3] == ["--resume", "--out", str(tmp_path)] and command[3] == "--lr"
@@ -951,7 +958,7 @@ def test_non_finite_loss_stops_keeps_the_last_good_checkpoint_and_resumes_at_a_l
 def test_divergence_before_the_first_checkpoint_says_so_and_a_new_run_may_start_there(tiny_run, tmp_path,
                                                                                       monkeypatch, capsys):
     real_step = diverging_from(1, monkeypatch)
-    with pytest.raises(S.Diverged, match="before the first checkpoint: start again with a lower --lr than"):
+    with pytest.raises(S.Diverged, match="no checkpoint was saved before it: start again with a lower --lr than"):
         S.train(S.parse_config(tiny_args(tiny_run, tmp_path, log_every=1)))  # notebooks catch this class
     assert not (tmp_path / "sae.safetensors").exists()
     monkeypatch.setattr(S, "train_step", real_step)
@@ -1015,7 +1022,7 @@ def test_a_full_disk_is_found_before_writing_and_a_disk_filling_up_loses_nothing
     real_usage = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda path: real_usage(path)._replace(free=1000))
     err = refused(tiny_args(tiny_run, tmp_path / "run"), capsys, tmp_path / "run")
-    assert "needs 0.00 GiB and its disk has 0.00 GiB free" in err
+    assert "needs 101 KiB and its disk has 1e+03 B free" in err  # two checkpoints: the old one and the new
     captured = []
     monkeypatch.setattr(S, "lm_activations", lambda *a, **k: captured.append(1))
     refused(["cache", *cache_args(tiny_run, tmp_path / "acts.bin")], capsys, tmp_path / "acts.bin")
@@ -1065,9 +1072,10 @@ def test_a_full_disk_is_found_before_writing_and_a_disk_filling_up_loses_nothing
     cache = tmp_path / "acts.bin"
     monkeypatch.setattr(S, "open", lambda path, *a, **k: Filling(real_open(path, *a, **k)) if str(path) == str(cache)
                         else real_open(path, *a, **k), raising=False)
-    assert "the disk filled up writing" in refused(["cache", *cache_args(tiny_run, cache)], capsys, mid_run=True)
+    err = refused(["cache", *cache_args(tiny_run, cache)], capsys, mid_run=True)
+    assert "the disk filled up writing" in err and "the unfinished cache files were removed" in err
     monkeypatch.undo()
-    assert "incomplete" in refused(tiny_args(tiny_run, tmp_path / "run2", acts=cache), capsys, tmp_path / "run2")
+    assert not os.path.exists(cache) and not os.path.exists(f"{cache}.json")  # the unfinished cache was removed
 
 
 def test_outputs_are_readable_as_the_umask_allows(tiny_run, tmp_path):
@@ -1292,7 +1300,8 @@ def test_gguf_model_without_the_gguf_package_names_it(tmp_path, monkeypatch, cap
     path.write_bytes(b"GGUF")
     monkeypatch.setitem(sys.modules, "gguf", None)  # as if it were not installed: importing it fails
     with pytest.raises(SystemExit) as exit_info:
-        S.main(["--model", str(path), "--text", __file__, "--out", str(tmp_path / "out"), "--device", "cpu"])
+        S.main(["--model", str(path), "--text", write_text(tmp_path / "some.txt", "text"), "--out", str(tmp_path / "out"),
+                "--device", "cpu"])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and "pip install gguf accelerate" in err and len(err.splitlines()) == 1
 
@@ -1349,8 +1358,9 @@ def test_unresolvable_hub_switches_offline_mode_on(monkeypatch):
 
 def test_offline_hub_model_fails_at_once_without_offline_env(tmp_path):
     env = {key: value for key, value in os.environ.items() if "OFFLINE" not in key}
-    result = subprocess.run([sys.executable, os.path.join(HERE, "switch_sae.py"), "--model", "gpt2", "--text", __file__,
-                             "--out", str(tmp_path), "--device", "cpu"], capture_output=True, text=True, env=env,
+    text = write_text(tmp_path / "some.txt", "some text")
+    result = subprocess.run([sys.executable, os.path.join(HERE, "switch_sae.py"), "--model", "gpt2", "--text", text,
+                             "--out", str(tmp_path / "out"), "--device", "cpu"], capture_output=True, text=True, env=env,
                             timeout=300)
     assert result.returncode == 2 and "--model" in result.stderr and "Traceback" not in result.stderr
 
@@ -1568,7 +1578,7 @@ def test_bench_expert_parallel_outside_torchrun_is_refused(capsys):
     with pytest.raises(SystemExit) as exit_info:
         S.main(["bench", "--expert-parallel", "--device", "cpu", "--width", "256", "--d-in", "16", "--experts", "4"])
     err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and "under torchrun" in err and len(err.splitlines()) == 1
+    assert exit_info.value.code == 2 and "this is one process" in err and len(err.splitlines()) == 1
 
 
 def test_training_gives_the_signal_handlers_back(tiny_run, tmp_path):
@@ -1604,17 +1614,17 @@ BAD_FIELDS = {
     "lb_alpha": ["-1", "nan", "inf", "abc"], "auxk_alpha": ["-1", "nan"], "l1_coeff": ["-5", "inf"],
     "dead_tokens": ["0", "-1"], "normalize_activations": ["x="], "layer": ["-1", "abc", "7"], "site": ["embed"],
     "text": ["/nonexistent/corpus.jsonl"], "dataset": ["no/such-dataset"], "ctx": ["0", "1", "-3", "65"],
-    "windows": ["some"], "skip_positions": ["-1", "16"], "lm_batch_size": ["0", "-1"], "lm_dtype": ["fp16", "foo"],
+    "windows": ["some"], "skip_positions": ["-1", "16"], "lm_batch_size": ["0", "-1", "10**20"], "lm_dtype": ["fp16", "foo"],
     "buffer_tokens": ["0", "-5"], "tokens": ["0", "-1", "1e15", "100"], "batch_size": ["0", "-256", "10**13"],
     "lr": ["-1", "nan", "inf", "abc"], "decay_start": ["-5", "1.5", "nan"], "grad_clip": ["-1", "nan", "inf"],
     "seed": ["-1", "1e23", "100000000000000000000000"], "expert_parallel": ["x="], "compile": ["x="],
     "device": ["tpu"], "acts": ["/nonexistent/acts.bin"], "eval_tokens": ["0", "-1", "8"], "skip_ce": ["x="],
-    "out": ["{file}/run"], "save_every": ["0", "-1"], "resume": ["x="], "log_every": ["0", "-10"],
+    "out": ["{file}/run", ""], "save_every": ["0", "-1"], "resume": ["x="], "log_every": ["0", "-10"],
     "model": ["/nonexistent/model", "notamodel"],
     # bench's own fields
-    "d_in": ["0", "-1", "abc"], "dtype": ["float16"], "steps": ["0", "-1"], "profile": ["x="], "json": ["x="],
+    "d_in": ["0", "-1", "abc"], "dtype": ["float16"], "steps": ["0", "-1", "10**20"], "profile": ["x="], "json": ["x="],
     # export's
-    "run": ["{nothing}"], "dest": ["{file}"], "format": ["sparsify"],
+    "run": ["{nothing}", ""], "dest": ["{file}", ""], "format": ["sparsify"],
 }
 
 
@@ -1731,6 +1741,8 @@ def broken_text(kind, tmp_path, corpus):
              "no_key": '{"body": "the of and"}', "not_json": '{"text": "the of'}
     if kind in lines:
         return write_text(tmp_path / "bad.jsonl", open(corpus).read() + lines[kind] + "\n")
+    if kind in ("csv_ending", "json_ending"):  # JSONL content under a name that does not say how to read it
+        return write_text(tmp_path / ("bad.csv" if kind == "csv_ending" else "bad.json"), open(corpus).read())
     if kind == "latin1":
         return write_text(tmp_path / "bad.txt", "the of and caf\xe9\n\nthe it".encode("latin-1"))
     import gzip
@@ -1742,12 +1754,26 @@ def broken_model(kind, tmp_path, model_dir):
     if kind == "gguf_bytes":
         return write_text(tmp_path / "model.gguf", b"GGUF" + os.urandom(4096))
     model = copied(model_dir, tmp_path / "model")
+    config = os.path.join(model, "config.json")
     if kind == "cut_weights":
         truncate(os.path.join(model, "model.safetensors"))
     elif kind == "cut_config":
-        truncate(os.path.join(model, "config.json"))
+        truncate(config)
+    elif kind == "no_tokenizer":
+        for name in os.listdir(model):
+            if "token" in name or name.endswith(".txt"):
+                os.remove(os.path.join(model, name))
+    elif kind == "tokenizer_too_big":  # the tokenizer's ids reach past the embedding (another model's)
+        shutil.rmtree(model)
+        from transformers import GPT2Config, GPT2LMHeadModel
+        copied(model_dir, tmp_path / "model")
+        GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=10)).save_pretrained(model)
+    elif kind == "unknown_type":
+        edit_json(config, model_type="nosuchmodel")
+    elif kind == "config_mismatch":
+        edit_json(config, n_embd=64)
     else:
-        os.remove(os.path.join(model, "config.json"))
+        os.remove(config)
     return model
 
 
@@ -1771,6 +1797,12 @@ def broken_cache(kind, tmp_path, artifacts):
         shutil.copy(str(artifacts / "seed1.bin.tokens"), cache + ".tokens")
     elif kind == "bin_of_another_layer":
         shutil.copy(str(artifacts / "layer1.bin"), cache)
+    elif kind == "edited_layer":  # the same types and sizes, another layer named: only the header's digest knows
+        edit_json(cache + ".json", layer=1)
+    elif kind == "edited_dtype":
+        edit_json(cache + ".json", dtype="float32")
+    elif kind == "named_by_its_header":
+        return cache + ".json"
     else:
         nan_held_out(cache)
     return cache
@@ -1802,10 +1834,13 @@ def broken_run(kind, tmp_path, artifacts):
     return run
 
 
-TEXT_FAULTS = ["number", "null", "list", "no_key", "not_json", "latin1", "cut_gz", "random_gz"]
-MODEL_FAULTS = ["cut_weights", "cut_config", "no_config", "gguf_bytes"]
+TEXT_FAULTS = ["number", "null", "list", "no_key", "not_json", "latin1", "cut_gz", "random_gz", "csv_ending",
+               "json_ending"]
+MODEL_FAULTS = ["cut_weights", "cut_config", "no_config", "gguf_bytes", "no_tokenizer", "tokenizer_too_big",
+                "unknown_type", "config_mismatch"]
 CACHE_FAULTS = ["cut_header", "list_header", "edited_d", "layer_a_string", "incomplete", "no_bin", "cut_bin", "no_tokens",
-                "cut_tokens", "tokens_of_another_seed", "bin_of_another_layer", "nan_held_out"]
+                "cut_tokens", "tokens_of_another_seed", "bin_of_another_layer", "nan_held_out", "edited_layer",
+                "edited_dtype", "named_by_its_header"]
 RUN_FAULTS = ["cut_checkpoint", "zeroed_header", "random_checkpoint", "foreign_checkpoint", "cut_config", "config_a_list",
               "config_unknown_field", "config_bad_value", "checkpoint_of_another_config"]
 
@@ -1854,7 +1889,8 @@ def test_a_multi_site_cache_equals_one_site_caches_byte_for_byte(tiny_run, tmp_p
     real_usage = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda path: real_usage(path)._replace(free=5 * single))
     err = refused(args(tmp_path / "x.bin", "--layer", "0", "1", "--site", "resid", "attn", "mlp"), capsys)
-    assert f"needs {6 * single / 2**30:.2f} GiB" in err and not list(tmp_path.glob("x*"))
+    assert f"needs {S.readable(6 * single)} and its disk has {S.readable(5 * single)} free" in err
+    assert not list(tmp_path.glob("x*"))
 
 
 def test_capture_stops_after_the_deepest_hooked_layer():
@@ -1870,3 +1906,71 @@ def test_capture_stops_after_the_deepest_hooked_layer():
     assert ran == [0, 1, 0, 1]  # two batches; blocks 2 and 3 never start: block 1's MLP, the last site, stops it
     singles = [S.lm_activations(model, module, torch.randint(0, 50, (3, 8)), 2) for module in modules]
     assert [g.shape for g in got] == [s.shape for s in singles] == [(24, 32)] * 3
+
+
+def test_a_cached_run_refuses_capture_flags_that_differ_from_the_cache(tiny_run, artifacts, tmp_path, capsys):
+    cache = str(artifacts / "acts.bin")
+    base = lambda *more: tiny_args(tiny_run, tmp_path / "run", acts=cache, skip_ce=True) + list(more)
+    for flags in (["--layer=1"], ["--ctx=32", "--eval-tokens=256"], ["--site=mlp"], ["--skip-positions=0"],
+                  ["--windows=all"], ["--eval-tokens=512"], [f"--text={tiny_run[1]}"], ["--dataset=a/b"]):
+        err = refused(base(*flags), capsys, tmp_path / "run")
+        assert err.startswith(f"error: {flags[0].split('=')[0]}") and f"differ from what --acts {cache} holds" in err
+    S.main(base("--layer=0", "--ctx=16"))  # the cache's own values may be given
+    assert json.load(open(tmp_path / "run" / "config.json"))["layer"] == 0
+
+
+def test_flags_the_command_has_no_use_for_are_refused(tiny_run, tmp_path, capsys):
+    err = refused(tiny_args(tiny_run, tmp_path / "run", arch="relu") + ["--experts=4", "--k=8"], capsys, tmp_path / "run")
+    assert "--arch relu has no use for --experts, --k" in err
+    assert "--arch switch has no use for --l1-coeff" in refused(tiny_args(tiny_run, tmp_path / "run") + ["--l1-coeff=2"], capsys)
+    assert "--text and --dataset both name the text" in refused(tiny_args(tiny_run, tmp_path / "run", dataset="a/b"), capsys)
+    err = refused(tiny_args(tiny_run, tmp_path / "run", expert_parallel=True), capsys, tmp_path / "run")
+    assert "this is one process: start it with torchrun" in err  # a fresh run; a resumed one may go on alone
+    with pytest.raises(S.UsageError, match="has no use for --experts"):  # in code too: the fields set count
+        S.train(S.TrainConfig(arch="gated", experts=4, out=str(tmp_path / "run")))
+
+
+def test_non_finite_activations_and_weights_stop_the_run_for_what_they_are(tiny_run, artifacts, tmp_path, capsys,
+                                                                           monkeypatch):
+    cache = copied(str(artifacts / "acts.bin"), tmp_path / "acts.bin")
+    header = json.load(open(cache + ".json"))
+    with open(cache, "r+b") as f:  # a training row (after the held-out ones) of NaN
+        f.seek(header["eval_contexts"] * (header["ctx"] - header["skip_positions"]) * header["d"] * 2)
+        f.write(b"\xc0\x7f" * header["d"] * 300)
+    err = refused(tiny_args(tiny_run, tmp_path / "run", acts=cache, skip_ce=True, log_every=1), capsys, mid_run=True)
+    assert f"the activations by step 1 hold NaN or inf, from the cache {cache}, not from training" in err
+
+    real_step = S.train_step
+
+    def blowing_up(sae, *args, **kwargs):  # step 3 leaves an infinite weight, and the loss of step 3 is finite
+        out, parts = real_step(sae, *args, **kwargs)
+        if len(loads) == 2:
+            with torch.no_grad():
+                sae.W_enc[0, 0] = float("inf")
+        loads.append(1)
+        return out, parts
+
+    loads = []
+    monkeypatch.setattr(S, "train_step", blowing_up)
+    err = refused(tiny_args(tiny_run, tmp_path / "run2", skip_ce=True, log_every=3), capsys, mid_run=True)
+    assert "the weights became NaN or infinite by step 4" in err and "the checkpoint of step 2" in err
+    assert checkpoint_step(tmp_path / "run2") == 2 and S.load_sae(tmp_path / "run2").W_enc.isfinite().all()
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(tmp_path / "run2" / "sae.safetensors")  # a checkpoint saved by older code as it diverged
+    tensors["W_dec"][0, 0] = float("nan")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "run2" / "sae.safetensors"), "pt") as f:
+        save_file(tensors, str(tmp_path / "run2" / "sae.safetensors"), metadata=f.metadata())
+    assert "weights are NaN or infinite" in refused(["export", tmp_path / "run2", tmp_path / "export"], capsys, tmp_path / "export")
+
+
+def test_a_cache_may_be_written_again_and_one_that_runs_out_of_text_leaves_nothing(tiny_run, tmp_path, capsys):
+    path = tmp_path / "acts.bin"
+    S.main(["cache", *cache_args(tiny_run, path)])
+    first = snapshot(str(tmp_path))
+    S.main(["cache", *cache_args(tiny_run, path)])  # what every refusal of a cache advises: write it again
+    assert snapshot(str(tmp_path)) == first
+    short = write_text(tmp_path / "short.jsonl", "".join(f'{{"text": "{" ".join(["the of and"] * 10)} {i}"}}\n' for i in range(30)))
+    err = refused(["cache", *cache_args(tiny_run, tmp_path / "short.bin", text=short)], capsys, tmp_path / "short.bin",
+                  mid_run=True)
+    assert "the text ran out" in err and "the unfinished cache files were removed" in err

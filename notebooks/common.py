@@ -89,7 +89,8 @@ class Study:
         train = dict(tokens=self.p["tokens"], batch_size=self.p["batch_size"], device="auto", acts=self.cache,
                      out=os.path.join(self.runs, name), log_every=self.p["log_every"], skip_ce=True,
                      buffer_tokens=self.p["buffer_tokens"] if self.cache else S.TrainConfig.buffer_tokens)
-        return S.TrainConfig(**{**self.lm, **train, **fields})
+        lm = {key: value for key, value in self.lm.items() if not (self.cache and key == "text")}  # the cache's
+        return S.TrainConfig(**{**lm, **train, **fields})
 
     def ensure_cache(self):
         """Write the activation cache (switch_sae.write_cache) unless one for this LM and layer, long enough for
