@@ -30,6 +30,7 @@ if REPO not in sys.path:
 import switch_sae as S  # noqa: E402
 
 TEXT = os.environ.get("TEXT", os.path.join(REPO, "..", "shared", "data", "corpus.jsonl.gz"))
+CACHES = os.path.dirname(os.environ["CACHE"]) if "CACHE" in os.environ else os.path.join(REPO, "notebooks", "cache")
 SCALES = {
     # seconds on a CPU: a random tiny GPT-2 built here; checks that the code runs, says nothing about the method
     "smoke": dict(lm=dict(model="tiny", layer=1, ctx=16, lm_batch_size=16, eval_tokens=512),
@@ -59,18 +60,19 @@ class Study:
         results = os.environ.get("RESULTS", os.path.join(REPO, "notebooks", "runs"))
         self.runs = os.path.join(results, scale)  # one folder per SAE inside: config.json, sae.safetensors, metrics
         cache_file = self.p["cache_file"]
-        self.cache = cache_file and os.environ.get("CACHE", os.path.join(REPO, "notebooks", "cache", cache_file))
+        self.cache = self.p.get("cache") or cache_file and os.environ.get("CACHE", os.path.join(CACHES, cache_file))
         self.device = S.pick_device("auto")
         self.lm = dict(self.p["lm"])
         if self.lm["model"] == "tiny":  # deterministic, so rebuilding it beside its cache gives the same model
             self.lm["model"], self.lm["text"] = make_tiny_lm(os.path.join(os.path.dirname(self.cache), "smoke_lm"))
         name = "random tiny GPT-2 (2 layers, d=32)" if scale == "smoke" else os.path.basename(
             self.lm["model"].rstrip("/"))
-        self.note = "smoke test: random model, not a result" if scale == "smoke" else f"{name} layer {self.lm['layer']}"
+        site = f"layer {self.lm['layer']} {self.lm.get('site', 'resid')}"
+        self.note = "smoke test: random model, not a result" if scale == "smoke" else f"{name} {site}"
         hardware = (torch.cuda.get_device_name() if self.device.type == "cuda" else
                     f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads")
         self.steps = self.p["tokens"] // self.p["batch_size"]
-        print(f"scale {scale}: {name}, layer {self.lm['layer']} resid; every SAE trains {self.steps:,} steps of "
+        print(f"scale {scale}: {name}, {site}; every SAE trains {self.steps:,} steps of "
               f"{self.p['batch_size']:,} tokens ({self.p['tokens']:,} tokens), activations "
               f"{'from the cache ' + self.cache if self.cache else 'captured live'}; device {self.device.type} "
               f"({hardware}); runs in {self.runs}")
@@ -219,6 +221,30 @@ class Study:
         cfg = S.load_config(run_dir)
         return S.evaluate(S.load_sae(run_dir, self.device), cfg, x[: contexts * per], model, module,
                           tokens_CL[:contexts].to(self.device))
+
+
+def site_studies(scale, layers, sites, stem, **overrides):
+    """One Study per (layer, site), each on its own cache; the caches missing are written first, all from one LM
+    pass (switch_sae.write_cache with several layers and sites), so every site holds the same contexts."""
+    p = {**SCALES[scale], **overrides}
+    lm = dict(p["lm"])
+    if lm["model"] == "tiny":
+        lm["model"], lm["text"] = make_tiny_lm(os.path.join(CACHES, "smoke_lm"))
+    path = lambda layer, site: os.path.join(CACHES, f"{stem}_L{layer}_{site}.bin")
+    try:
+        for layer in layers:
+            for site in sites:
+                S.open_cache(path(layer, site))
+        missing = False
+    except S.UsageError:  # one missing or incomplete: write them all again, in one pass
+        missing = True
+    if missing:
+        os.makedirs(CACHES, exist_ok=True)
+        S.write_cache(S.CacheConfig(**{**lm, "layer": tuple(layers), "site": tuple(sites)}, tokens=p["cache_tokens"],
+                                    batch_size=p["batch_size"], buffer_tokens=p["buffer_tokens"],
+                                    out=os.path.join(CACHES, f"{stem}.bin"), device="auto"))
+    return {(layer, site): Study(scale, **overrides, lm={**lm, "layer": layer, "site": site}, cache=path(layer, site))
+            for layer in layers for site in sites}
 
 
 def half_decade(lr, direction):
