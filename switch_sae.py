@@ -572,8 +572,8 @@ class SAEConfig:
 
 @dataclass
 class CacheConfig:
-    """Activations of one site of a causal LM on text cut into contexts: enough for a run of --tokens, the
-    held-out contexts first (what the cache command writes, and what a training run captures live)."""
+    """Activations at sites of a causal LM on text cut into contexts: enough for a run of --tokens, the
+    held-out contexts first (what the cache command writes, and, at one site, what a run captures live)."""
 
     model: str = arg("gpt2", "Hugging Face causal LM: a hub id, a local directory or a .gguf file")
     layer: tuple = arg((8,), "blocks whose sites are hooked, 0-based: one cache per layer and site, all "
@@ -669,15 +669,17 @@ def compiler_found():
     return any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++"))
 
 
-def fields_set(cfg):
-    """The fields of a config that differ from their defaults: what a caller in code has set."""
-    return {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default}
+def fields_set(cfg, given=None):
+    """The fields a command set (given: from main, its flags), or else those that differ from their defaults:
+    what a caller in code has set."""
+    return given if given is not None else {f.name for f in dataclasses.fields(cfg)
+                                            if getattr(cfg, f.name) != f.default}
 
 
 # the flags each kind of SAE has no use for: given another value than the one that means "none" (None:
 # any value), they are refused, not ignored
-NO_ROUTER = {"experts": 1, "k": None, "lb_alpha": 0, "auxk_alpha": 0}
-IGNORED_BY = {"switch": {"l1_coeff": None}, "relu": NO_ROUTER, "gated": NO_ROUTER}
+SWITCH_ONLY = {"experts": 1, "k": None, "lb_alpha": 0, "auxk_alpha": 0}
+IGNORED_BY = {"switch": {"l1_coeff": None}, "relu": SWITCH_ONLY, "gated": SWITCH_ONLY}
 
 
 def check_sae_config(cfg, given):
@@ -721,7 +723,8 @@ def check_config(cfg, given):
     """A training run's settings, found bad before anything slow starts; given: the fields set."""
     check_fields(cfg)
     check_sae_config(cfg, given)
-    check_cache_config(cfg, given)
+    if not cfg.acts:  # a cached run takes the cache's contexts: checked once it is read
+        check_cache_config(cfg, given)
     if cfg.expert_parallel and (cfg.arch != "switch" or cfg.auxk_alpha):
         raise UsageError("--expert-parallel needs --arch switch and --auxk-alpha 0 "
                          "(AuxK across ranks is not supported yet)")
@@ -732,8 +735,8 @@ TEXT_ENDINGS = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz")
 
 def readable(n_bytes):
     """54.7 KiB, 1.2 GiB: a size for a message."""
-    unit = max(i for i in range(5) if n_bytes >= 1024**i or i == 0)
-    return f"{n_bytes / 1024**unit:.3g} {('B', 'KiB', 'MiB', 'GiB', 'TiB')[unit]}"
+    unit = min(4, int(math.log(max(n_bytes, 1), 1024)))
+    return f"{n_bytes / 1024**unit:.1f} {('B', 'KiB', 'MiB', 'GiB', 'TiB')[unit]}"
 
 
 def writable_place(path, what, file=False):
@@ -816,7 +819,7 @@ def read_documents(cfg):
         yield from docs
         return
     if not hub_reachable():
-        raise UsageError(f"cannot stream dataset {cfg.dataset!r}: the Hugging Face hub is unreachable "
+        raise UsageError(f"cannot stream --dataset {cfg.dataset}: the Hugging Face hub is unreachable "
                          "(offline); pass local text with --text FILE.jsonl.gz")
     try:
         for row in hub_dataset(cfg.dataset).shuffle(seed=cfg.seed, buffer_size=10_000):
@@ -1010,6 +1013,12 @@ def load_lm(cfg, device):
     return model.to(device, dtype).eval(), tokenizer
 
 
+def check_layer(layer, n_layers):
+    if not 0 <= layer < n_layers:
+        raise UsageError(f"--layer {layer} is out of range: the model has {n_layers} layers, "
+                         f"so use 0..{n_layers - 1}")
+
+
 def check_positions(config, ctx):
     positions = getattr(config, "max_position_embeddings", None)
     if positions and ctx > positions:
@@ -1019,9 +1028,7 @@ def check_positions(config, ctx):
 def hooked_module(model, layer, site):
     """The module whose output is the activation: block `layer` itself (resid), or its attention or MLP."""
     n_layers = model.config.num_hidden_layers
-    if not 0 <= layer < n_layers:
-        raise UsageError(f"--layer {layer} is out of range: the model has {n_layers} layers, "
-                         f"so use 0..{n_layers - 1}")
+    check_layer(layer, n_layers)
     blocks = next((m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers), None)
     if blocks is None:
         raise UsageError(f"found no list of the model's {n_layers} blocks to hook: "
@@ -1092,9 +1099,14 @@ def chunk_contexts(cfg, n_steps):
     return math.ceil(n_steps * cfg.batch_size / (cfg.ctx - cfg.skip_positions))
 
 
+def chunk_steps(cfg):
+    """A run's steps, and the steps of each shuffle-buffer chunk but the last."""
+    return cfg.tokens // cfg.batch_size, max(1, cfg.buffer_tokens // cfg.batch_size)
+
+
 def chunk_plan(cfg):
     """Yield (first step, steps, contexts) of each shuffle-buffer chunk of a run: the same live and cached."""
-    steps, per_chunk = cfg.tokens // cfg.batch_size, max(1, cfg.buffer_tokens // cfg.batch_size)
+    steps, per_chunk = chunk_steps(cfg)
     for first in range(0, steps, per_chunk):
         n_steps = min(per_chunk, steps - first)
         yield first, n_steps, chunk_contexts(cfg, n_steps)
@@ -1102,7 +1114,7 @@ def chunk_plan(cfg):
 
 def contexts_needed(cfg):
     """The training contexts a whole run reads: the sum over chunk_plan, without walking it."""
-    steps, per_chunk = cfg.tokens // cfg.batch_size, max(1, cfg.buffer_tokens // cfg.batch_size)
+    steps, per_chunk = chunk_steps(cfg)
     return steps // per_chunk * chunk_contexts(cfg, per_chunk) + chunk_contexts(cfg, steps % per_chunk)
 
 
@@ -1151,7 +1163,7 @@ def write_cache(cfg, given=None):
     from tqdm import tqdm
 
     check_fields(cfg)
-    check_cache_config(cfg, fields_set(cfg) if given is None else given)
+    check_cache_config(cfg, fields_set(cfg, given))
     device = pick_device(cfg.device)
     if os.path.isdir(cfg.out):
         raise UsageError(f"cache --out {cfg.out} is a directory: name the cache file, "
@@ -1165,8 +1177,9 @@ def write_cache(cfg, given=None):
     rows = n_total * (cfg.ctx - cfg.skip_positions)
     parts = [path + end for *_, path in caches for end in ("", ".tokens")]
     replaced = sum(os.path.getsize(part) for part in parts if os.path.isfile(part))
-    needed = len(caches) * (rows * d * 2 + n_total * cfg.ctx * 4)
+    needed = len(caches) * sum(cache_sizes(rows, d, n_total, cfg.ctx))
     check_room(cfg.out, "cache --out", needed - replaced, file=True)  # before the LM runs
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     contexts = token_contexts(cfg, tokenizer)
     held_out_CL = take(contexts, n_eval)
     dropped = {"equal_to_held_out": 0, "duplicate": 0}
@@ -1175,9 +1188,9 @@ def write_cache(cfg, given=None):
                 "skip_positions": cfg.skip_positions, "d": d, "dtype": "bfloat16", "eval_contexts": n_eval,
                 "contexts": n_total, "rows": rows, "seed": cfg.seed, "windows": cfg.windows,
                 "lm_dtype": str(model.dtype), "complete": False} for layer, site, _ in caches]
-    for (*_, path), header in zip(caches, headers):
-        write_json(path + ".json", header)  # says "incomplete" until the last row is written
     try:
+        for (*_, path), header in zip(caches, headers):
+            write_json(path + ".json", header)  # says "incomplete" until the last row is written
         with disk_space_for(cfg.out, needed), contextlib.ExitStack() as files:
             opened = [files.enter_context(open(part, "wb")) for part in parts]
             outputs = list(zip(opened[::2], opened[1::2]))  # (activations, contexts) of each cache
@@ -1200,6 +1213,11 @@ def write_cache(cfg, given=None):
         print(f"wrote {rows} activations of {cfg.model} layer {layer} {site} to {path}")
     print(f"{n_eval} held-out contexts first; left out: {dropped['equal_to_held_out']} training contexts "
           f"equal to a held-out one, {dropped['duplicate']} repeats")
+
+
+def cache_sizes(rows, d, contexts, ctx):
+    """The bytes of a cache's activations (bf16 rows of d) and of its contexts (int32 tokens)."""
+    return rows * d * 2, contexts * ctx * 4
 
 
 CACHE_HEADER = {"model": str, "layer": int, "site": str, "ctx": int, "skip_positions": int, "d": int,
@@ -1245,7 +1263,8 @@ def open_cache(path):
     if not header["complete"]:
         raise UsageError(f"--acts {path} is incomplete (its cache run was stopped): {again}")
     n_eval, per_context = header["eval_contexts"], header["ctx"] - header["skip_positions"]
-    sizes = {path: header["rows"] * header["d"] * 2, path + ".tokens": header["contexts"] * header["ctx"] * 4}
+    sizes = dict(zip((path, path + ".tokens"), cache_sizes(header["rows"], header["d"], header["contexts"],
+                                                            header["ctx"])))
     if not (0 < n_eval <= header["contexts"] and header["rows"] == header["contexts"] * per_context
             and all(os.path.isfile(p) and os.path.getsize(p) == size for p, size in sizes.items())):
         raise UsageError(f"--acts {path}: its files are missing, cut short, or do not match its header; "
@@ -1440,15 +1459,18 @@ def activation_source(cfg, device, comms, dropped, given=()):
     the fields set, which a cache must agree with (its own settings are the run's)."""
     if cfg.acts:  # the LM is needed only for loss-recovered evaluation
         header, rows, cache_tokens = open_cache(cfg.acts)
-        keys = ("model", "layer", "site", "ctx", "skip_positions", "windows")
-        differ = [cli_flag(key) for key in keys if key in given and getattr(cfg, key) != header.get(key)]
+        settings = ("model", "layer", "site", "ctx", "skip_positions", "windows")
+        keys = [key for key in settings if key in header]  # caches written before `windows` lack it
+        cached = dataclasses.replace(cfg, **{key: header[key] for key in keys})
+        differ = [cli_flag(key) for key in keys if key in given and getattr(cfg, key) != header[key]]
         differ += [cli_flag(key) for key in ("text", "dataset") if key in given]
-        if "eval_tokens" in given and held_out_contexts(cfg) != header["eval_contexts"]:
+        if "eval_tokens" in given and held_out_contexts(cached) != header["eval_contexts"]:
             differ.append("--eval-tokens")
         if differ:
             raise UsageError(f"{', '.join(differ)} differ from what --acts {cfg.acts} holds (a cached run "
                              "reads the cache's model, layer, site, contexts and held-out tokens): drop them")
-        cfg = dataclasses.replace(cfg, **{key: header[key] for key in keys[:-1]})
+        cfg = cached
+        check_cache_config(cfg, given)  # its rules on the cache's ctx
         n_eval = header["eval_contexts"]
         # caches written before contexts were made distinct may repeat some: pass over those here
         kept = distinct_contexts(zip(range(n_eval, header["contexts"]), cache_tokens[n_eval:]),
@@ -1492,7 +1514,7 @@ def stop_on_signals():
 
     def handler(signum, frame):
         if flag.item():
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt(signum)
         flag.fill_(signum)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -1521,18 +1543,38 @@ def free_memory(device):
         return math.inf
 
 
-def check_memory(cfg, d, device, saes=1):
-    """Refuse SAEs that cannot fit, before they are built: the two (M, D) matrices with their gradients and
-    Adam's two moments, and a step's (B, m) encoder pre-activations twice over, in float32."""
+def check_memory(cfg, d, device, saes=1, shards=1):
+    """Refuse SAEs that cannot fit, before they are built: the two (M, D) matrices (this rank's 1/shards of
+    them) with their gradients and Adam's two moments, and a step's (B, m) encoder pre-activations twice
+    over, in float32."""
     m = cfg.width // cfg.experts if cfg.arch == "switch" else cfg.width
-    needed, free = saes * 4 * (8 * cfg.width * d + 2 * cfg.batch_size * m), free_memory(device)
+    needed = saes * 4 * (8 * cfg.width // shards * d + 2 * cfg.batch_size * m)
+    free = free_memory(device)
     if needed > free:
         raise UsageError(f"training needs about {readable(needed)} and {device} has {readable(free)} free: "
                          "lower --width or --batch-size")
 
 
+def check_resources(cfg, d, device, comms=SINGLE_PROCESS):
+    """Memory for this rank's share of the SAE and, on rank 0, disk room for its checkpoint (weights and
+    Adam's two moments, the old file and the new side by side), refused on every rank if refused on any:
+    a rank stopping alone would leave the others waiting in a collective."""
+    try:
+        check_memory(cfg, d, device, shards=comms.ranks if cfg.expert_parallel else 1)
+        checkpoint = 3 * 4 * (2 * cfg.width * d + cfg.width + (cfg.experts + 2) * d) + 8 * cfg.width
+        saved = os.path.join(cfg.out, "sae.safetensors")
+        if comms.rank == 0:
+            old = os.path.getsize(saved) if os.path.isfile(saved) else 0
+            check_room(cfg.out, "--out", 2 * checkpoint - old)
+        refused = None
+    except UsageError as e:
+        refused = e
+    if comms.all_reduce(torch.tensor([float(refused is not None)], device=device)).item():
+        raise refused or UsageError("another rank refused the run (its message is above)")
+
+
 class Diverged(UsageError):
-    """The loss became NaN or infinite: the learning rate was too high, or the activations not finite."""
+    """The loss or the weights became NaN or infinite: the learning rate was too high."""
 
 
 def logged_values(sae, parts, stop, x_absmax, saving, comms=SINGLE_PROCESS):
@@ -1548,14 +1590,15 @@ def logged_values(sae, parts, stop, x_absmax, saving, comms=SINGLE_PROCESS):
 
 
 def diverged(cfg, step, saved_step, loss, x_absmax, weights_finite):
-    """The error for a run gone non-finite by `step`: why, and what is true of its checkpoint."""
+    """The error for a run gone non-finite by `step`: why, and what is true of its checkpoint. x_absmax: the
+    largest |input| so far (summed over ranks: a bound on it)."""
     lr = base_lr(cfg)
     kept = f"the checkpoint of step {saved_step} in {cfg.out} is intact" if saved_step else \
         "no checkpoint was saved before it"
     if not math.isfinite(x_absmax):
         source = f"the cache {cfg.acts}" if cfg.acts else "the LM"
-        return Diverged(f"the activations by step {step} hold NaN or inf, from {source}, not from training: "
-                        f"{kept}")
+        return UsageError(f"the activations by step {step} hold NaN or inf, from {source}, not from "
+                          f"training: {kept}")
     fix = f"start again with a lower --lr than {lr:.2g}" if not saved_step else \
         f"continue it at a lower learning rate with --resume --out {cfg.out} --lr {lr / 3:.2g}"
     what = f"the loss became {loss}" if weights_finite else "the weights became NaN or infinite"
@@ -1595,7 +1638,7 @@ def train(cfg, given=None):
     that differ from TrainConfig's defaults). Every check runs before anything is written."""
     from tqdm import tqdm
 
-    history, given = [], fields_set(cfg) if given is None else given
+    history, given = [], fields_set(cfg, given)
     if cfg.resume:  # the run's own settings; where and how fast to run it are this command's
         cfg, history = resumed_config(cfg, given)
     check_config(cfg, given)
@@ -1605,14 +1648,14 @@ def train(cfg, given=None):
     writable_place(cfg.out, "--out")
     device, comms = start_distributed(pick_device(cfg.device))
     ranks = comms.ranks
-    check_ranks(cfg, ranks, one_rank_ok="expert_parallel" not in given)  # a resumed one may go on alone
+    check_ranks(cfg, ranks, one_rank_ok=cfg.resume)  # an expert-parallel run may go on in one process
     dropped = {"equal_to_held_out": 0, "duplicate": 0}
     cfg, source = activation_source(cfg, device, comms, dropped, given)
     d, read_contexts, eval_tokens_CL, eval_x, model, module = source
     # live, each rank captures its own share of each batch; from a cache it reads the global batch
     local = dataclasses.replace(cfg, tokens=cfg.tokens // ranks, batch_size=cfg.batch_size // ranks,
                                 buffer_tokens=cfg.buffer_tokens // ranks)
-    check_memory(local, d, device)
+    check_resources(local, d, device, comms)
     sae = build_sae(cfg, d, comms).to(device)
     opt = make_optimizer(sae)
     tokens_since_fired_M = torch.zeros(len(sae.W_dec), dtype=torch.long, device=device)
@@ -1621,10 +1664,6 @@ def train(cfg, given=None):
     if steps < start:
         raise UsageError(f"--tokens {cfg.tokens} is fewer than the {start * cfg.batch_size} this run has "
                          "trained on: give at least that many")
-    checkpoint_bytes = 3 * sum(t.nbytes for t in sae.state_dict().values()) * comms.ranks  # Adam's too
-    saved = os.path.join(cfg.out, "sae.safetensors")
-    saved_bytes = os.path.getsize(saved) if os.path.isfile(saved) else 0
-    check_room(cfg.out, "--out", 2 * checkpoint_bytes - saved_bytes)  # a save holds the old file and the new
     flops = flops_per_token(d, cfg.width, cfg.experts, cfg.k, cfg.batch_size, cfg.arch)
     if comms.rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
@@ -1933,7 +1972,7 @@ def load_checkpoint(out_dir, sae, opt, tokens_since_fired_M, comms=SINGLE_PROCES
     path = os.path.join(out_dir, "sae.safetensors")
     if not os.path.isfile(path):
         raise UsageError(f"--resume: {out_dir} has no checkpoint yet; drop --resume to start the run afresh")
-    info, tensors = read_checkpoint(path, sae.device, train_state=True)
+    info, tensors = read_checkpoint(path, train_state=True)  # on the CPU: copied or sharded onto the device
     params = dict(sae.named_parameters())
     names = list(params)
     mine = lambda p, t: comms.shard_rows(t) if is_sharded(p) else t
@@ -2006,8 +2045,6 @@ def export(cfg, given=None):
     from safetensors.torch import save_file
 
     check_fields(cfg)
-    if os.path.isfile(cfg.dest):
-        raise UsageError(f"export {cfg.dest} is a file: name a directory to write the export in")
     writable_place(cfg.dest, "export")
     info, tensors = read_checkpoint(cfg.run)
     sae, run = sae_from(info, tensors), info["config"]
@@ -2276,11 +2313,9 @@ def matmul_tflops(cfg, device, dtype):
     return 2 * a.shape[0] * a.shape[1] * b.shape[1] / timed(lambda: torch.mm(a, b), device, 3) / 1e12
 
 
-def bench_capture(cfg, device):
-    """measure() -> tokens per second and TFLOP/s of an LM forward stopped at the hooked layer (random
-    weights). The model is built here, so a bad --model, --layer or --ctx is refused before SAEs are timed."""
-    from torch.utils.flop_counter import FlopCounterMode
-    from transformers import AutoConfig, AutoModelForCausalLM
+def bench_lm_config(cfg):
+    """The config of the LM whose capture bench times, checked (--model, --ctx, --layer) before any SAE is."""
+    from transformers import AutoConfig
 
     try:
         from_dir = os.path.isdir(cfg.model)
@@ -2289,31 +2324,36 @@ def bench_capture(cfg, device):
         raise UsageError(f"bench --model {cfg.model} ({cause(e)}): name a config (gpt2, llama, ...) or a "
                          "model directory") from None
     check_positions(config, cfg.ctx)
+    check_layer(cfg.layer, config.num_hidden_layers)
+    return config
+
+
+def bench_capture(cfg, config, device):
+    """Tokens per second and TFLOP/s of an LM forward stopped at the hooked layer (random weights)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModelForCausalLM
+
     dtype = lm_dtype(cfg.lm_dtype, device)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     model = model.to(device).eval()
     module = hooked_module(model, cfg.layer, "resid")
     tokens = torch.randint(0, config.vocab_size, (cfg.lm_batch_size, cfg.ctx), device=device)
     capture = lambda: lm_activations(model, module, tokens, cfg.lm_batch_size)
-
-    def measure():
+    capture()
+    with FlopCounterMode(display=False) as counter:
         capture()
-        with FlopCounterMode(display=False) as counter:
-            capture()
-        seconds = timed(capture, device, 3)
-        return tokens.numel() / seconds, counter.get_total_flops() / seconds / 1e12
-
-    return measure
+    seconds = timed(capture, device, 3)
+    return tokens.numel() / seconds, counter.get_total_flops() / seconds / 1e12
 
 
 def bench(cfg, given=None):
     check_fields(cfg)
-    check_sae_config(cfg, fields_set(cfg) if given is None else given)
+    check_sae_config(cfg, fields_set(cfg, given))
     device, comms = start_distributed(pick_device(cfg.device))
-    check_memory(cfg, cfg.d_in, device, saes=2)
-    measure_capture = bench_capture(cfg, device) if cfg.model else None
-    dtype = getattr(torch, cfg.dtype)
     check_ranks(cfg, comms.ranks)
+    check_memory(cfg, cfg.d_in, device, saes=2)
+    lm_config = bench_lm_config(cfg) if cfg.model and not cfg.expert_parallel else None
+    dtype = getattr(torch, cfg.dtype)
     if cfg.expert_parallel:
         result = bench_expert_parallel(cfg, device, comms)
     else:
@@ -2336,8 +2376,8 @@ def bench(cfg, given=None):
             "matmul_tflops": peak, "mfu": flops["sae"] * cfg.batch_size / sae_s / 1e12 / peak,
             "peak_mem_mb": sae_mem, "topk_peak_mem_mb": topk_mem, "sae_tokens_per_s": cfg.batch_size / sae_s,
         }
-        if cfg.model:
-            tokens_per_s, capture_tflops = measure_capture()
+        if lm_config:
+            tokens_per_s, capture_tflops = bench_capture(cfg, lm_config, device)
             lm_s, sae_token_s = 1 / tokens_per_s, sae_s / cfg.batch_size
             result.update(capture_dtype=str(lm_dtype(cfg.lm_dtype, device)), capture_tflops=capture_tflops,
                           capture_tokens_per_s=tokens_per_s, capture_mfu=capture_tflops / peak,
@@ -2415,10 +2455,10 @@ def main(argv=None):
         sys.exit(2)
     except Stopped as e:  # the checkpoint is saved; a scheduler or a following && still sees the stop
         sys.exit(128 + e.signum)
-    except KeyboardInterrupt:  # a second Ctrl-C: at once, without a save
+    except KeyboardInterrupt as e:  # a second signal, or Ctrl-C outside training: at once, without a save
         print("error: interrupted; files written before stay whole (a run's last checkpoint continues with "
               "--resume)", file=sys.stderr)
-        sys.exit(128 + signal.SIGINT)
+        sys.exit(128 + (e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT))
     finally:
         stop_distributed()
 

@@ -1023,9 +1023,10 @@ def test_a_full_disk_is_found_before_writing_and_a_disk_filling_up_loses_nothing
     real_usage = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda path: real_usage(path)._replace(free=1000))
     err = refused(tiny_args(tiny_run, tmp_path / "run"), capsys, tmp_path / "run")
-    assert "needs 101 KiB and its disk has 1e+03 B free" in err  # two checkpoints: the old one and the new
+    # two checkpoints (the old and the new) of 3 x 4 x (2 x 64 x 32 + 64 + (4 + 2) x 32) + 8 x 64 = 52,736 bytes
+    assert "needs 103.0 KiB and its disk has 1000.0 B free" in err
     captured = []
-    monkeypatch.setattr(S, "lm_activations", lambda *a, **k: captured.append(1))
+    monkeypatch.setattr(S, "site_activations", lambda *a, **k: captured.append(1))
     refused(["cache", *cache_args(tiny_run, tmp_path / "acts.bin")], capsys, tmp_path / "acts.bin")
     assert not captured  # refused before the LM ran
     monkeypatch.undo()
@@ -1645,7 +1646,7 @@ def field_cases():
 
 
 @pytest.mark.parametrize("command,field,value", field_cases())
-def test_every_field_refuses_its_bad_values_before_anything_loads(tiny_run, tmp_path, capsys, monkeypatch,
+def test_every_field_refuses_its_bad_values_before_anything_loads(tiny_run, artifacts, tmp_path, capsys, monkeypatch,
                                                                   command, field, value):
     model_dir, _, _ = tiny_run
     (tmp_path / "file").write_text("a file")
@@ -1664,20 +1665,19 @@ def test_every_field_refuses_its_bad_values_before_anything_loads(tiny_run, tmp_
                 f"--model={model_dir}"]
         argv = ["bench", *[a for a in base if not a.startswith(flag + "=")], *given]
     elif command == "export":
-        args = {"run": tmp_path / "nothing", "dest": out, field: value}
+        args = {"run": artifacts / "run", "dest": out, field: value}  # a good run: only the bad value is wrong
         argv = ["export", args["run"], args["dest"], *([] if field in ("run", "dest") else given)]
     else:
         base = (cache_args if command == "cache" else tiny_args)(tiny_run, out)
         if field == "dataset":  # --text wins over --dataset: leave it out to reach the hub
             base = [a for a in base if not a.startswith("--text")]
         if field == "tokens" and value == str(10**15) and command == "":  # live, it would run until the text ends
-            cache = str(tmp_path / "acts.bin")
-            S.main(["cache", *cache_args(tiny_run, cache)])
-            capsys.readouterr()
-            base += [f"--acts={cache}"]
+            base = tiny_args(tiny_run, out, acts=artifacts / "acts.bin")
         argv = ([command] if command else []) + [a for a in base if not a.startswith(flag + "=")] + given
-    refused(argv, capsys, None if field in ("out", "dest") else out)
+    err = refused(argv, capsys, None if field in ("out", "dest") else out)
     assert not loads, "the model or an SAE was loaded before the bad value was refused"
+    if field not in ("run", "dest") and (command, field) != ("cache", "tokens"):  # those name paths, or the disk
+        assert flag in err, "the error does not name the flag"
 
 
 def test_the_field_table_covers_every_field():
@@ -1859,6 +1859,7 @@ def test_every_reader_refuses_a_broken_file_in_one_line(tiny_run, artifacts, tmp
         argv = argv if kind != "gguf_bytes" else argv + ["--lm-dtype=float32"]
     elif reader == "cache":
         argv = tiny_args(tiny_run, out, acts=broken_cache(kind, tmp_path, artifacts))
+        argv = [a for a in argv if not a.startswith("--layer")]  # an edited layer must be found by the reader
     elif reader == "resume":
         out = broken_run(kind, tmp_path, artifacts)
         before = snapshot(out)
@@ -1918,6 +1919,9 @@ def test_a_cached_run_refuses_capture_flags_that_differ_from_the_cache(tiny_run,
         assert err.startswith(f"error: {flags[0].split('=')[0]}") and f"differ from what --acts {cache} holds" in err
     S.main(base("--layer=0", "--ctx=16"))  # the cache's own values may be given
     assert json.load(open(tmp_path / "run" / "config.json"))["layer"] == 0
+    bare = [a for a in tiny_args(tiny_run, tmp_path / "run2", acts=cache, skip_ce=True) if not a.startswith("--ctx")]
+    S.main(bare + ["--eval-tokens=256"])  # 16 contexts of the cache's 16 tokens: its own held-out set
+    assert json.load(open(tmp_path / "run2" / "config.json"))["ctx"] == 16
 
 
 def test_flags_the_command_has_no_use_for_are_refused(tiny_run, tmp_path, capsys):
@@ -1940,12 +1944,15 @@ def test_non_finite_activations_and_weights_stop_the_run_for_what_they_are(tiny_
         f.write(b"\xc0\x7f" * header["d"] * 300)
     err = refused(tiny_args(tiny_run, tmp_path / "run", acts=cache, skip_ce=True, log_every=1), capsys, mid_run=True)
     assert f"the activations by step 1 hold NaN or inf, from the cache {cache}, not from training" in err
+    with pytest.raises(S.UsageError) as error:  # bad data, not a divergence: a sweep must not skip it as "lr too high"
+        S.train(S.parse_config(tiny_args(tiny_run, tmp_path / "run", acts=cache, skip_ce=True, log_every=1)))
+    assert not isinstance(error.value, S.Diverged)
 
     real_step = S.train_step
 
-    def blowing_up(sae, *args, **kwargs):  # step 3 leaves an infinite weight, and the loss of step 3 is finite
+    def blowing_up(sae, *args, **kwargs):  # step 4, a saving step, leaves an infinite weight; its loss is finite
         out, parts = real_step(sae, *args, **kwargs)
-        if len(loads) == 2:
+        if len(loads) == 3:
             with torch.no_grad():
                 sae.W_enc[0, 0] = float("inf")
         loads.append(1)
@@ -1953,7 +1960,7 @@ def test_non_finite_activations_and_weights_stop_the_run_for_what_they_are(tiny_
 
     loads = []
     monkeypatch.setattr(S, "train_step", blowing_up)
-    err = refused(tiny_args(tiny_run, tmp_path / "run2", skip_ce=True, log_every=3), capsys, mid_run=True)
+    err = refused(tiny_args(tiny_run, tmp_path / "run2", skip_ce=True, log_every=100), capsys, mid_run=True)
     assert "the weights became NaN or infinite by step 4" in err and "the checkpoint of step 2" in err
     assert checkpoint_step(tmp_path / "run2") == 2 and S.load_sae(tmp_path / "run2").W_enc.isfinite().all()
     from safetensors.torch import load_file, save_file
@@ -1966,11 +1973,11 @@ def test_non_finite_activations_and_weights_stop_the_run_for_what_they_are(tiny_
 
 
 def test_a_cache_may_be_written_again_and_one_that_runs_out_of_text_leaves_nothing(tiny_run, tmp_path, capsys):
-    path = tmp_path / "acts.bin"
+    path = tmp_path / "new" / "folder" / "acts.bin"  # folders made as needed
     S.main(["cache", *cache_args(tiny_run, path)])
-    first = snapshot(str(tmp_path))
+    first = snapshot(str(tmp_path / "new"))
     S.main(["cache", *cache_args(tiny_run, path)])  # what every refusal of a cache advises: write it again
-    assert snapshot(str(tmp_path)) == first
+    assert snapshot(str(tmp_path / "new")) == first
     short = write_text(tmp_path / "short.jsonl", "".join(f'{{"text": "{" ".join(["the of and"] * 10)} {i}"}}\n' for i in range(30)))
     err = refused(["cache", *cache_args(tiny_run, tmp_path / "short.bin", text=short)], capsys, tmp_path / "short.bin",
                   mid_run=True)

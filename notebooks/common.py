@@ -230,15 +230,9 @@ def site_studies(scale, layers, sites, stem, **overrides):
     lm = dict(p["lm"])
     if lm["model"] == "tiny":
         lm["model"], lm["text"] = make_tiny_lm(os.path.join(CACHES, "smoke_lm"))
-    path = lambda layer, site: os.path.join(CACHES, f"{stem}_L{layer}_{site}.bin")
-    try:
-        for layer in layers:
-            for site in sites:
-                S.open_cache(path(layer, site))
-        missing = False
-    except S.UsageError:  # one missing or incomplete: write them all again, in one pass
-        missing = True
-    if missing:
+    several = len(layers) * len(sites) > 1  # as write_cache names them
+    path = lambda layer, site: os.path.join(CACHES, f"{stem}_L{layer}_{site}.bin" if several else f"{stem}.bin")
+    if not all(os.path.isfile(path(layer, site) + ".json") for layer in layers for site in sites):
         os.makedirs(CACHES, exist_ok=True)
         S.write_cache(S.CacheConfig(**{**lm, "layer": tuple(layers), "site": tuple(sites)}, tokens=p["cache_tokens"],
                                     batch_size=p["batch_size"], buffer_tokens=p["buffer_tokens"],
