@@ -928,8 +928,8 @@ def take(contexts, n):
     rows = list(itertools.islice(contexts, n))
     if len(rows) < n:
         raise UsageError(f"the text ran out: the next {n} contexts were needed and {len(rows)} were left; "
-                         "give more text or lower --tokens / --eval-tokens (a run's last checkpoint can be "
-                         "finished early with --resume --tokens N)")
+                         "give more text or lower --tokens / --eval-tokens (a run that saved a checkpoint "
+                         "can be finished early with --resume --tokens N)")
     return torch.stack(rows)
 
 
@@ -1170,6 +1170,10 @@ def write_cache(cfg, given=None):
                          f"e.g. --out {os.path.join(cfg.out, 'acts.bin')}")
     writable_place(cfg.out, "cache --out", file=True)
     caches = cache_files(cfg)
+    for *_, path in caches:  # a cache is written again in place; any other file or folder stays
+        if os.path.isdir(path) or os.path.exists(path) and not os.path.isfile(path + ".json"):
+            raise UsageError(f"cache --out {cfg.out}: {path} exists and is no cache (no {path}.json beside "
+                             "it), so it is not written over: pick another --out")
     model, tokenizer = load_lm(cfg, device)
     modules = [hooked_module(model, layer, site) for layer, site, _ in caches]
     n_eval, d = held_out_contexts(cfg), model.config.hidden_size
@@ -1202,11 +1206,12 @@ def write_cache(cfg, given=None):
                 for acts_BD, (acts_file, tokens_file) in zip(acts, outputs):
                     acts_file.write(acts_BD.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
                     tokens_file.write(tokens)
-    except UsageError as e:  # the text ran out, or the disk filled up: what was written is of no use
+    except (UsageError, OSError) as e:  # the text ran out, the disk filled up: what was written is of no use
         for part in parts + [path + ".json" for *_, path in caches]:
             with contextlib.suppress(OSError):
                 os.remove(part)
-        raise UsageError(f"{e} (the unfinished cache files were removed)") from None
+        why = e if isinstance(e, UsageError) else f"cache --out {cfg.out}: {cause(e)}"
+        raise UsageError(f"{why} (the unfinished cache files were removed)") from None
     for (layer, site, path), header in zip(caches, headers):
         write_json(path + ".json", {**header, **cache_digests(path, header), "complete": True,
                                     "dropped_contexts": dropped})
@@ -1467,8 +1472,8 @@ def activation_source(cfg, device, comms, dropped, given=()):
         if "eval_tokens" in given and held_out_contexts(cached) != header["eval_contexts"]:
             differ.append("--eval-tokens")
         if differ:
-            raise UsageError(f"{', '.join(differ)} differ from what --acts {cfg.acts} holds (a cached run "
-                             "reads the cache's model, layer, site, contexts and held-out tokens): drop them")
+            raise UsageError(f"{', '.join(differ)}: a run on --acts {cfg.acts} takes its model, layer, site, "
+                             "contexts and held-out tokens from the cache, and reads no text: drop them")
         cfg = cached
         check_cache_config(cfg, given)  # its rules on the cache's ctx
         n_eval = header["eval_contexts"]
@@ -1589,16 +1594,18 @@ def logged_values(sae, parts, stop, x_absmax, saving, comms=SINGLE_PROCESS):
     return loss, recon, stopping, largest, bad == 0
 
 
-def diverged(cfg, step, saved_step, loss, x_absmax, weights_finite):
+def diverged(cfg, step, saved_step, loss, x_absmax, weights_finite, x_typical):
     """The error for a run gone non-finite by `step`: why, and what is true of its checkpoint. x_absmax: the
-    largest |input| so far (summed over ranks: a bound on it)."""
+    largest |input| so far (summed over ranks: a bound on it); x_typical: the first batch's median norm."""
     lr = base_lr(cfg)
     kept = f"the checkpoint of step {saved_step} in {cfg.out} is intact" if saved_step else \
         "no checkpoint was saved before it"
-    if not math.isfinite(x_absmax):
+    if not math.isfinite(x_absmax) or x_absmax > 1e4 * x_typical:  # massive activations reach ~100x
         source = f"the cache {cfg.acts}" if cfg.acts else "the LM"
-        return UsageError(f"the activations by step {step} hold NaN or inf, from {source}, not from "
-                          f"training: {kept}")
+        what = "hold NaN or inf" if not math.isfinite(x_absmax) else \
+            f"reach {x_absmax:.3g}, {x_absmax / x_typical:.2g} times the first batch's median norm"
+        return UsageError(f"the activations by step {step} {what}, from {source}: bad data, not a learning "
+                          f"rate too high; {kept}")
     fix = f"start again with a lower --lr than {lr:.2g}" if not saved_step else \
         f"continue it at a lower learning rate with --resume --out {cfg.out} --lr {lr / 3:.2g}"
     what = f"the loss became {loss}" if weights_finite else "the weights became NaN or infinite"
@@ -1616,7 +1623,7 @@ class Stopped(KeyboardInterrupt):
 def resumed_config(cfg, given):
     """The run saved in cfg.out, with this command's --device and --compile and the RESUMABLE fields it
     gives; another field given with a value other than the run's is refused. Returns it and the run's
-    history of such changes, this one last ({field: [saved, new]})."""
+    history of such changes and this command's ({field: [saved, new]}, empty when none)."""
     saved = dataclasses.replace(load_config(cfg.out), device=cfg.device, compile=cfg.compile)
     changed = {name: [getattr(saved, name), getattr(cfg, name)] for name in sorted(given)
                if name not in ("resume", "out", "device", "compile")
@@ -1629,7 +1636,7 @@ def resumed_config(cfg, given):
                          "them, or start a new run in another --out")
     history = json.load(open(os.path.join(cfg.out, "config.json"))).get("resumes", [])
     resumed = dataclasses.replace(saved, **{name: new for name, (_, new) in changed.items()})
-    return resumed, history + [changed]
+    return resumed, history, changed
 
 
 def train(cfg, given=None):
@@ -1638,9 +1645,9 @@ def train(cfg, given=None):
     that differ from TrainConfig's defaults). Every check runs before anything is written."""
     from tqdm import tqdm
 
-    history, given = [], fields_set(cfg, given)
+    (history, changed), given = ([], {}), fields_set(cfg, given)
     if cfg.resume:  # the run's own settings; where and how fast to run it are this command's
-        cfg, history = resumed_config(cfg, given)
+        cfg, history, changed = resumed_config(cfg, given)
     check_config(cfg, given)
     if not cfg.resume and os.path.isfile(os.path.join(cfg.out, "sae.safetensors")):
         raise UsageError(f"--out {cfg.out} holds another run's checkpoint: continue it with --resume, or "
@@ -1667,8 +1674,7 @@ def train(cfg, given=None):
     flops = flops_per_token(d, cfg.width, cfg.experts, cfg.k, cfg.batch_size, cfg.arch)
     if comms.rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
-        if history:
-            history[-1] = {"step": start, "changed": history[-1]}
+        history += [{"step": start, "changed": changed}] if changed else []
         write_json(os.path.join(cfg.out, "config.json"), {**dataclasses.asdict(cfg), "resumes": history})
         print(f"{cfg.model} layer {cfg.layer} {cfg.site}: d={d}, {cfg.experts} experts x "
               f"{cfg.width // cfg.experts} latents, k={cfg.k}, {steps} steps of {cfg.batch_size} tokens on "
@@ -1682,7 +1688,7 @@ def train(cfg, given=None):
         print(f"training: {feed}; the bar moves once each shuffle buffer is filled")
     save_every = max(1, cfg.save_every // cfg.batch_size)
     seconds, started, auxk_steps, loss_curve = {"activations": 0.0}, time.perf_counter(), 0, []
-    saved_step, x_absmax = start, torch.zeros((), device=device)  # NaN once an input was
+    saved_step, x_absmax, x_typical = start, torch.zeros((), device=device), None  # NaN once an input was
     read_contexts = timed_reader(read_contexts, device, seconds)
     bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True, disable=comms.rank > 0)
     with stop_on_signals() as stop, bar:  # the bar ends its line on any exit, an error's too
@@ -1699,6 +1705,8 @@ def train(cfg, given=None):
                                     dead_M, cfg.compile)
             tick_dead_clock(tokens_since_fired_M, sae, out, comms)
             x_absmax = torch.maximum(x_absmax, x_BD.abs().amax())
+            if x_typical is None:  # one sync, at the first step
+                x_typical = x_BD.float().norm(dim=1).median().item()
             auxk_steps += out.idx is not None and out.idx.shape[1] > cfg.k  # dead latents, so AuxK ran
             bar.update(1)
             saving = (step + 1) % save_every == 0 or step + 1 == steps
@@ -1707,7 +1715,7 @@ def train(cfg, given=None):
                                                                            comms)
                 loss_curve.append([step + 1, recon / ranks])
                 if not (math.isfinite(loss) and math.isfinite(largest) and weights_ok):  # before any save
-                    raise diverged(cfg, step + 1, saved_step, loss, largest, weights_ok)
+                    raise diverged(cfg, step + 1, saved_step, loss, largest, weights_ok, x_typical)
                 bar.set_postfix(loss=f"{loss / ranks:.1f}", fve=f"{parts['fve'].item():.3f}",
                                 tok_s=f"{(bar.format_dict['rate'] or 0) * cfg.batch_size:.0f}",
                                 pflop=f"{flops['total'] * (step + 1) * cfg.batch_size / 1e15:.4f}")
@@ -2325,6 +2333,9 @@ def bench_lm_config(cfg):
                          "model directory") from None
     check_positions(config, cfg.ctx)
     check_layer(cfg.layer, config.num_hidden_layers)
+    if config.hidden_size != cfg.d_in:  # its time per token is added to the SAE's
+        raise UsageError(f"bench --d-in {cfg.d_in}, but --model {cfg.model} has d = {config.hidden_size}: "
+                         f"give --d-in {config.hidden_size}")
     return config
 
 

@@ -988,7 +988,7 @@ def test_resume_takes_the_flags_that_may_change_mid_run_and_refuses_the_others(a
     assert config["resumes"] == [{"step": 4, "changed": {"grad_clip": [1.0, 0.5], "tokens": [1024, 2048]}}]
     assert checkpoint_step(tmp_path / "run") == 8 and json.load(open(os.path.join(run, "metrics.json")))["train_tokens"] == 2048
     S.train(S.TrainConfig(out=run, resume=True))  # set in code: the fields left at their defaults are not changes
-    assert len(json.load(open(os.path.join(run, "config.json")))["resumes"]) == 2
+    assert len(json.load(open(os.path.join(run, "config.json")))["resumes"]) == 1  # and a resume without any adds none
 
 
 @pytest.mark.parametrize("signum", [15, 2])  # SIGTERM, SIGINT
@@ -1916,7 +1916,7 @@ def test_a_cached_run_refuses_capture_flags_that_differ_from_the_cache(tiny_run,
     for flags in (["--layer=1"], ["--ctx=32", "--eval-tokens=256"], ["--site=mlp"], ["--skip-positions=0"],
                   ["--windows=all"], ["--eval-tokens=512"], [f"--text={tiny_run[1]}"], ["--dataset=a/b"]):
         err = refused(base(*flags), capsys, tmp_path / "run")
-        assert err.startswith(f"error: {flags[0].split('=')[0]}") and f"differ from what --acts {cache} holds" in err
+        assert err.startswith(f"error: {flags[0].split('=')[0]}") and f"a run on --acts {cache} takes its model" in err
     S.main(base("--layer=0", "--ctx=16"))  # the cache's own values may be given
     assert json.load(open(tmp_path / "run" / "config.json"))["layer"] == 0
     bare = [a for a in tiny_args(tiny_run, tmp_path / "run2", acts=cache, skip_ce=True) if not a.startswith("--ctx")]
@@ -1943,10 +1943,15 @@ def test_non_finite_activations_and_weights_stop_the_run_for_what_they_are(tiny_
         f.seek(header["eval_contexts"] * (header["ctx"] - header["skip_positions"]) * header["d"] * 2)
         f.write(b"\xc0\x7f" * header["d"] * 300)
     err = refused(tiny_args(tiny_run, tmp_path / "run", acts=cache, skip_ce=True, log_every=1), capsys, mid_run=True)
-    assert f"the activations by step 1 hold NaN or inf, from the cache {cache}, not from training" in err
+    assert f"the activations by step 1 hold NaN or inf, from the cache {cache}: bad data, not a learning rate" in err
     with pytest.raises(S.UsageError) as error:  # bad data, not a divergence: a sweep must not skip it as "lr too high"
         S.train(S.parse_config(tiny_args(tiny_run, tmp_path / "run", acts=cache, skip_ce=True, log_every=1)))
     assert not isinstance(error.value, S.Diverged)
+    with open(cache, "r+b") as f:  # finite but extreme: 3.39e38, bf16's largest
+        f.seek(header["eval_contexts"] * (header["ctx"] - header["skip_positions"]) * header["d"] * 2)
+        f.write(b"\x7f\x7f" * header["d"] * 300)
+    err = refused(tiny_args(tiny_run, tmp_path / "run3", acts=cache, skip_ce=True, log_every=1), capsys, mid_run=True)
+    assert "the activations by step 1 reach 3.39e+38" in err and "bad data, not a learning rate too high" in err
 
     real_step = S.train_step
 
@@ -1970,6 +1975,16 @@ def test_non_finite_activations_and_weights_stop_the_run_for_what_they_are(tiny_
     with safe_open(str(tmp_path / "run2" / "sae.safetensors"), "pt") as f:
         save_file(tensors, str(tmp_path / "run2" / "sae.safetensors"), metadata=f.metadata())
     assert "weights are NaN or infinite" in refused(["export", tmp_path / "run2", tmp_path / "export"], capsys, tmp_path / "export")
+
+
+def test_a_cache_is_written_over_no_file_that_is_no_cache(tiny_run, tmp_path, capsys):
+    text = write_text(tmp_path / "notes.jsonl", '{"text": "keep me"}\n')
+    (tmp_path / "multi_L1_attn.bin").mkdir()
+    before = snapshot(str(tmp_path))
+    assert "exists and is no cache" in refused(["cache", *cache_args(tiny_run, text)], capsys)
+    err = refused(["cache", *[a for a in cache_args(tiny_run, tmp_path / "multi.bin") if not a.startswith("--layer")],
+                   "--layer", "0", "1", "--site", "resid", "attn"], capsys)
+    assert "multi_L1_attn.bin exists and is no cache" in err and snapshot(str(tmp_path)) == before
 
 
 def test_a_cache_may_be_written_again_and_one_that_runs_out_of_text_leaves_nothing(tiny_run, tmp_path, capsys):
