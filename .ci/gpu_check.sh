@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-gpu_check}}
 mkdir -p "$OUT"
 if [ -n "${SMALL:-}" ]; then
-  D=64; W16=1024; W64=4096; B=512; LM=gpt2-tiny; RUN_TOKENS=204800; DEVICE=cpu; LMB=4
+  D=768; W16=1024; W64=4096; B=512; LM=gpt2-tiny; RUN_TOKENS=204800; DEVICE=cpu; LMB=4  # d: bench times GPT-2 small's capture
 else
   D=768; W16=24576; W64=131072; B=8192; LM=gpt2; RUN_TOKENS=20000000; DEVICE=cuda; LMB=128
 fi
