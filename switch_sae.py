@@ -1645,7 +1645,7 @@ def train(cfg, given=None):
     that differ from TrainConfig's defaults). Every check runs before anything is written."""
     from tqdm import tqdm
 
-    (history, changed), given = ([], {}), fields_set(cfg, given)
+    given, history, changed = fields_set(cfg, given), [], {}
     if cfg.resume:  # the run's own settings; where and how fast to run it are this command's
         cfg, history, changed = resumed_config(cfg, given)
     check_config(cfg, given)
@@ -1676,9 +1676,10 @@ def train(cfg, given=None):
         os.makedirs(cfg.out, exist_ok=True)
         history += [{"step": start, "changed": changed}] if changed else []
         write_json(os.path.join(cfg.out, "config.json"), {**dataclasses.asdict(cfg), "resumes": history})
-        print(f"{cfg.model} layer {cfg.layer} {cfg.site}: d={d}, {cfg.experts} experts x "
-              f"{cfg.width // cfg.experts} latents, k={cfg.k}, {steps} steps of {cfg.batch_size} tokens on "
-              f"{ranks} rank(s), {flops['total'] / 1e6:.2f} MFLOP/token "
+        switch = f"{cfg.experts} experts x {cfg.width // cfg.experts} latents, k={cfg.k}"
+        kind = switch if cfg.arch == "switch" else f"a {cfg.arch} SAE of {cfg.width} latents"
+        print(f"{cfg.model} layer {cfg.layer} {cfg.site}: d={d}, {kind}, {steps} steps of {cfg.batch_size} "
+              f"tokens on {ranks} rank(s), {flops['total'] / 1e6:.2f} MFLOP/token "
               f"({flops['paper_encoder_only'] / 1e6:.2f} by the paper's count)")
         if cfg.tokens < 819_200_000:
             print("the paper trained on 819.2M tokens: add --tokens 819200000")
