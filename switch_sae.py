@@ -215,11 +215,10 @@ class SAEOutput(NamedTuple):
     x_hat: torch.Tensor
     """(B, D) the reconstruction."""
     acts: torch.Tensor
-    """Switch: (B, K) the active latents' values before the gate (then the AuxK latents, when asked for).
-    Baselines: (B, M), every latent. (ExpertParallelSwitchSAE: those of the tokens this rank's experts
-    received, with shard-local indices.)"""
+    """Switch: (B, k) the active latents' values before the gate. Baselines: (B, M), every latent.
+    (ExpertParallelSwitchSAE: those of the tokens this rank's experts received, with shard-local indices.)"""
     idx: torch.Tensor | None = None
-    """(B, K) global latent indices of `acts` (Switch); None where `acts` is dense."""
+    """(B, k) global latent indices of `acts` (Switch); None where `acts` is dense."""
     probs: torch.Tensor | None = None
     """(B, N) router probabilities, float32 (Switch)."""
     expert: torch.Tensor | None = None
@@ -229,6 +228,10 @@ class SAEOutput(NamedTuple):
     training sums it over ranks, so every rank balances the global load."""
     gate_pre: torch.Tensor | None = None
     """(B, M) the Gated baseline's gate pre-activations."""
+    aux_acts: torch.Tensor | None = None
+    """(B, k_aux) AuxK's dead latents, before the gate, when some are dead and asked for (Switch)."""
+    aux_idx: torch.Tensor | None = None
+    """(B, k_aux) their global indices."""
 
 
 def squared_error(x_hat_BD, x_BD):
@@ -351,7 +354,7 @@ class SwitchSAE(SAE):
 
     def forward(self, x_BD, dead_M=None):
         """The routed fast path. With dead_M (M,) bool, each token also gets the top k_aux = min(d/2, m)
-        dead latents of its expert (AuxK), appended to acts and idx."""
+        dead latents of its expert (AuxK), in aux_acts and aux_idx."""
         x_BD = x_BD * self.input_scale
         probs_BN, expert_B = self.route(x_BD)
         counts_N = count(expert_B, self.experts)
@@ -361,7 +364,9 @@ class SwitchSAE(SAE):
                                            dead_M, k_aux)
         decoded_BD, acts_BK, idx_BK = combine(acts_TK, idx_TK)
         x_hat_BD = decoded_BD * routed_gate(probs_BN, expert_B)[:, None].to(decoded_BD.dtype) + self.b_dec
-        return SAEOutput(x_hat_BD / self.input_scale, acts_BK, idx_BK, probs_BN, expert_B, counts_N)
+        aux = (acts_BK[:, self.k :], idx_BK[:, self.k :]) if k_aux else (None, None)
+        return SAEOutput(x_hat_BD / self.input_scale, acts_BK[:, : self.k], idx_BK[:, : self.k], probs_BN,
+                         expert_B, counts_N, aux_acts=aux[0], aux_idx=aux[1])
 
     def dispatch(self, x_BD, expert_B, counts_N):
         """Hand each token to its expert: here, sort the batch by expert. Returns the sorted tokens, their
@@ -414,19 +419,19 @@ class SwitchSAE(SAE):
         scale2 = self.input_scale**2
         loss = recon * scale2 + lb_alpha * self.lb_scale * balance
         parts = {"recon": recon, "balance": balance}
-        if out.acts.shape[1] > self.k:  # AuxK: dead latents rebuild what the live ones missed (Gao et al.)
+        if out.aux_acts is not None:  # AuxK: dead latents rebuild what the live ones missed (Gao et al.)
             gate_B = routed_gate(out.probs, out.expert).detach()  # it trains the dead latents, not the router
-            aux_acts_BK = out.acts[:, self.k :] * gate_B[:, None].to(out.acts.dtype)
-            error_hat_BD = SparseDecode.apply(aux_acts_BK, out.idx[:, self.k :], self.W_dec)
+            aux_acts_BK = out.aux_acts * gate_B[:, None].to(out.aux_acts.dtype)
+            error_hat_BD = SparseDecode.apply(aux_acts_BK, out.aux_idx, self.W_dec)
             error_hat_BD = error_hat_BD / self.input_scale
             parts["auxk"] = squared_error(error_hat_BD, (x_BD - out.x_hat).detach())
             loss = loss + auxk_alpha * scale2 * parts["auxk"]
         return loss, parts
 
     def latent_activity(self, out):
-        active_BK = out.acts[:, : self.k] > 0
+        active_BK = out.acts > 0
         fired_M = torch.zeros(len(self.W_dec), dtype=torch.long, device=active_BK.device).index_add_(
-            0, out.idx[:, : self.k].flatten(), active_BK.flatten().long())
+            0, out.idx.flatten(), active_BK.flatten().long())
         return fired_M, active_BK.sum()
 
 
@@ -1708,7 +1713,7 @@ def train(cfg, given=None):
             x_absmax = torch.maximum(x_absmax, x_BD.abs().amax())
             if x_typical is None:  # one sync, at the first step
                 x_typical = x_BD.float().norm(dim=1).median().item()
-            auxk_steps += out.idx is not None and out.idx.shape[1] > cfg.k  # dead latents, so AuxK ran
+            auxk_steps += out.aux_idx is not None  # dead latents, so AuxK ran
             bar.update(1)
             saving = (step + 1) % save_every == 0 or step + 1 == steps
             if saving or (step + 1) % cfg.log_every == 0:  # all ranks check together: one collective

@@ -310,12 +310,13 @@ def test_auxk_uses_only_dead_latents_of_the_routed_expert():
     dead = torch.zeros(sae.width, dtype=torch.bool)
     dead[::5] = True
     out = sae(x, dead)
-    acts, idx, expert = out.acts, out.idx, out.expert
+    acts, idx, expert = out.aux_acts, out.aux_idx, out.expert
     m = sae.width // sae.experts
     k_aux = min(sae.d_in // 2, m)  # Gao et al.'s d/2, at most the expert's own latents
-    assert idx.shape[1] == sae.k + k_aux
-    aux_idx = idx[:, sae.k :]
-    live_aux = acts[:, sae.k :] > 0
+    assert out.idx.shape[1] == sae.k and idx.shape[1] == k_aux and sae(x).aux_acts is None
+    torch.testing.assert_close(out.x_hat, sae(x).x_hat, rtol=0, atol=0)  # the live latents alone decode
+    aux_idx = idx
+    live_aux = acts > 0
     assert dead[aux_idx[live_aux]].all()
     assert (aux_idx // m == expert[:, None]).all()
     # the aux latents are the top dead pre-activations of the routed expert, as a dense computation says
@@ -323,7 +324,7 @@ def test_auxk_uses_only_dead_latents_of_the_routed_expert():
     owner = torch.arange(sae.width) // m
     pre = pre.masked_fill(~dead[None] | (owner[None] != expert[:, None]), -torch.inf)
     want = pre.topk(k_aux).values.relu().sort(1).values.detach()
-    torch.testing.assert_close(acts[:, sae.k :].sort(1).values, want, **TOL)
+    torch.testing.assert_close(acts.sort(1).values, want, **TOL)
     loss, parts = sae.loss(x, out, auxk_alpha=1 / 32)
     g = grads(sae, parts["auxk"])
     assert g["W_enc"][~dead].abs().max() == 0 and g["W_enc"][dead].abs().max() > 0
@@ -503,8 +504,8 @@ def test_flop_count_matches_flop_counter_on_equivalent_matmuls(monkeypatch, auxk
         out = sae(x, dead)
         loss, _ = sae.loss(x, out, auxk_alpha=1 / 32)
         loss.backward()
-    assert out.idx.shape[1] == k + (32 if auxk else 0)
-    acts, idx = out.acts, out.idx
+    assert out.idx.shape[1] == k and (out.aux_idx.shape[1] if auxk else out.aux_idx) == (32 if auxk else None)
+    acts, idx = (torch.cat([out.acts, out.aux_acts], 1), torch.cat([out.idx, out.aux_idx], 1)) if auxk else (out.acts, out.idx)
     counted = counter.get_total_flops()
     # ... the sparse gathers (embedding_bag) it cannot see are counted as the batched matmuls they equal
     with FlopCounterMode(display=False) as counter:
