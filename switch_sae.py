@@ -1571,9 +1571,9 @@ def check_resources(cfg, d, device, comms=SINGLE_PROCESS):
     a rank stopping alone would leave the others waiting in a collective."""
     try:
         check_memory(cfg, d, device, shards=comms.ranks if cfg.expert_parallel else 1)
-        checkpoint = 3 * 4 * (2 * cfg.width * d + cfg.width + (cfg.experts + 2) * d) + 8 * cfg.width
-        saved = os.path.join(cfg.out, "sae.safetensors")
-        if comms.rank == 0:
+        if comms.rank == 0:  # the only rank that writes
+            checkpoint = 3 * 4 * (2 * cfg.width * d + cfg.width + (cfg.experts + 2) * d) + 8 * cfg.width
+            saved = os.path.join(cfg.out, "sae.safetensors")
             old = os.path.getsize(saved) if os.path.isfile(saved) else 0
             check_room(cfg.out, "--out", 2 * checkpoint - old)
         refused = None
@@ -1635,10 +1635,10 @@ def resumed_config(cfg, given):
                and getattr(saved, name) != getattr(cfg, name)}
     fixed = [cli_flag(name) for name in changed if name not in RESUMABLE]
     if fixed:
+        allowed = ", ".join(map(cli_flag, RESUMABLE))
         raise UsageError(f"--resume continues the run in {cfg.out} with its own settings, and "
-                         f"{', '.join(fixed)} "
-                         f"cannot change mid-run (only {', '.join(map(cli_flag, RESUMABLE))} can): drop "
-                         "them, or start a new run in another --out")
+                         f"{', '.join(fixed)} cannot change mid-run (only {allowed} can): drop them, or "
+                         "start a new run in another --out")
     history = json.load(open(os.path.join(cfg.out, "config.json"))).get("resumes", [])
     resumed = dataclasses.replace(saved, **{name: new for name, (_, new) in changed.items()})
     return resumed, history, changed
