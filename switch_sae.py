@@ -84,11 +84,6 @@ def count(values, n):
     return counts_n.scatter_add_(0, values, torch.ones_like(values))
 
 
-def routed_gate(probs_BN, expert_B):
-    """p_i of each token's own expert i."""
-    return probs_BN.gather(1, expert_B[:, None])[:, 0]
-
-
 def expert_matmul(x_TD, W_enc_MD, counts_N):
     """Pre-activations (T, m): row t against its own expert's m encoder rows only (bf16 on CUDA).
     x_TD is sorted by expert; counts_N says how many rows each expert owns."""
@@ -220,12 +215,14 @@ class SAEOutput(NamedTuple):
     idx: torch.Tensor | None = None
     """(B, k) global latent indices of `acts` (Switch); None where `acts` is dense."""
     probs: torch.Tensor | None = None
-    """(B, N) router probabilities, float32 (Switch)."""
+    """(B, N') router probabilities over the routed experts, float32 (Switch)."""
     expert: torch.Tensor | None = None
-    """(B,) the expert each token was routed to (Switch)."""
+    """(A,) the expert of each assignment, in token order: (B,) with one expert a token (Switch)."""
     expert_counts: torch.Tensor | None = None
-    """(N,) tokens routed to each expert: the load balance's f = counts / counts.sum(). Data-parallel
+    """(N,) assignments to each expert: the load balance's f = counts / counts.sum(). Data-parallel
     training sums it over ranks, so every rank balances the global load."""
+    gates: torch.Tensor | None = None
+    """(B, k) float32, the gate each active latent's expert gave it (Switch): codes are acts * gates."""
     gate_pre: torch.Tensor | None = None
     """(B, M) the Gated baseline's gate pre-activations."""
     aux_acts: torch.Tensor | None = None
@@ -250,6 +247,10 @@ def geometric_median(points_BD, iters=100, tol=1e-5):
             return new
         median = new
     return median
+
+
+def totalled(terms, paper_encoder_only):
+    return {**terms, "total": sum(terms.values()), "paper_encoder_only": paper_encoder_only}
 
 
 class SAE(nn.Module):
@@ -301,31 +302,145 @@ class SAE(nn.Module):
         if self.unit_decoder:
             self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True))
 
+    def after_step_(self, out):
+        """What changes after each optimizer step besides the weights; out: the step's global output."""
+
+    def flops_per_token(self, batch_size, k_aux=0):
+        """Training FLOPs a token, term by term, as this code runs them, with their total; paper_encoder_only
+        is the authors' count, 2 d m forward + 2 d m backward of the encoder. Here, a dense SAE's: every
+        latent of every token, forward and backward."""
+        dM = self.d_in * self.width
+        return totalled({"encoder_fwd": 2 * dM, "encoder_bwd": 2 * dM, "decoder_fwd": 2 * dM,
+                         "decoder_bwd": 4 * dM}, 4 * dM)
+
     def latent_activity(self, out):
         """How many tokens each latent fired on (M,), and the active latents summed over tokens."""
         active_BM = out.acts > 0
         return active_BM.sum(0), active_BM.sum()
 
 
+class Routing(NamedTuple):
+    """A batch's assignments to experts: token a of the batch goes to expert a with gate a, in token order."""
+
+    probs: torch.Tensor
+    """(B, N') router probabilities over the routed experts, float32."""
+    token: torch.Tensor
+    """(A,) each assignment's token, ascending."""
+    expert: torch.Tensor
+    """(A,) its expert."""
+    gate: torch.Tensor
+    """(A,) what its expert's decoded latents are multiplied by, float32."""
+    counts: torch.Tensor
+    """(N,) assignments per expert."""
+
+
+class Router(nn.Module):
+    """The Switch rule (Fedus et al.): softmax over the experts, each token to its best one, with the gate
+    p_i, its only reconstruction gradient; the balance term N sum_n f_n P_n (f_n: share of the assignments,
+    P_n: mean p_n) is what alpha weighs. Its variants, as the authors' moe.py and switch1on.py wrote them:
+    - experts_per_token e > 1: the e best experts, gates p_i, and one TopK over the union of their latents
+      (the authors renormalise p over the e; unrenormalised, e = 1 stays the paper's rule);
+    - shared_expert: the last expert takes every token with gate 1; the router and the balance see the
+      other N - 1;
+    - gate "heaviside": gate 1, so the router learns from the balance term alone."""
+
+    balance_in_loss = True
+
+    def __init__(self, experts, experts_per_token=1, shared_expert=False, gate="softmax"):
+        super().__init__()
+        self.experts, self.routed = experts, experts - shared_expert
+        self.experts_per_token, self.shared_expert, self.gate = experts_per_token, shared_expert, gate
+        self.per_token = experts_per_token + shared_expert  # assignments a token
+
+    def config(self):
+        return {"experts_per_token": self.experts_per_token, "shared_expert": self.shared_expert,
+                "gate": self.gate}
+
+    def scores(self, logits_BN, probs_BN):
+        """What picks the experts."""
+        return probs_BN
+
+    def forward(self, logits_BN):
+        B = len(logits_BN)
+        probs_BN = F.softmax(logits_BN.float(), dim=-1)
+        scores_BN = self.scores(logits_BN, probs_BN)  # ties (bf16 logits) to the lowest index, as argmax
+        e = self.experts_per_token
+        expert_BE = scores_BN.argmax(1, keepdim=True) if e == 1 else scores_BN.topk(e, dim=1).indices
+        heaviside = self.gate == "heaviside"
+        gate_BE = probs_BN.new_ones(expert_BE.shape) if heaviside else probs_BN.gather(1, expert_BE)
+        if self.shared_expert:
+            expert_BE = torch.cat([expert_BE, expert_BE.new_full((B, 1), self.routed)], 1)
+            gate_BE = torch.cat([gate_BE, gate_BE.new_ones(B, 1)], 1)
+        token_A = torch.arange(B, device=logits_BN.device).repeat_interleave(self.per_token)
+        expert_A = expert_BE.flatten()
+        return Routing(probs_BN, token_A, expert_A, gate_BE.flatten(), count(expert_A, self.experts))
+
+    def balance(self, probs_BN, counts_N):
+        """N' sum_n f_n P_n over the routed experts: 1 when uniform, N' when collapsed; f has no gradient."""
+        load_N = counts_N[: self.routed].float() / counts_N[: self.routed].sum()
+        return self.routed * (load_N * probs_BN.mean(0)).sum()
+
+    def after_step_(self, counts_N):
+        """An update after each optimizer step, from the global batch's counts."""
+
+    def flops(self, d):
+        """Its terms of a training step per token: the router's matmuls and the balance term."""
+        return {"router_fwd": 2 * d * self.routed, "router_bwd": 4 * d * self.routed,  # W_router, b_router
+                "load_balance": 3 * self.routed if self.balance_in_loss else 0}
+
+
+class AuxFreeRouter(Router):
+    """Loss-free balancing (Wang et al. 2024, arXiv:2408.15664; DeepSeek-V3): a per-expert bias, added to the
+    logits to pick the experts and nowhere else, moves by rate * sign(mean load - load) after each step;
+    no balance term in the loss."""
+
+    balance_in_loss = False
+
+    def __init__(self, experts, experts_per_token=1, shared_expert=False, gate="softmax", balance_rate=1e-3):
+        super().__init__(experts, experts_per_token, shared_expert, gate)
+        self.balance_rate = balance_rate
+        self.register_buffer("selection_bias", torch.zeros(self.routed))
+
+    def config(self):
+        return {**super().config(), "balance": "aux-free", "balance_rate": self.balance_rate}
+
+    def scores(self, logits_BN, probs_BN):
+        return logits_BN.float() + self.selection_bias
+
+    @torch.no_grad()
+    def after_step_(self, counts_N):
+        load_N = counts_N[: self.routed].float()
+        self.selection_bias.add_(self.balance_rate * (load_N.mean() - load_N).sign())
+
+
+def make_router(experts, experts_per_token=1, shared_expert=False, gate="softmax", balance="loss",
+                balance_rate=1e-3):
+    if balance == "aux-free":
+        return AuxFreeRouter(experts, experts_per_token, shared_expert, gate, balance_rate)
+    return Router(experts, experts_per_token, shared_expert, gate)
+
+
 class SwitchSAE(SAE):
-    """N TopK experts of m = width / N latents behind a top-1 router."""
+    """N TopK experts of m = width / N latents behind a router (by default the paper's top-1 rule)."""
 
     arch = "switch"
 
-    def __init__(self, d_in, width, experts, k):
+    def __init__(self, d_in, width, experts, k, router=None):
         super().__init__()
         assert width % experts == 0 and k <= width // experts
         self.d_in, self.width, self.experts, self.k = d_in, width, experts, k
+        self.router = router or Router(experts)
         W_enc = nn.Linear(d_in, width, bias=False).weight.detach()
         self.W_enc = nn.Parameter(W_enc.clone())  # (M, D); expert i owns rows [i m, (i+1) m)
         self.W_dec = nn.Parameter(W_enc / W_enc.norm(dim=1, keepdim=True))  # unit rows, tied at init only
-        self.W_router = nn.Parameter(nn.Linear(d_in, experts, bias=False).weight.detach().clone())  # (N, D)
+        routed = self.router.routed  # (N', D): the routed experts'
+        self.W_router = nn.Parameter(nn.Linear(d_in, routed, bias=False).weight.detach().clone())
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.b_router = nn.Parameter(torch.zeros(d_in))
         self.register_buffer("lb_scale", torch.tensor(float(d_in)))  # alpha's multiplier: d, as the paper
 
     def config(self):
-        return {**super().config(), "experts": self.experts, "k": self.k}
+        return {**super().config(), "experts": self.experts, "k": self.k, **self.router.config()}
 
     @torch.no_grad()
     def normalize_inputs_(self, x_BD):
@@ -348,57 +463,75 @@ class SwitchSAE(SAE):
         self.b_router.copy_(self.b_dec)
 
     def route(self, x_BD):
-        """Router probabilities (fp32) and the chosen expert of each token."""
-        probs_BN = F.softmax(((x_BD - self.b_router) @ self.W_router.T).float(), dim=-1)
-        return probs_BN, probs_BN.argmax(dim=-1)
+        return self.router((x_BD - self.b_router) @ self.W_router.T)
 
     def forward(self, x_BD, dead_M=None):
-        """The routed fast path. With dead_M (M,) bool, each token also gets the top k_aux = min(d/2, m)
-        dead latents of its expert (AuxK), in aux_acts and aux_idx."""
+        """The routed fast path: each assignment's token copied to its expert, sorted by expert, each
+        expert's TopK on its own tokens, then each token's k best over its experts. With dead_M (M,) bool
+        (one expert a token), each token also gets the top k_aux = min(d/2, m) dead latents of its expert
+        (AuxK), in aux_acts and aux_idx."""
         x_BD = x_BD * self.input_scale
-        probs_BN, expert_B = self.route(x_BD)
-        counts_N = count(expert_B, self.experts)
-        x_TD, expert_T, counts_here, combine = self.dispatch(x_BD, expert_B, counts_N)
+        r = self.route(x_BD)
+        x_AD = x_BD if self.router.per_token == 1 else x_BD[r.token]
+        x_TD, expert_T, counts_here, combine = self.dispatch(x_AD, r.expert, r.counts)
         k_aux = self.k_aux if dead_M is not None and dead_M.any() else 0
+        assert not k_aux or self.router.per_token == 1, "AuxK takes one expert a token"
         acts_TK, idx_TK = RoutedTopK.apply(x_TD, self.W_enc, self.b_dec, expert_T, counts_here, self.k,
                                            dead_M, k_aux)
-        decoded_BD, acts_BK, idx_BK = combine(acts_TK, idx_TK)
-        x_hat_BD = decoded_BD * routed_gate(probs_BN, expert_B)[:, None].to(decoded_BD.dtype) + self.b_dec
+        decoded_BD, acts_BK, idx_BK, gates_BK = combine(acts_TK, idx_TK, r.gate)
         aux = (acts_BK[:, self.k :], idx_BK[:, self.k :]) if k_aux else (None, None)
-        return SAEOutput(x_hat_BD / self.input_scale, acts_BK[:, : self.k], idx_BK[:, : self.k], probs_BN,
-                         expert_B, counts_N, aux_acts=aux[0], aux_idx=aux[1])
+        return SAEOutput((decoded_BD + self.b_dec) / self.input_scale, acts_BK[:, : self.k],
+                         idx_BK[:, : self.k], r.probs, r.expert, r.counts, gates=gates_BK, aux_acts=aux[0],
+                         aux_idx=aux[1])
 
-    def dispatch(self, x_BD, expert_B, counts_N):
-        """Hand each token to its expert: here, sort the batch by expert. Returns the sorted tokens, their
-        experts, tokens per expert, and combine(acts, idx), which decodes the latents back in batch order.
-        ExpertParallelSwitchSAE overrides it to send each token to its expert's rank and back."""
-        order_B = expert_B.argsort(stable=True)
-        unsort_B = order_B.argsort()
+    def dispatch(self, x_AD, expert_A, counts_N):
+        """Hand each assignment to its expert: here, sort them by expert. Returns the sorted tokens, their
+        experts, tokens per expert, and combine(acts, idx, gate_A), which merges and decodes the latents
+        back in token order. ExpertParallelSwitchSAE sends each token to its expert's rank and back."""
+        order_A = expert_A.argsort(stable=True)
+        unsort_A = order_A.argsort()
+        combine = lambda acts_TK, idx_TK, gate_A: self.merge(acts_TK[unsort_A], idx_TK[unsort_A], gate_A)
+        return x_AD[order_A], expert_A[order_A], counts_N, combine
 
-        def combine(acts_TK, idx_TK):
-            acts_BK, idx_BK = acts_TK[unsort_B], idx_TK[unsort_B]
-            return SparseDecode.apply(acts_BK[:, : self.k], idx_BK[:, : self.k], self.W_dec), acts_BK, idx_BK
-
-        return x_BD[order_B], expert_B[order_B], counts_N, combine
+    def merge(self, acts_AK, idx_AK, gate_A):
+        """Each token's k best latents over its experts' (by gated value: the TopK over their union, since an
+        expert's candidates hold its k best), decoded and gated; with one expert a token, its own."""
+        k, per_token = self.k, self.router.per_token
+        if per_token == 1:  # the gate after the sum, as the paper writes it
+            decoded_BD = SparseDecode.apply(acts_AK[:, :k], idx_AK[:, :k], self.W_dec)
+            gated_BD = decoded_BD * gate_A[:, None].to(decoded_BD.dtype)
+            return gated_BD, acts_AK, idx_AK, gate_A[:, None].expand(-1, k)
+        B = len(acts_AK) // per_token
+        candidates = [t.reshape(B, per_token * k) for t in (acts_AK, idx_AK, gate_A[:, None].expand(-1, k))]
+        best_BK = (candidates[0] * candidates[2]).topk(k, dim=1, sorted=False).indices
+        acts_BK, idx_BK, gates_BK = (t.gather(1, best_BK) for t in candidates)
+        coef_BK = acts_BK * gates_BK.to(acts_BK.dtype)
+        return SparseDecode.apply(coef_BK, idx_BK, self.W_dec), acts_BK, idx_BK, gates_BK
 
     def forward_dense(self, x_BD):
-        """The method as the paper writes it (and the authors' code runs it): every expert's encoder on
-        every token, then TopK within the routed expert. O(M d) per token; forward is tested against it."""
+        """The method as written (and as the authors' code runs it): every expert's encoder on every token,
+        each latent gated by its expert's gate (0 off the token's experts), TopK over them. O(M d) a token;
+        forward is tested against it."""
         x_BD = x_BD * self.input_scale
-        probs_BN, expert_B = self.route(x_BD)
-        owner_M = torch.arange(self.width, device=x_BD.device) // (self.width // self.experts)
-        pre_BM = ((x_BD - self.b_dec) @ self.W_enc.T).masked_fill(owner_M != expert_B[:, None], -math.inf)
-        vals_BK, idx_BK = pre_BM.topk(self.k, dim=1)
-        z_BM = torch.zeros_like(pre_BM).scatter(1, idx_BK, vals_BK.relu())
-        x_hat_BD = routed_gate(probs_BN, expert_B)[:, None] * (z_BM @ self.W_dec) + self.b_dec
-        counts_N = count(expert_B, self.experts)
-        return SAEOutput(x_hat_BD / self.input_scale, vals_BK.relu(), idx_BK, probs_BN, expert_B, counts_N)
+        r = self.route(x_BD)
+        B, m = len(x_BD), self.width // self.experts
+        gate_BN = r.gate.new_zeros(B, self.experts).index_put((r.token, r.expert), r.gate)
+        mine_BN = torch.zeros(B, self.experts, dtype=torch.bool, device=x_BD.device).index_put(
+            (r.token, r.expert), torch.tensor(True, device=x_BD.device))
+        gate_BM, mine_BM = gate_BN.repeat_interleave(m, 1), mine_BN.repeat_interleave(m, 1)
+        pre_BM = ((x_BD - self.b_dec) @ self.W_enc.T).masked_fill(~mine_BM, -math.inf)
+        idx_BK = (pre_BM.relu() * gate_BM).topk(self.k, dim=1).indices
+        acts_BK, gates_BK = pre_BM.gather(1, idx_BK).relu(), gate_BM.gather(1, idx_BK)
+        z_BM = torch.zeros_like(pre_BM).scatter(1, idx_BK, acts_BK * gates_BK.to(acts_BK.dtype))
+        x_hat_BD = z_BM @ self.W_dec + self.b_dec
+        return SAEOutput(x_hat_BD / self.input_scale, acts_BK, idx_BK, r.probs, r.expert, r.counts,
+                         gates=gates_BK)
 
     def encode(self, x_BD, dense=False):
         """Codes of x: (values, global latent indices), each (B, k), or with dense=True one (B, M) tensor.
         The values carry the router's gate, so decode is linear in them: decode(encode(x)) = x_hat."""
         out = self(x_BD)
-        vals_BK = out.acts * routed_gate(out.probs, out.expert)[:, None].to(out.acts.dtype)
+        vals_BK = out.acts * out.gates.to(out.acts.dtype)
         if dense:
             return vals_BK.new_zeros(len(x_BD), self.width).scatter_(1, out.idx, vals_BK)
         return vals_BK, out.idx
@@ -414,19 +547,38 @@ class SwitchSAE(SAE):
         """Reconstruction + lb_alpha * lb_scale * load balance (+ auxk_alpha * AuxK), in the scaled units
         the SAE works in; parts["recon"] is in the LM's. Returns (loss, parts)."""
         recon = squared_error(out.x_hat, x_BD)
-        load_N = out.expert_counts.float() / out.expert_counts.sum()  # f_i: no gradient
-        balance = self.experts * (load_N * out.probs.mean(0)).sum()  # 1 when uniform, N when collapsed
+        balance = self.router.balance(out.probs, out.expert_counts)
         scale2 = self.input_scale**2
-        loss = recon * scale2 + lb_alpha * self.lb_scale * balance
+        if self.router.balance_in_loss:
+            loss = recon * scale2 + lb_alpha * self.lb_scale * balance
+        else:  # reported, not trained on
+            loss, balance = recon * scale2, balance.detach()
         parts = {"recon": recon, "balance": balance}
         if out.aux_acts is not None:  # AuxK: dead latents rebuild what the live ones missed (Gao et al.)
-            gate_B = routed_gate(out.probs, out.expert).detach()  # it trains the dead latents, not the router
+            gate_B = out.gates[:, 0].detach()  # it trains the dead latents, not the router
             aux_acts_BK = out.aux_acts * gate_B[:, None].to(out.aux_acts.dtype)
             error_hat_BD = SparseDecode.apply(aux_acts_BK, out.aux_idx, self.W_dec)
             error_hat_BD = error_hat_BD / self.input_scale
             parts["auxk"] = squared_error(error_hat_BD, (x_BD - out.x_hat).detach())
             loss = loss + auxk_alpha * scale2 * parts["auxk"]
         return loss, parts
+
+    def after_step_(self, out):
+        self.router.after_step_(out.expert_counts)
+
+    def flops_per_token(self, batch_size, k_aux=0):
+        """k_aux: the AuxK latents of a step with dead latents (min(d/2, m)), decoded and trained beside the k
+        live ones. Each of a token's experts runs its m latents and trains its k candidates."""
+        d, m, k, per_token = self.d_in, self.width // self.experts, self.k, self.router.per_token
+        terms = {**self.router.flops(d),
+                 "encoder_fwd": 2 * d * m * per_token,
+                 "encoder_bwd": 2 * per_token * k * d + 2 * self.width * d / batch_size,  # b_dec's: a batch
+                 "decoder_fwd": 2 * k * d,  # only the k active rows
+                 "decoder_bwd": 4 * k * d}  # grads of W_dec rows and of the latents
+        if k_aux:  # the encoder's pre-activations are shared; the extra work is sparse, k_aux rows a token
+            terms.update(auxk_decoder_fwd=2 * k_aux * d, auxk_decoder_bwd=4 * k_aux * d,
+                         auxk_encoder_bwd=2 * k_aux * d)
+        return totalled(terms, 4 * d * m * per_token)
 
     def latent_activity(self, out):
         active_BK = out.acts > 0
@@ -492,45 +644,18 @@ class GatedSAE(SAE):
         aux = squared_error(gate_BM @ self.W_dec.detach() + self.b_dec.detach(), x_BD * self.input_scale)
         return recon * self.input_scale**2 + l1_coeff * l1 + aux, {"recon": recon, "l1": l1, "aux": aux}
 
+    def flops_per_token(self, batch_size, k_aux=0):
+        """Also the gate's gradient through r_mag and its reconstruction through the frozen decoder."""
+        dM = self.d_in * self.width
+        return totalled({"encoder_fwd": 2 * dM, "encoder_bwd": 4 * dM, "decoder_fwd": 2 * dM,
+                         "decoder_bwd": 4 * dM, "gate_aux_fwd": 2 * dM, "gate_aux_bwd": 2 * dM}, 4 * dM)
 
-def make_sae(arch, d_in, width, experts=1, k=32):
+
+def make_sae(arch, d_in, width, experts=1, k=32, **routing):
+    """An SAE of its kind; routing: make_router's keywords (Switch)."""
     if arch == "switch":
-        return SwitchSAE(d_in, width, experts, k)
+        return SwitchSAE(d_in, width, experts, k, make_router(experts, **routing))
     return {"relu": ReluSAE, "gated": GatedSAE}[arch](d_in, width)
-
-
-# -----------------------------------------------------------------------------
-# FLOPs
-
-
-def flops_per_token(d, width, experts, k, batch_size, arch="switch", k_aux=0):
-    """Training FLOPs per token, term by term, as this code runs them. paper_encoder_only is the
-    authors' convention: 2 d m forward + 2 d m backward of the encoder. k_aux: the AuxK latents of a step
-    with dead latents (min(d/2, m)), decoded and trained beside the k live ones."""
-    if arch != "switch":  # dense baselines: every latent of every token, forward and backward
-        terms = {"encoder_fwd": 2 * d * width, "encoder_bwd": 2 * d * width * (1 if arch == "relu" else 2),
-                 "decoder_fwd": 2 * d * width, "decoder_bwd": 4 * d * width}
-        if arch == "gated":  # the gate's reconstruction through the frozen decoder
-            terms.update(gate_aux_fwd=2 * d * width, gate_aux_bwd=2 * d * width)
-        terms["total"] = sum(terms.values())
-        terms["paper_encoder_only"] = 4 * d * width
-        return terms
-    m = width // experts
-    terms = {
-        "router_fwd": 2 * d * experts,
-        "router_bwd": 4 * d * experts,  # grads of W_router and of b_router through x
-        "encoder_fwd": 2 * d * m,  # only the routed expert's m latents
-        "encoder_bwd": 2 * k * d + 2 * width * d / batch_size,  # sparse W_enc grad; b_dec grad once per batch
-        "decoder_fwd": 2 * k * d,  # only the k active rows
-        "decoder_bwd": 4 * k * d,  # grads of W_dec rows and of the latents
-        "load_balance": 3 * experts,
-    }
-    if k_aux:  # the encoder's pre-activations are shared; the extra work is sparse, k_aux rows a token
-        terms.update(auxk_decoder_fwd=2 * k_aux * d, auxk_decoder_bwd=4 * k_aux * d,
-                     auxk_encoder_bwd=2 * k_aux * d)
-    terms["total"] = sum(terms.values())
-    terms["paper_encoder_only"] = 4 * d * m
-    return terms
 
 
 # -----------------------------------------------------------------------------
@@ -565,6 +690,19 @@ class SAEConfig:
     lb_alpha: float = arg(3.0, "load-balance weight alpha; the loss adds alpha * d * L_lb (alpha * V * L_lb "
                                "with --normalize-activations, V: the scaled typical tokens' total variance)",
                           low=0)
+    experts_per_token: int = arg(1, "e: each token to its e best experts, one TopK over the union of their "
+                                    "latents, gates p_i (not renormalised over the e, so e = 1 is the "
+                                    "paper's rule); e times the encoder work", low=1)
+    shared_expert: bool = arg(False, "the last expert takes every token (gate 1), beside N - 1 routed ones; "
+                                     "the router and the balance see those")
+    gate: str = arg("softmax", "softmax: the routed latents scaled by p_i, the router's reconstruction "
+                               "gradient; heaviside: by 1, so the router learns from the balance term alone",
+                    choices=("softmax", "heaviside"))
+    balance: str = arg("loss", "loss: the paper's balance term, weighted by --lb-alpha; aux-free: no term, a "
+                               "per-expert bias on the logits picks the experts and moves by --balance-rate "
+                               "after each step toward equal load (Wang et al. 2024)",
+                       choices=("loss", "aux-free"))
+    balance_rate: float = arg(1e-3, "u, the step of --balance aux-free's bias", low=0)
     normalize_activations: bool = arg(False, "scale the SAE's input by one constant fixed on the first "
                                              "batch, so that its typical tokens' mean norm is sqrt(d); the "
                                              "SAE still takes and returns the LM's units")
@@ -683,7 +821,14 @@ def fields_set(cfg, given=None):
 
 # the flags each kind of SAE has no use for: given another value than the one that means "none" (None:
 # any value), they are refused, not ignored
-SWITCH_ONLY = {"experts": 1, "k": None, "lb_alpha": 0, "auxk_alpha": 0}
+SWITCH_ONLY = {"experts": 1, "k": None, "lb_alpha": 0, "auxk_alpha": 0, "experts_per_token": 1,
+               "shared_expert": False, "gate": "softmax", "balance": "loss", "balance_rate": None}
+ROUTER_FIELDS = ("experts_per_token", "shared_expert", "gate", "balance", "balance_rate")
+
+
+def router_fields(cfg):
+    """make_router's keywords, from a config."""
+    return {name: getattr(cfg, name) for name in ROUTER_FIELDS}
 IGNORED_BY = {"switch": {"l1_coeff": None}, "relu": SWITCH_ONLY, "gated": SWITCH_ONLY}
 
 
@@ -698,6 +843,24 @@ def check_sae_config(cfg, given):
     if ignored:
         why = " (AuxK and the router are rules of TopK experts)" if cfg.arch != "switch" else ""
         raise UsageError(f"--arch {cfg.arch} has no use for {', '.join(ignored)}{why}: drop them")
+    routed, per_token = cfg.experts - cfg.shared_expert, cfg.experts_per_token + cfg.shared_expert
+    refused = {  # rules of routing that do not go together, each with why
+        "--shared-expert needs --experts 2 or more (one shared, the rest routed)":
+            cfg.shared_expert and cfg.experts < 2,
+        f"--experts-per-token {cfg.experts_per_token} is more than the {routed} routed experts":
+            cfg.experts_per_token > routed,
+        "--lb-alpha weighs the balance term, which --balance aux-free has none of: drop it":
+            cfg.balance == "aux-free" and "lb_alpha" in given,
+        "--balance-rate is the step of --balance aux-free: add that, or drop it":
+            cfg.balance != "aux-free" and "balance_rate" in given,
+        "--gate heaviside with --balance aux-free leaves the router nothing to learn from (no gate, no "
+        "balance term): drop one": cfg.gate == "heaviside" and cfg.balance == "aux-free",
+        "--auxk-alpha takes one expert a token (AuxK's dead latents are its expert's): drop it, or "
+        "--experts-per-token and --shared-expert": cfg.auxk_alpha and per_token > 1,
+    }
+    for message, bad in refused.items():
+        if bad and cfg.arch == "switch":
+            raise UsageError(message)
     if cfg.compile and not compiler_found():
         raise UsageError("--compile needs a C/C++ compiler on PATH (torch.compile builds its kernels "
                          "with one): install g++ or drop --compile")
@@ -733,6 +896,10 @@ def check_config(cfg, given):
     if cfg.expert_parallel and (cfg.arch != "switch" or cfg.auxk_alpha):
         raise UsageError("--expert-parallel needs --arch switch and --auxk-alpha 0 "
                          "(AuxK across ranks is not supported yet)")
+    if cfg.expert_parallel and cfg.experts_per_token + cfg.shared_expert > 1:
+        raise UsageError("--expert-parallel decodes on each expert's rank, so a TopK over several experts' "
+                         "latents cannot run there: drop --experts-per-token and --shared-expert, or use "
+                         "data parallel")
 
 
 TEXT_ENDINGS = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz")
@@ -1418,8 +1585,8 @@ def batch_fve(x_BD, x_hat_BD):
 def train_step(sae, opt, x_BD, lr, coefs, grad_clip=1.0, comms=SINGLE_PROCESS, dead_M=None, compile=False):
     """One optimizer step of any SAE here. coefs: the keyword arguments of sae.loss; dead_M: AuxK's dead
     latents, or None. Returns the output and the loss parts (tensors, not synced)."""
-    out = sae(x_BD) if dead_M is None else sae(x_BD, dead_M)
-    loss, parts = sae.loss(x_BD, comms.sum_batch_stats(out), **coefs)
+    out = comms.sum_batch_stats(sae(x_BD) if dead_M is None else sae(x_BD, dead_M))
+    loss, parts = sae.loss(x_BD, out, **coefs)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     comms.average_gradients(sae)
@@ -1429,6 +1596,7 @@ def train_step(sae, opt, x_BD, lr, coefs, grad_clip=1.0, comms=SINGLE_PROCESS, d
         group["lr"] = lr
     opt.step()
     maybe_compiled(type(sae).normalize_decoder_)(sae)  # the class's function: one compiled wrapper a class
+    sae.after_step_(out)
     parts.update(loss=loss.detach(), fve=batch_fve(x_BD, out.x_hat.detach()))
     return out, parts
 
@@ -1539,8 +1707,9 @@ def build_sae(cfg, d, comms):
     """The run's SAE, seeded right here, so loading the LM (or not, from a cache) cannot change its init."""
     torch.manual_seed(cfg.seed)
     if cfg.expert_parallel and comms.ranks > 1:
-        return ExpertParallelSwitchSAE(d, cfg.width, cfg.experts, cfg.k, comms)
-    return make_sae(cfg.arch, d, cfg.width, cfg.experts, cfg.k)
+        router = make_router(cfg.experts, **router_fields(cfg))
+        return ExpertParallelSwitchSAE(d, cfg.width, cfg.experts, cfg.k, comms, router)
+    return make_sae(cfg.arch, d, cfg.width, cfg.experts, cfg.k, **router_fields(cfg))
 
 
 def free_memory(device):
@@ -1676,7 +1845,7 @@ def train(cfg, given=None):
     if steps < start:
         raise UsageError(f"--tokens {cfg.tokens} is fewer than the {start * cfg.batch_size} this run has "
                          "trained on: give at least that many")
-    flops = flops_per_token(d, cfg.width, cfg.experts, cfg.k, cfg.batch_size, cfg.arch)
+    flops = sae.flops_per_token(cfg.batch_size)
     if comms.rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
         history += [{"step": start, "changed": changed}] if changed else []
@@ -1747,7 +1916,7 @@ def train(cfg, given=None):
         eval_x = lm_activations(model, module, eval_tokens_CL, cfg.lm_batch_size, cfg.skip_positions)
     metrics = evaluate(whole, cfg, eval_x, None if cfg.skip_ce else model, module, eval_tokens_CL)
     k_aux = sae.k_aux if cfg.arch == "switch" else 0
-    auxk_flops = flops_per_token(d, cfg.width, cfg.experts, cfg.k, cfg.batch_size, cfg.arch, k_aux)["total"]
+    auxk_flops = sae.flops_per_token(cfg.batch_size, k_aux)["total"]
     metrics.update(dead_fraction_train=(clock_M > cfg.dead_tokens).float().mean().item(),
                    train_tokens=steps * cfg.batch_size, flops_per_token=flops["total"],
                    # AuxK's extra work counted on the steps it ran (of this process, for a resumed run)
@@ -1829,7 +1998,8 @@ def evaluate(sae, cfg, x_BD, model=None, module=None, tokens_CL=None):
         "l0": (totals["l0"] / n).item(),
         "dead_fraction": (fired_M == 0).float().mean().item(),
         "dense_fraction": (fired_M / n > 0.1).float().mean().item(),
-        "expert_load": (load_N / n).tolist(),
+        "expert_load": (load_N / n).tolist(),  # assignments a token to each: they sum to e (+ 1 shared)
+        "dead_fraction_per_expert": (fired_M.view(sae.experts, -1) == 0).float().mean(1).tolist(),
         "eval_tokens": n,
     }
     if model is not None:
@@ -2038,6 +2208,8 @@ def saelens_tensors(sae):
         subtract_b_dec = sae.arch != "relu"
         if architecture == "switch":
             tensors.update(W_router=sae.W_router, b_router=sae.b_router)
+            if isinstance(sae.router, AuxFreeRouter):  # logits are unchanged by the scale: so is the bias
+                tensors["selection_bias"] = sae.router.selection_bias
     s = sae.input_scale  # W (s x - b) = (s W)(x - b / s), and (z W_dec + b) / s = z (W_dec / s) + b / s
     scaled = {"W_enc": s, "W_router": s, "W_dec": 1 / s, "b_dec": 1 / s, "b_router": 1 / s}
     return architecture, subtract_b_dec, {name: t * scaled.get(name, 1) for name, t in tensors.items()}
@@ -2068,8 +2240,12 @@ def export(cfg, given=None):
               "reshape_activations": "none", "architecture": architecture}
     if architecture in ("topk", "switch"):
         layout.update(k=sae.k, rescale_acts_by_decoder_norm=False)
-    if architecture == "switch":  # see the README: routing, then TopK within the expert, gate, decode
-        layout.update(n_experts=sae.experts)
+    if architecture == "switch":  # see the README: routing, gates, TopK over the gated latents, decode
+        router = sae.router
+        rule = {"experts_per_token": router.experts_per_token, "shared_expert": router.shared_expert,
+                "heaviside": router.gate == "heaviside", "aux_free": isinstance(router, AuxFreeRouter)}
+        paper = {"experts_per_token": 1, "shared_expert": False, "heaviside": False, "aux_free": False}
+        layout.update(n_experts=sae.experts, **{name: v for name, v in rule.items() if v != paper[name]})
     hook_name = f"blocks.{run['layer']}.{TRANSFORMER_LENS_HOOKS[run['site']]}"  # TransformerLens's name
     metadata = {"model_name": run["model"], "hook_name": hook_name, "hook_head_index": None,
                 "context_size": run["ctx"], "dataset_path": ",".join(run["text"]) or run["dataset"],
@@ -2164,9 +2340,9 @@ class ExpertParallelSwitchSAE(SwitchSAE):
     rank and combine its decoded vector back, by all_to_all; gradients take the same roads in reverse.
     acts and idx in the output are those of the tokens this rank's experts received (shard-local idx)."""
 
-    def __init__(self, d_in, width, experts, k, comms):
-        super().__init__(d_in, width, experts, k)  # built whole from the seed, so shards match a 1-rank run
-        assert experts % comms.ranks == 0
+    def __init__(self, d_in, width, experts, k, comms, router=None):
+        super().__init__(d_in, width, experts, k, router)  # built whole from the seed: shards match 1 rank's
+        assert experts % comms.ranks == 0 and self.router.per_token == 1
         self.W_enc = nn.Parameter(comms.shard_rows(self.W_enc.detach()).clone())
         self.W_dec = nn.Parameter(comms.shard_rows(self.W_dec.detach()).clone())
         self.W_enc.expert_shard = self.W_dec.expert_shard = True
@@ -2185,10 +2361,11 @@ class ExpertParallelSwitchSAE(SwitchSAE):
         expert_in = exchange(expert_B[order_B], recv, send, group) - self.comms.rank * self.experts_here
         order_in = expert_in.argsort(stable=True)
 
-        def combine(acts_TK, idx_TK):
+        def combine(acts_TK, idx_TK, gate_B):
             decoded_in = SparseDecode.apply(acts_TK[:, : self.k], idx_TK[:, : self.k], self.W_dec)
             decoded_in = decoded_in[order_in.argsort()]
-            return exchange(decoded_in, send, recv, group)[order_B.argsort()], acts_TK, idx_TK
+            decoded_BD = exchange(decoded_in, send, recv, group)[order_B.argsort()]
+            return decoded_BD * gate_B[:, None].to(decoded_BD.dtype), acts_TK, idx_TK, gate_B[:, None]
 
         return x_in[order_in], expert_in[order_in], count(expert_in, self.experts_here), combine
 
@@ -2272,18 +2449,21 @@ def bench_step(cfg, sae, x_BD, comms=SINGLE_PROCESS):
 
 
 def bench_sae_steps(cfg, device, dtype):
-    """Median step time and peak memory of each SAE, timed alternately so drift hits both alike."""
+    """Median step time, peak memory and FLOPs a token of each SAE, timed alternately so drift hits both
+    alike."""
     x_BD = torch.randn(cfg.batch_size, cfg.d_in, device=device, dtype=dtype)
     runs = {}
     for name, arch, experts in (("sae", cfg.arch, cfg.experts), ("topk", "switch", 1)):
         torch.manual_seed(0)
-        sae = make_sae(arch, cfg.d_in, cfg.width, experts, cfg.k).to(device, dtype)
+        routing = router_fields(cfg) if name == "sae" else {}
+        sae = make_sae(arch, cfg.d_in, cfg.width, experts, cfg.k, **routing).to(device, dtype)
         sae.init_biases_(x_BD)
         step = bench_step(dataclasses.replace(cfg, arch=arch), sae, x_BD)
         step()
         peak_memory_reset(device)
         step()
-        runs[name] = {"step": step, "times": [], "peak_mem_mb": peak_memory_mb(device)}
+        runs[name] = {"step": step, "times": [], "peak_mem_mb": peak_memory_mb(device),
+                      "flops": sae.flops_per_token(cfg.batch_size)["total"]}
     for _ in range(cfg.steps):
         for run in runs.values():
             run["times"].append(timed(run["step"], device, 1))
@@ -2294,7 +2474,7 @@ def bench_sae_steps(cfg, device, dtype):
             sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
             table = prof.key_averages().table(sort_by=sort_by, row_limit=15)
             print(f"{name}: 3 steps\n{table}", file=sys.stderr)
-    return {name: (statistics.median(r["times"]), r["peak_mem_mb"]) for name, r in runs.items()}
+    return {name: (statistics.median(r["times"]), r["peak_mem_mb"], r["flops"]) for name, r in runs.items()}
 
 
 def bench_expert_parallel(cfg, device, comms):
@@ -2303,12 +2483,13 @@ def bench_expert_parallel(cfg, device, comms):
     torch.manual_seed(rank)
     x_BD = torch.randn(cfg.batch_size // ranks, cfg.d_in, device=device)
     torch.manual_seed(0)
-    sae = ExpertParallelSwitchSAE(cfg.d_in, cfg.width, cfg.experts, cfg.k, comms).to(device)
+    router = make_router(cfg.experts, **router_fields(cfg))
+    sae = ExpertParallelSwitchSAE(cfg.d_in, cfg.width, cfg.experts, cfg.k, comms, router).to(device)
     step = bench_step(cfg, sae, x_BD, comms)
     step()
     seconds = timed(step, device, cfg.steps)
     with torch.no_grad():
-        leaving = (sae.route(x_BD)[1] // sae.experts_here != rank).sum().item()
+        leaving = (sae.route(x_BD).expert // sae.experts_here != rank).sum().item()
     replicated = sum(p.numel() for p in sae.parameters() if not is_sharded(p))
     # each token leaving: its activation and expert id out, its decoded vector back, that vector's gradient
     # out; plus the counts and the ring all-reduce of the replicated gradients
@@ -2374,9 +2555,9 @@ def bench(cfg, given=None):
     if cfg.expert_parallel:
         result = bench_expert_parallel(cfg, device, comms)
     else:
-        (sae_s, sae_mem), (topk_s, topk_mem) = bench_sae_steps(cfg, device, dtype).values()
-        flops = {name: flops_per_token(cfg.d_in, cfg.width, experts, cfg.k, cfg.batch_size, arch)["total"]
-                 for name, arch, experts in (("sae", cfg.arch, cfg.experts), ("topk", "switch", 1))}
+        runs = bench_sae_steps(cfg, device, dtype)
+        (sae_s, sae_mem, _), (topk_s, topk_mem, _) = runs.values()
+        flops = {name: run[2] for name, run in runs.items()}
         m = cfg.width // cfg.experts
         probe = torch.empty(1, cfg.d_in, device=device)
         peak = matmul_tflops(cfg, device, dtype)

@@ -92,6 +92,66 @@ def test_routed_equals_dense_reference(experts, k, grouped, monkeypatch):
     assert got["W_router"].abs().sum() > 0 or experts == 1
 
 
+# the routing rules: make_router's keywords
+RULES = {"switch": {}, "top-2": dict(experts_per_token=2), "shared": dict(shared_expert=True),
+         "top-2 and shared": dict(experts_per_token=2, shared_expert=True), "heaviside": dict(gate="heaviside"),
+         "aux-free": dict(balance="aux-free", balance_rate=0.01)}
+
+
+def dense_rule(sae, x_BD, experts_per_token=1, shared_expert=False, gate="softmax", balance="loss", balance_rate=None):
+    """Each routing rule as its own words say, densely: softmax over the routed experts; the e best by
+    probability (by logit + bias under aux-free); gate p_i (1 when heaviside); the shared expert, the last,
+    with gate 1; every latent scaled by its expert's gate (0 elsewhere), one TopK over all; the balance
+    term N' sum f P over the routed experts, f counting assignments."""
+    N, m = sae.experts, sae.width // sae.experts
+    routed = N - shared_expert
+    logits = (x_BD - sae.b_router) @ sae.W_router.T
+    probs = F.softmax(logits, dim=-1)
+    chosen = (logits + sae.router.selection_bias if balance == "aux-free" else probs).topk(experts_per_token).indices
+    picked = torch.ones(chosen.shape) if gate == "heaviside" else probs.gather(1, chosen)
+    gate_BN = torch.zeros(len(x_BD), N).scatter(1, chosen, picked)
+    if shared_expert:
+        gate_BN = torch.cat([gate_BN[:, :-1], torch.ones(len(x_BD), 1)], 1)
+    gated_BM = torch.relu((x_BD - sae.b_dec) @ sae.W_enc.T) * gate_BN.repeat_interleave(m, 1)
+    vals, idx = gated_BM.topk(sae.k, dim=1)
+    codes = torch.zeros_like(gated_BM).scatter(1, idx, vals)
+    load = torch.bincount(chosen.flatten(), minlength=routed).float() / chosen.numel()
+    return codes @ sae.W_dec + sae.b_dec, codes, routed * (load * probs.mean(0)).sum()
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("grouped", [False, True])
+def test_every_routing_rule_equals_its_dense_reference_and_forward_dense(rule, grouped, monkeypatch):
+    """Outputs, codes, the balance term and every gradient: the routed fast path against the test's own
+    dense formula of the rule, and against SwitchSAE.forward_dense."""
+    monkeypatch.setattr(S, "use_grouped_mm", lambda x, m: grouped)
+    torch.manual_seed(0)
+    sae = S.SwitchSAE(24, 96, 4, 5, S.make_router(4, **RULES[rule]))
+    x = torch.randn(300, 24) * 2
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_router.normal_()
+        if rule == "aux-free":  # a bias that changes the choice of many tokens
+            sae.router.selection_bias.copy_(torch.tensor([1.0, -1.0, 0.5, 0.0]))
+    fast, dense = sae(x), sae.forward_dense(x)
+    ref_hat, ref_codes, ref_balance = dense_rule(sae, x, **RULES[rule])
+    in_loss = rule != "aux-free"
+    ref_loss = (ref_hat - x).pow(2).sum(-1).mean() + 3.0 * 24 * ref_balance * in_loss
+    want = grads(sae, ref_loss)
+    for out in (fast, dense):
+        torch.testing.assert_close(out.x_hat, ref_hat, **TOL)
+        codes = torch.zeros(len(x), sae.width).scatter(1, out.idx, out.acts * out.gates)
+        torch.testing.assert_close(codes, ref_codes.detach(), **TOL)
+        loss, parts = sae.loss(x, out)
+        torch.testing.assert_close(parts["balance"], ref_balance, **TOL)
+        got = grads(sae, loss)
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], **TOL, msg=name)
+    torch.testing.assert_close(sae.encode(x, dense=True), ref_codes.detach(), **TOL)
+    if rule == "heaviside":  # the router learns from the balance term alone
+        assert grads(sae, (sae(x).x_hat - x).pow(2).sum())["W_router"].abs().max() == 0
+
+
 def test_forward_dense_as_the_paper_writes_it_equals_the_routed_forward():
     sae, x = random_sae(experts=4, k=5)
     fast, dense = sae(x), sae.forward_dense(x)
@@ -490,13 +550,14 @@ def test_gathered_dots_equals_gather_then_dot():
     torch.testing.assert_close(S.gathered_dots(idx, W, vec), (W[idx] * vec[:, None, :]).sum(-1), **TOL)
 
 
-@pytest.mark.parametrize("auxk", [False, True])
-def test_flop_count_matches_flop_counter_on_equivalent_matmuls(monkeypatch, auxk):
+@pytest.mark.parametrize("rule,auxk", [(rule, False) for rule in RULES] + [("switch", True)])
+def test_flop_count_matches_flop_counter_on_equivalent_matmuls(monkeypatch, rule, auxk):
     from torch.utils.flop_counter import FlopCounterMode
 
     monkeypatch.setattr(S, "scatter_rows", scatter_rows_by_index_add)  # FlopCounterMode counts a sparse product as dense
     d, width, experts, k, B = 64, 1024, 8, 16, 512
-    sae, _ = random_sae(d=d, width=width, experts=experts, k=k)
+    torch.manual_seed(0)
+    sae = S.SwitchSAE(d, width, experts, k, S.make_router(experts, **RULES[rule]))
     x = torch.randn(B, d)
     dead = torch.arange(width) % 2 == 0 if auxk else None  # 64 dead latents an expert: k_aux = d / 2 = 32 of them
     # the real forward and backward: FlopCounterMode sees the router and encoder matmuls ...
@@ -507,17 +568,21 @@ def test_flop_count_matches_flop_counter_on_equivalent_matmuls(monkeypatch, auxk
     assert out.idx.shape[1] == k and (out.aux_idx.shape[1] if auxk else out.aux_idx) == (32 if auxk else None)
     acts, idx = (torch.cat([out.acts, out.aux_acts], 1), torch.cat([out.idx, out.aux_idx], 1)) if auxk else (out.acts, out.idx)
     counted = counter.get_total_flops()
-    # ... the sparse gathers (embedding_bag) it cannot see are counted as the batched matmuls they equal
+    # ... the sparse gathers (embedding_bag) it cannot see are counted as the batched matmuls they equal: the
+    # decoder on each token's k kept latents, the encoder's weight gradient on every expert's k candidates
+    per_token = RULES[rule].get("experts_per_token", 1) + RULES[rule].get("shared_expert", False)
     with FlopCounterMode(display=False) as counter:
         rows = sae.W_dec.detach()[idx].requires_grad_()  # (B, k, d)
         a = acts.detach()[:, None, :].requires_grad_()  # (B, 1, k)
         torch.bmm(a, rows).sum().backward()  # decoder forward, W_dec rows grad, latent grad
-        torch.bmm(acts.detach()[:, None, :], sae.W_enc.detach()[idx])  # sparse W_enc grad: same shape
+        K = idx.shape[1]
+        torch.bmm(torch.randn(B * per_token, 1, K), torch.randn(B * per_token, K, d))  # sparse W_enc grad: same shape
     counted += counter.get_total_flops()
-    analytic = S.flops_per_token(d, width, experts, k, B, k_aux=32 if auxk else 0)
+    analytic = sae.flops_per_token(B, k_aux=32 if auxk else 0)
     matmul_terms = analytic["total"] - analytic["load_balance"]
     assert counted / B == pytest.approx(matmul_terms, rel=0.02)
-    assert analytic["paper_encoder_only"] == 4 * d * width // experts
+    assert analytic["paper_encoder_only"] == 4 * d * width // experts * per_token
+    assert analytic["load_balance"] == (0 if rule == "aux-free" else 3 * (experts - ("shared" in rule)))
 
 
 @pytest.mark.parametrize("arch", ["relu", "gated"])
@@ -529,7 +594,7 @@ def test_baseline_flop_count_matches_flop_counter(arch):
     with FlopCounterMode(display=False) as counter:
         loss, _ = sae.loss(x, sae(x), l1_coeff=1.0)
         loss.backward()
-    assert counter.get_total_flops() / B == pytest.approx(S.flops_per_token(d, width, 1, 1, B, arch)["total"], rel=0.02)
+    assert counter.get_total_flops() / B == pytest.approx(sae.flops_per_token(B)["total"], rel=0.02)
 
 
 # -----------------------------------------------------------------------------
@@ -633,6 +698,8 @@ def test_cli_trains_evaluates_and_checkpoint_reloads(tiny_run, tmp_path, capsys)
     assert "frac_loss_recovered" in printed and metrics["train_tokens"] == 2048
     assert metrics["l0"] <= 4 and len(metrics["expert_load"]) == 4
     assert sum(metrics["expert_load"]) == pytest.approx(1.0)
+    per_expert = metrics["dead_fraction_per_expert"]  # experts of equal size: their mean is the whole's
+    assert len(per_expert) == 4 and sum(per_expert) / 4 == pytest.approx(metrics["dead_fraction"])
     assert metrics["ce_sae"] == pytest.approx(metrics["ce_clean"] + metrics["delta_ce"])
     assert metrics["train_flops"] == metrics["flops_per_token"] * 2048
     assert checkpoint_step(tmp_path) == 2048 // 256  # the steps actually taken, as the checkpoint records them
@@ -662,11 +729,12 @@ def test_cli_trains_evaluates_and_checkpoint_reloads(tiny_run, tmp_path, capsys)
     assert mse(sae) < 0.99 * mse(untrained)  # 8 small steps on a random tiny LM: a modest but real gain
 
 
-@pytest.mark.parametrize("normalize", [False, True])
-def test_resume_ends_with_the_same_weights(tiny_run, tmp_path, monkeypatch, normalize):
+@pytest.mark.parametrize("normalize,rule", [(False, "switch"), (True, "switch"), (False, "aux-free"),
+                                            (True, "top-2 and shared")])
+def test_resume_ends_with_the_same_weights(tiny_run, tmp_path, monkeypatch, normalize, rule):
     from safetensors.torch import load_file
 
-    extra = {"normalize_activations": True} if normalize else {}
+    extra = {**({"normalize_activations": True} if normalize else {}), **RULES[rule]}
     S.main(tiny_args(tiny_run, tmp_path / "whole", **extra))
     real_step = S.train_step
     calls = []
@@ -740,6 +808,14 @@ BAD = [
     (dict(windows="some"), "unknown --windows"),
     (dict(lm_dtype="fp16"), "unknown --lm-dtype"),
     (dict(arch="relu", auxk_alpha=0.03), "--arch relu has no use for --auxk-alpha"),
+    (dict(arch="gated", shared_expert=True), "--arch gated has no use for --shared-expert"),
+    (dict(shared_expert=True, experts=1, width=16), "--shared-expert needs --experts 2 or more"),
+    (dict(experts_per_token=4, shared_expert=True), "--experts-per-token 4 is more than the 3 routed experts"),
+    (dict(balance="aux-free", lb_alpha=1.0), "--lb-alpha weighs the balance term"),
+    (dict(balance_rate=0.01), "--balance-rate is the step of --balance aux-free"),
+    (dict(balance="aux-free", gate="heaviside"), "leaves the router nothing to learn from"),
+    (dict(experts_per_token=2, auxk_alpha=0.03), "--auxk-alpha takes one expert a token"),
+    (dict(shared_expert=True, expert_parallel=True), "--expert-parallel decodes on each expert's rank"),
 ]
 
 
@@ -807,7 +883,7 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def steps_on_ranks(rank, ranks, port, mode, x_global, out_dir, steps):
+def steps_on_ranks(rank, ranks, port, mode, x_global, out_dir, steps, rule="switch"):
     """Run `steps` training steps of one rank on its share of the global batch, then save a checkpoint."""
     import torch.distributed as dist
 
@@ -816,10 +892,11 @@ def steps_on_ranks(rank, ranks, port, mode, x_global, out_dir, steps):
     torch.manual_seed(0)
     comms = S.TorchDistributed() if ranks > 1 else S.SingleProcess()
     d, width, experts, k = x_global.shape[1], 64, 4, 4
+    router = S.make_router(experts, **RULES[rule])
     if mode == "expert":
-        sae = S.ExpertParallelSwitchSAE(d, width, experts, k, comms)
+        sae = S.ExpertParallelSwitchSAE(d, width, experts, k, comms, router)
     else:
-        sae = S.SwitchSAE(d, width, experts, k)
+        sae = S.SwitchSAE(d, width, experts, k, router)
     opt, clock = S.make_optimizer(sae), torch.zeros(len(sae.W_dec), dtype=torch.long)
     cfg = S.TrainConfig(batch_size=len(x_global), width=width, experts=experts, k=k)
     x = x_global.chunk(ranks)[rank]
@@ -842,8 +919,9 @@ def steps_on_ranks(rank, ranks, port, mode, x_global, out_dir, steps):
         os._exit(0)
 
 
-@pytest.mark.parametrize("mode", ["data", "expert"])
-def test_two_ranks_match_one_process_on_the_same_global_batch(mode, tmp_path):
+@pytest.mark.parametrize("mode,rule", [("data", "switch"), ("expert", "switch"), ("expert", "aux-free"),
+                                       ("data", "top-2 and shared")])
+def test_two_ranks_match_one_process_on_the_same_global_batch(mode, rule, tmp_path):
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
@@ -851,14 +929,16 @@ def test_two_ranks_match_one_process_on_the_same_global_batch(mode, tmp_path):
     x_global = torch.randn(256, 16) * 3 + 1
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
-    steps_on_ranks(0, 1, None, "data", x_global, str(tmp_path / "one"), 4)
-    mp.spawn(steps_on_ranks, args=(2, free_port(), mode, x_global, str(tmp_path / "two"), 4), nprocs=2)
+    steps_on_ranks(0, 1, None, "data", x_global, str(tmp_path / "one"), 4, rule)
+    mp.spawn(steps_on_ranks, args=(2, free_port(), mode, x_global, str(tmp_path / "two"), 4, rule), nprocs=2)
     one, two = load_file(tmp_path / "one" / "sae.safetensors"), load_file(tmp_path / "two" / "sae.safetensors")
     assert one.keys() == two.keys()  # the same layout whatever the number of ranks
     for name in one:  # float32 sums in another order: agreement to about 1e-5, after Adam's division by sqrt(v)
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
     losses_one, losses_two = (json.load(open(tmp_path / run / "losses.json")) for run in ("one", "two"))
     assert losses_two == pytest.approx(losses_one, rel=1e-5)
+    if rule == "aux-free":  # the bias moved, by the global load, alike on every rank
+        assert one["router.selection_bias"].abs().sum() > 0
 
 
 def torchrun(*args, **kwargs):
@@ -1235,24 +1315,27 @@ def saelens_encode(cfg, W, x):
     pre = x_in @ W["W_enc"] + W["b_enc"]
     if cfg["architecture"] == "standard":
         return torch.relu(pre)
-    gate = torch.ones(len(x))
-    if cfg["architecture"] == "switch":
-        probs = torch.softmax((x - W["b_router"]) @ W["W_router"].T, -1)
-        gate, expert = probs.max(-1)
-        owner = torch.arange(cfg["d_sae"]) // (cfg["d_sae"] // cfg["n_experts"])
-        pre = pre.masked_fill(owner != expert[:, None], -torch.inf)
-    vals, idx = pre.topk(cfg["k"], dim=-1)
-    return torch.zeros_like(pre).scatter(-1, idx, vals.relu() * gate[:, None])
+    gate = torch.ones_like(pre)
+    if cfg["architecture"] == "switch":  # the rule's fields: absent for the paper's rule
+        logits = (x - W["b_router"]) @ W["W_router"].T
+        probs = torch.softmax(logits, -1)
+        chosen = (logits + W["selection_bias"] if cfg.get("aux_free") else probs).topk(cfg.get("experts_per_token", 1)).indices
+        gate_N = torch.zeros_like(probs).scatter(1, chosen, 1.0 if cfg.get("heaviside") else probs.gather(1, chosen))
+        gate_N = torch.cat([gate_N, torch.ones(len(x), 1)], 1) if cfg.get("shared_expert") else gate_N
+        gate = gate_N.repeat_interleave(cfg["d_sae"] // cfg["n_experts"], 1)
+    vals, idx = (pre.relu() * gate).topk(cfg["k"], dim=-1)
+    return torch.zeros_like(pre).scatter(-1, idx, vals)
 
 
-@pytest.mark.parametrize("arch,experts,normalize", [("switch", 1, False), ("switch", 4, False), ("relu", 1, False),
-                                                    ("gated", 1, False), ("switch", 4, True), ("relu", 1, True),
-                                                    ("gated", 1, True)])
-def test_export_to_saelens_reproduces_the_sae(tiny_run, tmp_path, arch, experts, normalize):
+@pytest.mark.parametrize("arch,experts,normalize,rule", [
+    ("switch", 1, False, "switch"), ("switch", 4, False, "switch"), ("relu", 1, False, None), ("gated", 1, False, None),
+    ("switch", 4, True, "switch"), ("relu", 1, True, None), ("gated", 1, True, None),
+    ("switch", 4, True, "top-2 and shared"), ("switch", 4, False, "heaviside"), ("switch", 4, True, "aux-free")])
+def test_export_to_saelens_reproduces_the_sae(tiny_run, tmp_path, arch, experts, normalize, rule):
     from safetensors.torch import load_file
 
-    S.main(tiny_args(tiny_run, tmp_path / "run", arch=arch, experts=experts, skip_ce=True, l1_coeff=0.01, lr=1e-3,
-                     **({"normalize_activations": True} if normalize else {})))
+    S.main(tiny_args(tiny_run, tmp_path / "run", arch=arch, experts=experts, skip_ce=True, lr=1e-3,
+                     **({"normalize_activations": True} if normalize else {}), **RULES.get(rule, dict(l1_coeff=0.01))))
     assert (S.load_sae(tmp_path / "run").input_scale.item() != 1) == normalize
     S.main(["export", str(tmp_path / "run"), str(tmp_path / "saelens"), "--format", "saelens"])
     cfg = json.load(open(tmp_path / "saelens" / "cfg.json"))
@@ -1615,6 +1698,8 @@ def refused(argv, capsys, out=None, mid_run=False):
 BAD_FIELDS = {
     "arch": ["dense"], "experts": ["0", "-1", "abc"], "width": ["0", "-4", "2.5", "10**30"], "k": ["0", "-1", "1e3"],
     "lb_alpha": ["-1", "nan", "inf", "abc"], "auxk_alpha": ["-1", "nan"], "l1_coeff": ["-5", "inf"],
+    "experts_per_token": ["0", "-1", "99"], "shared_expert": ["x="], "gate": ["relu"], "balance": ["none"],
+    "balance_rate": ["-1", "nan"],
     "dead_tokens": ["0", "-1"], "normalize_activations": ["x="], "layer": ["-1", "abc", "7"], "site": ["embed"],
     "text": ["/nonexistent/corpus.jsonl"], "dataset": ["no/such-dataset"], "ctx": ["0", "1", "-3", "65"],
     "windows": ["some"], "skip_positions": ["-1", "16"], "lm_batch_size": ["0", "-1", "10**20"], "lm_dtype": ["fp16", "foo"],
