@@ -258,7 +258,25 @@ class SAE(nn.Module):
     scale, and the rules the training loop calls around each step (no-ops where an architecture has none)."""
 
     unit_decoder = True  # rows kept at unit norm: gradient projected before the step, renormalised after
-    experts = 1  # the baselines have no router
+    experts, k_aux = 1, 0  # the baselines have no router, no AuxK
+    warmup_steps = 0  # of the lr
+    # config fields a kind has no use for, with their neutral values: a baseline's, here
+    unused = {"experts": 1, "k": None, "lb_alpha": 0, "auxk_alpha": 0, "experts_per_token": 1,
+              "shared_expert": False, "gate": "softmax", "balance": "loss", "balance_rate": None}
+    why_unused = " (AuxK and the router are rules of TopK experts)"
+
+    @classmethod
+    def loss_coefficients(cls, cfg, step, steps):
+        """The keyword arguments of its loss at `step` of `steps`, from a config."""
+        return {"l1_coeff": cfg.l1_coeff}
+
+    @classmethod
+    def refusals(cls, cfg, given):
+        """What is wrong in a config for this kind, in one line each; given: the fields set."""
+        ignored = ["--" + name.replace("_", "-") for name, neutral in cls.unused.items()
+                   if name in given and getattr(cfg, name) != neutral]
+        why = f"--arch {cfg.arch} has no use for {', '.join(ignored)}{cls.why_unused}: drop them"
+        return [why] if ignored else []
 
     def __init__(self):
         super().__init__()
@@ -304,6 +322,9 @@ class SAE(nn.Module):
 
     def after_step_(self, out):
         """What changes after each optimizer step besides the weights; out: the step's global output."""
+
+    def summary(self):
+        return f"a {self.arch} SAE of {self.width} latents"
 
     def flops_per_token(self, batch_size, k_aux=0):
         """Training FLOPs a token, term by term, as this code runs them, with their total; paper_encoder_only
@@ -383,6 +404,13 @@ class Router(nn.Module):
     def after_step_(self, counts_N):
         """An update after each optimizer step, from the global batch's counts."""
 
+    def saelens(self):
+        """The README's SAELens class's cfg fields and tensors for this rule, where not the paper's."""
+        fields = {"experts_per_token": self.experts_per_token} if self.experts_per_token > 1 else {}
+        fields.update({"shared_expert": True} if self.shared_expert else {})
+        fields.update({"heaviside": True} if self.gate == "heaviside" else {})
+        return fields, {}
+
     def flops(self, d):
         """Its terms of a training step per token: the router's matmuls and the balance term."""
         return {"router_fwd": 2 * d * self.routed, "router_bwd": 4 * d * self.routed,  # W_router, b_router
@@ -412,6 +440,10 @@ class AuxFreeRouter(Router):
         load_N = counts_N[: self.routed].float()
         self.selection_bias.add_(self.balance_rate * (load_N.mean() - load_N).sign())
 
+    def saelens(self):
+        fields, tensors = super().saelens()
+        return {**fields, "aux_free": True}, {"selection_bias": self.selection_bias}  # logits: not scaled
+
 
 def make_router(experts, experts_per_token=1, shared_expert=False, gate="softmax", balance="loss",
                 balance_rate=1e-3):
@@ -424,6 +456,40 @@ class SwitchSAE(SAE):
     """N TopK experts of m = width / N latents behind a router (by default the paper's top-1 rule)."""
 
     arch = "switch"
+    unused = {"l1_coeff": None}
+    why_unused = ""
+
+    @staticmethod
+    def default_lr(width):
+        return 2e-4 / math.sqrt(width / 2**14)  # the paper's, after Gao et al.
+
+    @classmethod
+    def loss_coefficients(cls, cfg, step, steps):
+        return {"lb_alpha": cfg.lb_alpha, "auxk_alpha": cfg.auxk_alpha}
+
+    @classmethod
+    def refusals(cls, cfg, given):
+        """Also the routing rules that do not go together, each with why."""
+        m, routed = cfg.width // cfg.experts, cfg.experts - cfg.shared_expert
+        rules = {
+            f"--width {cfg.width} must be a multiple of --experts {cfg.experts} and --k {cfg.k} at most the "
+            f"latents per expert ({m} = width / experts): change one of them":
+                cfg.width % cfg.experts or cfg.k > m,
+            "--shared-expert needs --experts 2 or more (one shared, the rest routed)":
+                cfg.shared_expert and cfg.experts < 2,
+            f"--experts-per-token {cfg.experts_per_token} is more than the {routed} routed experts":
+                cfg.experts_per_token > routed,
+            "--lb-alpha weighs the balance term, which --balance aux-free has none of: drop it":
+                cfg.balance == "aux-free" and "lb_alpha" in given,
+            "--balance-rate is the step of --balance aux-free: add that, or drop it":
+                cfg.balance != "aux-free" and "balance_rate" in given,
+            "--gate heaviside with --balance aux-free leaves the router nothing to learn from (no gate, no "
+            "balance term): drop one": cfg.gate == "heaviside" and cfg.balance == "aux-free",
+            "--auxk-alpha takes one expert a token (AuxK's dead latents are its expert's): drop it, or "
+            "--experts-per-token and --shared-expert":
+                cfg.auxk_alpha and cfg.experts_per_token + cfg.shared_expert > 1,
+        }
+        return super().refusals(cfg, given) + [message for message, bad in rules.items() if bad]
 
     def __init__(self, d_in, width, experts, k, router=None):
         super().__init__()
@@ -566,6 +632,21 @@ class SwitchSAE(SAE):
     def after_step_(self, out):
         self.router.after_step_(out.expert_counts)
 
+    def summary(self):
+        return f"{self.experts} experts x {self.width // self.experts} latents, k={self.k}"
+
+    def saelens(self):
+        """SAELens's architecture, whether its encoder subtracts b_dec, the tensors (in the scaled units) and
+        the cfg fields: topk for one expert, else the README's switch class."""
+        tensors = {"W_enc": self.W_enc.T, "b_enc": torch.zeros(self.width, device=self.device),
+                   "W_dec": self.W_dec, "b_dec": self.b_dec}
+        fields = {"k": self.k, "rescale_acts_by_decoder_norm": False}
+        if self.experts == 1:
+            return "topk", True, tensors, fields
+        rule_fields, rule_tensors = self.router.saelens()
+        tensors.update(W_router=self.W_router, b_router=self.b_router, **rule_tensors)
+        return "switch", True, tensors, {**fields, "n_experts": self.experts, **rule_fields}
+
     def flops_per_token(self, batch_size, k_aux=0):
         """k_aux: the AuxK latents of a step with dead latents (min(d/2, m)), decoded and trained beside the k
         live ones. Each of a token's experts runs its m latents and trains its k candidates."""
@@ -592,6 +673,12 @@ class ReluSAE(SAE):
 
     arch = "relu"
     unit_decoder = False  # its norms float and are paid for in the L1 term
+    default_lr = staticmethod(lambda width: 5e-5)  # Anthropic's
+
+    @classmethod
+    def loss_coefficients(cls, cfg, step, steps):
+        """The L1 weight warms up linearly over the first 5% of steps."""
+        return {"l1_coeff": cfg.l1_coeff * min(1.0, (step + 1) / max(1, 0.05 * steps))}
 
     def __init__(self, d_in, width):
         super().__init__()
@@ -611,12 +698,17 @@ class ReluSAE(SAE):
         l1 = (out.acts * self.W_dec.norm(dim=1)).sum(-1).mean()
         return recon * self.input_scale**2 + l1_coeff * l1, {"recon": recon, "l1": l1}
 
+    def saelens(self):
+        return "standard", False, {"W_enc": self.W_enc.T, "b_enc": self.b_enc, "W_dec": self.W_dec,
+                                   "b_dec": self.b_dec}, {}
+
 
 class GatedSAE(SAE):
     """Baseline: Gated SAE (Rajamanoharan et al. 2024): a gate decides which latents fire, a magnitude
     path (the gate's weights rescaled per latent) decides how strongly."""
 
     arch = "gated"
+    default_lr, warmup_steps = staticmethod(lambda width: 3e-4), 1000  # Rajamanoharan et al.'s
 
     def __init__(self, d_in, width):
         super().__init__()
@@ -644,6 +736,10 @@ class GatedSAE(SAE):
         aux = squared_error(gate_BM @ self.W_dec.detach() + self.b_dec.detach(), x_BD * self.input_scale)
         return recon * self.input_scale**2 + l1_coeff * l1 + aux, {"recon": recon, "l1": l1, "aux": aux}
 
+    def saelens(self):
+        return "gated", True, {"W_enc": self.W_gate.T, "W_dec": self.W_dec, "b_dec": self.b_dec,
+                               "b_gate": self.b_gate, "b_mag": self.b_mag, "r_mag": self.r_mag}, {}
+
     def flops_per_token(self, batch_size, k_aux=0):
         """Also the gate's gradient through r_mag and its reconstruction through the frozen decoder."""
         dM = self.d_in * self.width
@@ -651,11 +747,14 @@ class GatedSAE(SAE):
                          "decoder_bwd": 4 * dM, "gate_aux_fwd": 2 * dM, "gate_aux_bwd": 2 * dM}, 4 * dM)
 
 
+ARCHS = {"switch": SwitchSAE, "relu": ReluSAE, "gated": GatedSAE}
+
+
 def make_sae(arch, d_in, width, experts=1, k=32, **routing):
     """An SAE of its kind; routing: make_router's keywords (Switch)."""
     if arch == "switch":
         return SwitchSAE(d_in, width, experts, k, make_router(experts, **routing))
-    return {"relu": ReluSAE, "gated": GatedSAE}[arch](d_in, width)
+    return ARCHS[arch](d_in, width)
 
 
 # -----------------------------------------------------------------------------
@@ -821,46 +920,17 @@ def fields_set(cfg, given=None):
 
 # the flags each kind of SAE has no use for: given another value than the one that means "none" (None:
 # any value), they are refused, not ignored
-SWITCH_ONLY = {"experts": 1, "k": None, "lb_alpha": 0, "auxk_alpha": 0, "experts_per_token": 1,
-               "shared_expert": False, "gate": "softmax", "balance": "loss", "balance_rate": None}
 ROUTER_FIELDS = ("experts_per_token", "shared_expert", "gate", "balance", "balance_rate")
 
 
 def router_fields(cfg):
     """make_router's keywords, from a config."""
     return {name: getattr(cfg, name) for name in ROUTER_FIELDS}
-IGNORED_BY = {"switch": {"l1_coeff": None}, "relu": SWITCH_ONLY, "gated": SWITCH_ONLY}
-
-
 def check_sae_config(cfg, given):
     """The rules between an SAE's fields (check_fields has checked each one); given: the fields set."""
-    m = cfg.width // cfg.experts
-    if cfg.arch == "switch" and (cfg.width % cfg.experts or cfg.k > m):
-        raise UsageError(f"--width {cfg.width} must be a multiple of --experts {cfg.experts} and --k {cfg.k} "
-                         f"at most the latents per expert ({m} = width / experts): change one of them")
-    ignored = [cli_flag(name) for name, none in IGNORED_BY[cfg.arch].items()
-               if name in given and getattr(cfg, name) != none]
-    if ignored:
-        why = " (AuxK and the router are rules of TopK experts)" if cfg.arch != "switch" else ""
-        raise UsageError(f"--arch {cfg.arch} has no use for {', '.join(ignored)}{why}: drop them")
-    routed, per_token = cfg.experts - cfg.shared_expert, cfg.experts_per_token + cfg.shared_expert
-    refused = {  # rules of routing that do not go together, each with why
-        "--shared-expert needs --experts 2 or more (one shared, the rest routed)":
-            cfg.shared_expert and cfg.experts < 2,
-        f"--experts-per-token {cfg.experts_per_token} is more than the {routed} routed experts":
-            cfg.experts_per_token > routed,
-        "--lb-alpha weighs the balance term, which --balance aux-free has none of: drop it":
-            cfg.balance == "aux-free" and "lb_alpha" in given,
-        "--balance-rate is the step of --balance aux-free: add that, or drop it":
-            cfg.balance != "aux-free" and "balance_rate" in given,
-        "--gate heaviside with --balance aux-free leaves the router nothing to learn from (no gate, no "
-        "balance term): drop one": cfg.gate == "heaviside" and cfg.balance == "aux-free",
-        "--auxk-alpha takes one expert a token (AuxK's dead latents are its expert's): drop it, or "
-        "--experts-per-token and --shared-expert": cfg.auxk_alpha and per_token > 1,
-    }
-    for message, bad in refused.items():
-        if bad and cfg.arch == "switch":
-            raise UsageError(message)
+    refused = ARCHS[cfg.arch].refusals(cfg, given)
+    if refused:
+        raise UsageError(refused[0])
     if cfg.compile and not compiler_found():
         raise UsageError("--compile needs a C/C++ compiler on PATH (torch.compile builds its kernels "
                          "with one): install g++ or drop --compile")
@@ -1517,26 +1587,15 @@ def is_sharded(p):
 
 
 def base_lr(cfg):
-    """--lr, or the paper's rule for the run's kind of SAE."""
-    return cfg.lr or {"switch": 2e-4 / math.sqrt(cfg.width / 2**14), "relu": 5e-5, "gated": 3e-4}[cfg.arch]
+    """--lr, or the rule of the run's kind of SAE."""
+    return cfg.lr or ARCHS[cfg.arch].default_lr(cfg.width)
 
 
 def lr_at(cfg, step, steps):
-    """Constant (after a 1000-step warm-up for gated), then linear decay to 0 after decay_start."""
-    base = base_lr(cfg)
-    if cfg.arch == "gated":
-        base *= min(1.0, (step + 1) / 1000)
+    """Constant (after the kind's warm-up), then linear decay to 0 after decay_start."""
+    base = base_lr(cfg) * min(1.0, (step + 1) / max(1, ARCHS[cfg.arch].warmup_steps))
     decay_from = int(cfg.decay_start * steps)
     return base if step < decay_from else base * (steps - step) / max(1, steps - decay_from)
-
-
-def loss_coefficients(cfg, step, steps):
-    """The keyword arguments of this SAE's loss at `step`; the relu baseline's L1 weight warms up linearly
-    over the first 5% of steps."""
-    if cfg.arch == "switch":
-        return {"lb_alpha": cfg.lb_alpha, "auxk_alpha": cfg.auxk_alpha}
-    warm_up = min(1.0, (step + 1) / max(1, 0.05 * steps)) if cfg.arch == "relu" else 1.0
-    return {"l1_coeff": cfg.l1_coeff * warm_up}
 
 
 def make_optimizer(sae):
@@ -1813,12 +1872,15 @@ def resumed_config(cfg, given):
     return resumed, history, changed
 
 
-def train(cfg, given=None):
-    """Train one SAE, or with cfg.resume continue the run in cfg.out; returns its metrics on rank 0.
-    given: the fields this command sets, which --resume holds against the run's own (by default those
-    that differ from TrainConfig's defaults). Every check runs before anything is written."""
-    from tqdm import tqdm
+def rank_share(cfg, ranks):
+    """What one of `ranks` ranks captures live: its share of each batch, buffer and the tokens."""
+    return dataclasses.replace(cfg, tokens=cfg.tokens // ranks, batch_size=cfg.batch_size // ranks,
+                               buffer_tokens=cfg.buffer_tokens // ranks)
 
+
+def start_run(cfg, given):
+    """Every check, then the activation source, the SAE, its optimizer and dead-latent clock (restored on
+    --resume) and config.json. Returns (cfg, comms, source, sae, opt, clock_M, start, dropped)."""
     given, history, changed = fields_set(cfg, given), [], {}
     if cfg.resume:  # the run's own settings; where and how fast to run it are this command's
         cfg, history, changed = resumed_config(cfg, given)
@@ -1828,112 +1890,130 @@ def train(cfg, given=None):
                          "pick another --out")
     writable_place(cfg.out, "--out")
     device, comms = start_distributed(pick_device(cfg.device))
-    ranks = comms.ranks
-    check_ranks(cfg, ranks, one_rank_ok=cfg.resume)  # an expert-parallel run may go on in one process
+    check_ranks(cfg, comms.ranks, one_rank_ok=cfg.resume)  # an expert-parallel run may go on in one process
     dropped = {"equal_to_held_out": 0, "duplicate": 0}
     cfg, source = activation_source(cfg, device, comms, dropped, given)
-    d, read_contexts, eval_tokens_CL, eval_x, model, module = source
-    # live, each rank captures its own share of each batch; from a cache it reads the global batch
-    local = dataclasses.replace(cfg, tokens=cfg.tokens // ranks, batch_size=cfg.batch_size // ranks,
-                                buffer_tokens=cfg.buffer_tokens // ranks)
-    check_resources(local, d, device, comms)
+    d = source[0]
+    check_resources(rank_share(cfg, comms.ranks), d, device, comms)
     sae = build_sae(cfg, d, comms).to(device)
     opt = make_optimizer(sae)
-    tokens_since_fired_M = torch.zeros(len(sae.W_dec), dtype=torch.long, device=device)
+    clock_M = torch.zeros(len(sae.W_dec), dtype=torch.long, device=device)
     steps = cfg.tokens // cfg.batch_size
-    start = load_checkpoint(cfg.out, sae, opt, tokens_since_fired_M, comms) if cfg.resume else 0
+    start = load_checkpoint(cfg.out, sae, opt, clock_M, comms) if cfg.resume else 0
     if steps < start:
         raise UsageError(f"--tokens {cfg.tokens} is fewer than the {start * cfg.batch_size} this run has "
                          "trained on: give at least that many")
-    flops = sae.flops_per_token(cfg.batch_size)
     if comms.rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
         history += [{"step": start, "changed": changed}] if changed else []
         write_json(os.path.join(cfg.out, "config.json"), {**dataclasses.asdict(cfg), "resumes": history})
-        switch = f"{cfg.experts} experts x {cfg.width // cfg.experts} latents, k={cfg.k}"
-        kind = switch if cfg.arch == "switch" else f"a {cfg.arch} SAE of {cfg.width} latents"
-        print(f"{cfg.model} layer {cfg.layer} {cfg.site}: d={d}, {kind}, {steps} steps of {cfg.batch_size} "
-              f"tokens on {ranks} rank(s), {flops['total'] / 1e6:.2f} MFLOP/token "
+        flops = sae.flops_per_token(cfg.batch_size)
+        print(f"{cfg.model} layer {cfg.layer} {cfg.site}: d={d}, {sae.summary()}, {steps} steps of "
+              f"{cfg.batch_size} tokens on {comms.ranks} rank(s), {flops['total'] / 1e6:.2f} MFLOP/token "
               f"({flops['paper_encoder_only'] / 1e6:.2f} by the paper's count)")
         if cfg.tokens < 819_200_000:
             print("the paper trained on 819.2M tokens: add --tokens 819200000")
-
-    if comms.rank == 0:
         feed = f"reading {cfg.acts}" if cfg.acts else f"capturing {cfg.buffer_tokens:,} tokens a buffer by LM"
         print(f"training: {feed}; the bar moves once each shuffle buffer is filled")
-    save_every = max(1, cfg.save_every // cfg.batch_size)
+    return cfg, comms, source, sae, opt, clock_M, start, dropped
+
+
+def train_loop(cfg, comms, read_contexts, sae, opt, clock_M, start):
+    """The steps from `start` on: a checkpoint every save_every tokens and at the end, a check for
+    divergence at each log step, a checkpoint and Stopped on a signal. Returns the loop's counts."""
+    from tqdm import tqdm
+
+    device, ranks, steps = sae.device, comms.ranks, cfg.tokens // cfg.batch_size
+    flops, save_every = sae.flops_per_token(cfg.batch_size), max(1, cfg.save_every // cfg.batch_size)
     seconds, started, auxk_steps, loss_curve = {"activations": 0.0}, time.perf_counter(), 0, []
     saved_step, x_absmax, x_typical = start, torch.zeros((), device=device), None  # NaN once an input was
     read_contexts = timed_reader(read_contexts, device, seconds)
     bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True, disable=comms.rank > 0)
+    # live, each rank captures its own share of each batch; from a cache it reads the global batch
+    batches = activation_batches(cfg if cfg.acts else rank_share(cfg, ranks), read_contexts, start, device)
     with stop_on_signals() as stop, bar:  # the bar ends its line on any exit, an error's too
-        for step, x_BD in activation_batches(cfg if cfg.acts else local, read_contexts, start, device):
+        for step, x_BD in batches:
             x_BD = x_BD.chunk(ranks)[comms.rank] if cfg.acts else x_BD  # from a cache, keep this rank's share
             if step == 0:  # from the whole first batch, the same on every rank
                 first_BD = comms.gather_rows(x_BD)
                 if cfg.normalize_activations:
                     sae.normalize_inputs_(first_BD)
                 sae.init_biases_(first_BD)
-            dead_M = tokens_since_fired_M > cfg.dead_tokens if cfg.auxk_alpha else None
-            coefs = loss_coefficients(cfg, step, steps)
+            dead_M = clock_M > cfg.dead_tokens if cfg.auxk_alpha else None
+            coefs = type(sae).loss_coefficients(cfg, step, steps)
             out, parts = train_step(sae, opt, x_BD, lr_at(cfg, step, steps), coefs, cfg.grad_clip, comms,
                                     dead_M, cfg.compile)
-            tick_dead_clock(tokens_since_fired_M, sae, out, comms)
+            tick_dead_clock(clock_M, sae, out, comms)
             x_absmax = torch.maximum(x_absmax, x_BD.abs().amax())
             if x_typical is None:  # one sync, at the first step
                 x_typical = x_BD.float().norm(dim=1).median().item()
             auxk_steps += out.aux_idx is not None  # dead latents, so AuxK ran
             bar.update(1)
             saving = (step + 1) % save_every == 0 or step + 1 == steps
-            if saving or (step + 1) % cfg.log_every == 0:  # all ranks check together: one collective
-                loss, recon, stopping, largest, weights_ok = logged_values(sae, parts, stop, x_absmax, saving,
-                                                                           comms)
-                loss_curve.append([step + 1, recon / ranks])
-                if not (math.isfinite(loss) and math.isfinite(largest) and weights_ok):  # before any save
-                    raise diverged(cfg, step + 1, saved_step, loss, largest, weights_ok, x_typical)
-                bar.set_postfix(loss=f"{loss / ranks:.1f}", fve=f"{parts['fve'].item():.3f}",
-                                tok_s=f"{(bar.format_dict['rate'] or 0) * cfg.batch_size:.0f}",
-                                pflop=f"{flops['total'] * (step + 1) * cfg.batch_size / 1e15:.4f}")
-                if saving or stopping:
-                    save_checkpoint(cfg.out, sae, cfg, step + 1, opt, tokens_since_fired_M, comms)
-                    saved_step = step + 1
-                if stopping:
-                    bar.close()  # before the message
-                    if comms.rank == 0:
-                        print(f"stopped by a signal after step {step + 1}: checkpoint saved in {cfg.out}; "
-                              f"continue with --resume --out {cfg.out}")
-                    raise Stopped(int(stop.item()) or signal.SIGTERM)  # the signal came to another rank
+            if not (saving or (step + 1) % cfg.log_every == 0):
+                continue
+            # a log step: all ranks check together, in one collective
+            logged = logged_values(sae, parts, stop, x_absmax, saving, comms)
+            loss, recon, stopping, largest, weights_ok = logged
+            loss_curve.append([step + 1, recon / ranks])
+            if not (math.isfinite(loss) and math.isfinite(largest) and weights_ok):  # before any save
+                raise diverged(cfg, step + 1, saved_step, loss, largest, weights_ok, x_typical)
+            bar.set_postfix(loss=f"{loss / ranks:.1f}", fve=f"{parts['fve'].item():.3f}",
+                            tok_s=f"{(bar.format_dict['rate'] or 0) * cfg.batch_size:.0f}",
+                            pflop=f"{flops['total'] * (step + 1) * cfg.batch_size / 1e15:.4f}")
+            if saving or stopping:
+                save_checkpoint(cfg.out, sae, cfg, step + 1, opt, clock_M, comms)
+                saved_step = step + 1
+            if stopping:
+                bar.close()  # before the message
+                if comms.rank == 0:
+                    print(f"stopped by a signal after step {step + 1}: checkpoint saved in {cfg.out}; "
+                          f"continue with --resume --out {cfg.out}")
+                raise Stopped(int(stop.item()) or signal.SIGTERM)  # the signal came to another rank
     sync(device)
     seconds["loop"] = time.perf_counter() - started
+    return {"auxk_steps": auxk_steps, "loss_curve": loss_curve, "seconds": seconds}
 
-    clock_M = comms.gather_rows(tokens_since_fired_M) if is_sharded(sae.W_dec) else tokens_since_fired_M
+
+def finish_run(cfg, comms, source, sae, clock_M, counts, dropped):
+    """Evaluate on the held-out contexts and write metrics.json (rank 0; other ranks return None)."""
+    _, _, eval_tokens_CL, eval_x, model, module = source
+    clock_M = comms.gather_rows(clock_M) if is_sharded(sae.W_dec) else clock_M
     if comms.rank > 0:
         return None
-    whole = load_sae(cfg.out, device) if is_sharded(sae.W_dec) else sae
+    whole = load_sae(cfg.out, sae.device) if is_sharded(sae.W_dec) else sae
     print(f"evaluating on {len(eval_tokens_CL)} held-out contexts"
           + ("" if cfg.skip_ce or model is None else " (then three LM passes for loss recovered and KL)"))
     if eval_x is None:
         eval_x = lm_activations(model, module, eval_tokens_CL, cfg.lm_batch_size, cfg.skip_positions)
     metrics = evaluate(whole, cfg, eval_x, None if cfg.skip_ce else model, module, eval_tokens_CL)
-    k_aux = sae.k_aux if cfg.arch == "switch" else 0
-    auxk_flops = sae.flops_per_token(cfg.batch_size, k_aux)["total"]
+    steps, seconds = cfg.tokens // cfg.batch_size, counts["seconds"]
+    flops, auxk_flops = (sae.flops_per_token(cfg.batch_size, k_aux)["total"] for k_aux in (0, sae.k_aux))
     metrics.update(dead_fraction_train=(clock_M > cfg.dead_tokens).float().mean().item(),
-                   train_tokens=steps * cfg.batch_size, flops_per_token=flops["total"],
+                   train_tokens=steps * cfg.batch_size, flops_per_token=flops,
                    # AuxK's extra work counted on the steps it ran (of this process, for a resumed run)
-                   train_flops=(flops["total"] * steps + (auxk_flops - flops["total"]) * auxk_steps)
-                   * cfg.batch_size,
-                   auxk_steps=auxk_steps,
-                   loss_curve=loss_curve,  # [step, reconstruction loss] at each log step (of this process)
-                   paper_flops_per_token=flops["paper_encoder_only"],
+                   train_flops=(flops * steps + (auxk_flops - flops) * counts["auxk_steps"]) * cfg.batch_size,
+                   auxk_steps=counts["auxk_steps"],
+                   loss_curve=counts["loss_curve"],  # [step, reconstruction loss] each log step, this process
+                   paper_flops_per_token=sae.flops_per_token(cfg.batch_size)["paper_encoder_only"],
                    input_scale=whole.input_scale.item(),  # 1 unless --normalize-activations
                    dropped_contexts=dropped,  # live: among the contexts read; cached: in the whole cache
                    seconds_activations=seconds["activations"],  # LM forwards (or cache reads), this process
                    seconds_sae=seconds["loop"] - seconds["activations"])  # SAE steps, logging, checkpoints
-    if cfg.arch == "switch":
+    if isinstance(whole, SwitchSAE):
         metrics["lb_scale"] = whole.lb_scale.item()  # what alpha multiplies: d, or V when normalized
     write_json(os.path.join(cfg.out, "metrics.json"), metrics)
     print_table(metrics)
     return metrics
+
+
+def train(cfg, given=None):
+    """Train one SAE, or with cfg.resume continue the run in cfg.out; returns its metrics on rank 0.
+    given: the fields this command sets, which --resume holds against the run's own (by default those
+    that differ from TrainConfig's defaults). Every check runs before anything is written."""
+    cfg, comms, source, sae, opt, clock_M, start, dropped = start_run(cfg, given)
+    counts = train_loop(cfg, comms, source[1], sae, opt, clock_M, start)
+    return finish_run(cfg, comms, source, sae, clock_M, counts, dropped)
 
 
 # -----------------------------------------------------------------------------
@@ -2194,25 +2274,14 @@ TRANSFORMER_LENS_HOOKS = {"resid": "hook_resid_post", "attn": "hook_attn_out", "
 
 
 def saelens_tensors(sae):
-    """SAELens's names and layouts: W_enc (d_in, d_sae), W_dec (d_sae, d_in). Its encoders subtract b_dec
-    only where apply_b_dec_to_input says so, and add b_enc (zeros here where an SAE has none). The input
-    scale is folded into the weights, so the export takes the LM's units as the SAE does."""
-    if sae.arch == "gated":
-        architecture, subtract_b_dec = "gated", True
-        tensors = {"W_enc": sae.W_gate.T, "W_dec": sae.W_dec, "b_dec": sae.b_dec, "b_gate": sae.b_gate,
-                   "b_mag": sae.b_mag, "r_mag": sae.r_mag}
-    else:
-        b_enc = sae.b_enc if sae.arch == "relu" else torch.zeros(sae.width, device=sae.device)
-        tensors = {"W_enc": sae.W_enc.T, "b_enc": b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
-        architecture = "standard" if sae.arch == "relu" else "topk" if sae.experts == 1 else "switch"
-        subtract_b_dec = sae.arch != "relu"
-        if architecture == "switch":
-            tensors.update(W_router=sae.W_router, b_router=sae.b_router)
-            if isinstance(sae.router, AuxFreeRouter):  # logits are unchanged by the scale: so is the bias
-                tensors["selection_bias"] = sae.router.selection_bias
+    """SAELens's architecture, apply_b_dec_to_input, tensors and cfg fields (sae.saelens()), with the input
+    scale folded into the weights, so the export takes the LM's units as the SAE does. Its layouts: W_enc
+    (d_in, d_sae), W_dec (d_sae, d_in); its encoders add b_enc (zeros where an SAE has none)."""
+    architecture, subtract_b_dec, tensors, fields = sae.saelens()
     s = sae.input_scale  # W (s x - b) = (s W)(x - b / s), and (z W_dec + b) / s = z (W_dec / s) + b / s
     scaled = {"W_enc": s, "W_router": s, "W_dec": 1 / s, "b_dec": 1 / s, "b_router": 1 / s}
-    return architecture, subtract_b_dec, {name: t * scaled.get(name, 1) for name, t in tensors.items()}
+    tensors = {name: t * scaled.get(name, 1) for name, t in tensors.items()}
+    return architecture, subtract_b_dec, tensors, fields
 
 
 def tokenizer_adds_bos(model):
@@ -2234,18 +2303,11 @@ def export(cfg, given=None):
     writable_place(cfg.dest, "export")
     info, tensors = read_checkpoint(cfg.run)
     sae, run = sae_from(info, tensors), info["config"]
-    architecture, subtract_b_dec, tensors = saelens_tensors(sae)
+    architecture, subtract_b_dec, tensors, fields = saelens_tensors(sae)
     layout = {"d_in": sae.d_in, "d_sae": sae.width, "dtype": "float32", "device": "cpu",
               "apply_b_dec_to_input": subtract_b_dec, "normalize_activations": "none",
               "reshape_activations": "none", "architecture": architecture}
-    if architecture in ("topk", "switch"):
-        layout.update(k=sae.k, rescale_acts_by_decoder_norm=False)
-    if architecture == "switch":  # see the README: routing, gates, TopK over the gated latents, decode
-        router = sae.router
-        rule = {"experts_per_token": router.experts_per_token, "shared_expert": router.shared_expert,
-                "heaviside": router.gate == "heaviside", "aux_free": isinstance(router, AuxFreeRouter)}
-        paper = {"experts_per_token": 1, "shared_expert": False, "heaviside": False, "aux_free": False}
-        layout.update(n_experts=sae.experts, **{name: v for name, v in rule.items() if v != paper[name]})
+    layout.update(fields)  # switch: see the README's class (routing, gates, TopK over the gated latents)
     hook_name = f"blocks.{run['layer']}.{TRANSFORMER_LENS_HOOKS[run['site']]}"  # TransformerLens's name
     metadata = {"model_name": run["model"], "hook_name": hook_name, "hook_head_index": None,
                 "context_size": run["ctx"], "dataset_path": ",".join(run["text"]) or run["dataset"],
@@ -2439,7 +2501,7 @@ def device_name(device):
 def bench_step(cfg, sae, x_BD, comms=SINGLE_PROCESS):
     """A training step of `sae` as train() takes it, at a fixed lr, ready to time."""
     opt, clock_M = make_optimizer(sae), torch.zeros(len(sae.W_dec), dtype=torch.long, device=x_BD.device)
-    coefs = loss_coefficients(cfg, 0, 1)
+    coefs = type(sae).loss_coefficients(cfg, 0, 1)
 
     def step():
         out, _ = train_step(sae, opt, x_BD, 1e-4, coefs, 1.0, comms, compile=cfg.compile)
