@@ -261,8 +261,9 @@ class SAE(nn.Module):
     experts, k_aux = 1, 0  # the baselines have no router, no AuxK
     warmup_steps = 0  # of the lr
     # config fields a kind has no use for, with their neutral values: a baseline's, here
-    unused = {"experts": 1, "k": None, "lb_alpha": 0, "auxk_alpha": 0, "experts_per_token": 1,
-              "shared_expert": False, "gate": "softmax", "balance": "loss", "balance_rate": None}
+    unused = {"experts": 1, "k": None, "lb_alpha": 0, "auxk_alpha": 0, "router": "switch", "capacity": None,
+              "experts_per_token": 1, "shared_expert": False, "gate": "softmax", "balance": "loss",
+              "balance_rate": None}
     why_unused = " (AuxK and the router are rules of TopK experts)"
 
     @classmethod
@@ -341,18 +342,15 @@ class SAE(nn.Module):
 
 
 class Routing(NamedTuple):
-    """A batch's assignments to experts: token a of the batch goes to expert a with gate a, in token order."""
+    """A batch's A assignments, in token order: assignment a sends token[a] to expert[a], whose decoded
+    latents it scales by gate[a] (float32); probs (B, N'): the router's over the routed experts, float32;
+    counts (N,): assignments per expert."""
 
     probs: torch.Tensor
-    """(B, N') router probabilities over the routed experts, float32."""
     token: torch.Tensor
-    """(A,) each assignment's token, ascending."""
     expert: torch.Tensor
-    """(A,) its expert."""
     gate: torch.Tensor
-    """(A,) what its expert's decoded latents are multiplied by, float32."""
     counts: torch.Tensor
-    """(N,) assignments per expert."""
 
 
 class Router(nn.Module):
@@ -371,7 +369,8 @@ class Router(nn.Module):
         super().__init__()
         self.experts, self.routed = experts, experts - shared_expert
         self.experts_per_token, self.shared_expert, self.gate = experts_per_token, shared_expert, gate
-        self.per_token = experts_per_token + shared_expert  # assignments a token
+        self.per_token = experts_per_token + shared_expert  # assignments a token (the mean, for FLOPs)
+        self.slots = self.per_token  # the most a token may have: None where it varies (found per batch)
 
     def config(self):
         return {"experts_per_token": self.experts_per_token, "shared_expert": self.shared_expert,
@@ -445,8 +444,47 @@ class AuxFreeRouter(Router):
         return {**fields, "aux_free": True}, {"selection_bias": self.selection_bias}  # logits: not scaled
 
 
-def make_router(experts, experts_per_token=1, shared_expert=False, gate="softmax", balance="loss",
-                balance_rate=1e-3):
+class ExpertChoiceRouter(Router):
+    """Expert choice (Zhou et al. 2022, arXiv:2202.09368): each routed expert takes the C = ceil(capacity B /
+    N') tokens of the batch with the highest probability for it, with that gate; a token may go to several
+    experts, or to none (then x_hat = b_dec). Balanced by construction: no balance term. Codes depend on
+    the batch: a lone token is taken by every expert (C = 1), so encode and evaluation route batches of
+    the training size for codes as trained."""
+
+    balance_in_loss = False
+
+    def __init__(self, experts, shared_expert=False, gate="softmax", capacity=1.0):
+        super().__init__(experts, 1, shared_expert, gate)
+        self.capacity, self.slots = capacity, None
+        self.per_token = capacity + shared_expert
+
+    def config(self):
+        return {**super().config(), "router": "expert-choice", "capacity": self.capacity}
+
+    def saelens(self):
+        raise ValueError("an expert-choice SAE's codes depend on the batch, which SAELens's encode does not "
+                         "see: it has no SAELens export")
+
+    def forward(self, logits_BN):
+        B, device = len(logits_BN), logits_BN.device
+        probs_BN = F.softmax(logits_BN.float(), dim=-1)
+        token_CN = probs_BN.topk(min(B, math.ceil(self.capacity * B / self.routed)), dim=0).indices
+        token_A = token_CN.T.flatten()
+        expert_A = torch.arange(self.routed, device=device).repeat_interleave(len(token_CN))
+        gate_A = probs_BN.new_ones(len(token_A)) if self.gate == "heaviside" else probs_BN[token_A, expert_A]
+        if self.shared_expert:
+            token_A = torch.cat([token_A, torch.arange(B, device=device)])
+            expert_A = torch.cat([expert_A, expert_A.new_full((B,), self.routed)])
+            gate_A = torch.cat([gate_A, gate_A.new_ones(B)])
+        order_A = token_A.argsort(stable=True)  # in token order, as Routing is
+        token_A, expert_A = token_A[order_A], expert_A[order_A]
+        return Routing(probs_BN, token_A, expert_A, gate_A[order_A], count(expert_A, self.experts))
+
+
+def make_router(experts, router="switch", experts_per_token=1, shared_expert=False, gate="softmax",
+                balance="loss", balance_rate=1e-3, capacity=1.0):
+    if router == "expert-choice":
+        return ExpertChoiceRouter(experts, shared_expert, gate, capacity)
     if balance == "aux-free":
         return AuxFreeRouter(experts, experts_per_token, shared_expert, gate, balance_rate)
     return Router(experts, experts_per_token, shared_expert, gate)
@@ -471,6 +509,7 @@ class SwitchSAE(SAE):
     def refusals(cls, cfg, given):
         """Also the routing rules that do not go together, each with why."""
         m, routed = cfg.width // cfg.experts, cfg.experts - cfg.shared_expert
+        choice = cfg.router == "expert-choice"
         rules = {
             f"--width {cfg.width} must be a multiple of --experts {cfg.experts} and --k {cfg.k} at most the "
             f"latents per expert ({m} = width / experts): change one of them":
@@ -487,7 +526,15 @@ class SwitchSAE(SAE):
             "balance term): drop one": cfg.gate == "heaviside" and cfg.balance == "aux-free",
             "--auxk-alpha takes one expert a token (AuxK's dead latents are its expert's): drop it, or "
             "--experts-per-token and --shared-expert":
-                cfg.auxk_alpha and cfg.experts_per_token + cfg.shared_expert > 1,
+                cfg.auxk_alpha and (cfg.experts_per_token + cfg.shared_expert > 1 or choice),
+            "--capacity is of --router expert-choice: add that, or drop it":
+                "capacity" in given and not choice,
+            "--router expert-choice balances by construction: drop --lb-alpha, --balance and --balance-rate":
+                choice and {"lb_alpha", "balance", "balance_rate"} & set(given),
+            "--router expert-choice picks tokens, not experts: drop --experts-per-token":
+                choice and "experts_per_token" in given,
+            "--gate heaviside with --router expert-choice leaves the router nothing to learn from: drop one":
+                choice and cfg.gate == "heaviside",
         }
         return super().refusals(cfg, given) + [message for message, bad in rules.items() if bad]
 
@@ -538,13 +585,13 @@ class SwitchSAE(SAE):
         (AuxK), in aux_acts and aux_idx."""
         x_BD = x_BD * self.input_scale
         r = self.route(x_BD)
-        x_AD = x_BD if self.router.per_token == 1 else x_BD[r.token]
+        x_AD = x_BD if self.router.slots == 1 else x_BD[r.token]
         x_TD, expert_T, counts_here, combine = self.dispatch(x_AD, r.expert, r.counts)
         k_aux = self.k_aux if dead_M is not None and dead_M.any() else 0
-        assert not k_aux or self.router.per_token == 1, "AuxK takes one expert a token"
+        assert not k_aux or self.router.slots == 1, "AuxK takes one expert a token"
         acts_TK, idx_TK = RoutedTopK.apply(x_TD, self.W_enc, self.b_dec, expert_T, counts_here, self.k,
                                            dead_M, k_aux)
-        decoded_BD, acts_BK, idx_BK, gates_BK = combine(acts_TK, idx_TK, r.gate)
+        decoded_BD, acts_BK, idx_BK, gates_BK = combine(acts_TK, idx_TK, r)
         aux = (acts_BK[:, self.k :], idx_BK[:, self.k :]) if k_aux else (None, None)
         return SAEOutput((decoded_BD + self.b_dec) / self.input_scale, acts_BK[:, : self.k],
                          idx_BK[:, : self.k], r.probs, r.expert, r.counts, gates=gates_BK, aux_acts=aux[0],
@@ -552,25 +599,34 @@ class SwitchSAE(SAE):
 
     def dispatch(self, x_AD, expert_A, counts_N):
         """Hand each assignment to its expert: here, sort them by expert. Returns the sorted tokens, their
-        experts, tokens per expert, and combine(acts, idx, gate_A), which merges and decodes the latents
+        experts, tokens per expert, and combine(acts, idx, routing), which merges and decodes the latents
         back in token order. ExpertParallelSwitchSAE sends each token to its expert's rank and back."""
         order_A = expert_A.argsort(stable=True)
         unsort_A = order_A.argsort()
-        combine = lambda acts_TK, idx_TK, gate_A: self.merge(acts_TK[unsort_A], idx_TK[unsort_A], gate_A)
+        combine = lambda acts_TK, idx_TK, r: self.merge(acts_TK[unsort_A], idx_TK[unsort_A], r)
         return x_AD[order_A], expert_A[order_A], counts_N, combine
 
-    def merge(self, acts_AK, idx_AK, gate_A):
+    def merge(self, acts_AK, idx_AK, r):
         """Each token's k best latents over its experts' (by gated value: the TopK over their union, since an
         expert's candidates hold its k best), decoded and gated; with one expert a token, its own."""
-        k, per_token = self.k, self.router.per_token
-        if per_token == 1:  # the gate after the sum, as the paper writes it
+        k, B, gate_A = self.k, len(r.probs), r.gate
+        if self.router.slots == 1:  # the gate after the sum, as the paper writes it
             decoded_BD = SparseDecode.apply(acts_AK[:, :k], idx_AK[:, :k], self.W_dec)
             gated_BD = decoded_BD * gate_A[:, None].to(decoded_BD.dtype)
             return gated_BD, acts_AK, idx_AK, gate_A[:, None].expand(-1, k)
-        B = len(acts_AK) // per_token
-        candidates = [t.reshape(B, per_token * k) for t in (acts_AK, idx_AK, gate_A[:, None].expand(-1, k))]
-        best_BK = (candidates[0] * candidates[2]).topk(k, dim=1, sorted=False).indices
-        acts_BK, idx_BK, gates_BK = (t.gather(1, best_BK) for t in candidates)
+        # a token's candidates fill its row's first slots of k; an empty slot is never chosen while a
+        # candidate is left, and fills a token no expert took (zeros: x_hat = b_dec; distinct indices)
+        tokens_B = count(r.token, B)
+        S = self.router.slots or max(1, int(tokens_B.max()))
+        first_B = tokens_B.cumsum(0) - tokens_B  # each token's first assignment
+        where_A = r.token * S + torch.arange(len(r.token), device=r.token.device) - first_B[r.token]
+        fill = lambda empty, rows_AK: empty.index_copy(0, where_A, rows_AK).view(B, S * k)
+        gates_AK = gate_A[:, None].expand(-1, k)
+        acts, gates = fill(acts_AK.new_zeros(B * S, k), acts_AK), fill(gates_AK.new_zeros(B * S, k), gates_AK)
+        idx = fill(torch.arange(S * k, device=idx_AK.device).repeat(B).view(B * S, k), idx_AK)
+        score = fill(torch.full((B * S, k), -math.inf, device=acts_AK.device), (acts_AK * gates_AK).float())
+        best_BK = score.topk(k, dim=1, sorted=False).indices
+        acts_BK, idx_BK, gates_BK = (t.gather(1, best_BK) for t in (acts, idx, gates))
         coef_BK = acts_BK * gates_BK.to(acts_BK.dtype)
         return SparseDecode.apply(coef_BK, idx_BK, self.W_dec), acts_BK, idx_BK, gates_BK
 
@@ -643,7 +699,7 @@ class SwitchSAE(SAE):
         fields = {"k": self.k, "rescale_acts_by_decoder_norm": False}
         if self.experts == 1:
             return "topk", True, tensors, fields
-        rule_fields, rule_tensors = self.router.saelens()
+        rule_fields, rule_tensors = self.router.saelens()  # None: SAELens cannot run this rule
         tensors.update(W_router=self.W_router, b_router=self.b_router, **rule_tensors)
         return "switch", True, tensors, {**fields, "n_experts": self.experts, **rule_fields}
 
@@ -789,6 +845,12 @@ class SAEConfig:
     lb_alpha: float = arg(3.0, "load-balance weight alpha; the loss adds alpha * d * L_lb (alpha * V * L_lb "
                                "with --normalize-activations, V: the scaled typical tokens' total variance)",
                           low=0)
+    router: str = arg("switch", "switch: each token picks its experts by router probability; expert-choice: "
+                                "each expert takes the --capacity x B / N tokens of the batch it scores "
+                                "highest (Zhou et al. 2022), so codes depend on the batch",
+                      choices=("switch", "expert-choice"))
+    capacity: float = arg(1.0, "of --router expert-choice: tokens an expert takes, in units of B / N",
+                          low=0.01)
     experts_per_token: int = arg(1, "e: each token to its e best experts, one TopK over the union of their "
                                     "latents, gates p_i (not renormalised over the e, so e = 1 is the "
                                     "paper's rule); e times the encoder work", low=1)
@@ -920,7 +982,8 @@ def fields_set(cfg, given=None):
 
 # the flags each kind of SAE has no use for: given another value than the one that means "none" (None:
 # any value), they are refused, not ignored
-ROUTER_FIELDS = ("experts_per_token", "shared_expert", "gate", "balance", "balance_rate")
+ROUTER_FIELDS = ("router", "capacity", "experts_per_token", "shared_expert", "gate", "balance",
+                 "balance_rate")
 
 
 def router_fields(cfg):
@@ -966,7 +1029,7 @@ def check_config(cfg, given):
     if cfg.expert_parallel and (cfg.arch != "switch" or cfg.auxk_alpha):
         raise UsageError("--expert-parallel needs --arch switch and --auxk-alpha 0 "
                          "(AuxK across ranks is not supported yet)")
-    if cfg.expert_parallel and cfg.experts_per_token + cfg.shared_expert > 1:
+    if cfg.expert_parallel and (cfg.experts_per_token + cfg.shared_expert > 1 or cfg.router != "switch"):
         raise UsageError("--expert-parallel decodes on each expert's rank, so a TopK over several experts' "
                          "latents cannot run there: drop --experts-per-token and --shared-expert, or use "
                          "data parallel")
@@ -2057,8 +2120,8 @@ def evaluate(sae, cfg, x_BD, model=None, module=None, tokens_CL=None):
     n, totals = len(x_BD), dict.fromkeys(["sq_err", "cos", "norm_ratio", "l0"], 0.0)
     resid_sum, resid_sq = 0.0, 0.0
     fired_M = torch.zeros(sae.width, device=x_BD.device)
-    load_N = torch.zeros(sae.experts, device=x_BD.device)
-    for x in x_BD.split(1024):  # dense baselines hold (batch, width) latents
+    load_N, unrouted = torch.zeros(sae.experts, device=x_BD.device), 0
+    for x in x_BD.split(cfg.batch_size):  # as trained: expert choice routes within the batch it is given
         out = sae(x)
         resid = x - out.x_hat
         totals["sq_err"] += resid.pow(2).sum()
@@ -2069,6 +2132,7 @@ def evaluate(sae, cfg, x_BD, model=None, module=None, tokens_CL=None):
         fired_M += fired
         totals["l0"] += active
         load_N += len(x) if out.expert_counts is None else out.expert_counts
+        unrouted += 0 if out.gates is None else (out.gates == 0).all(1).sum().item()
     resid_var = (resid_sq / n - (resid_sum / n) ** 2).sum()
     metrics = {
         "mse": (totals["sq_err"] / n).item(),
@@ -2080,6 +2144,7 @@ def evaluate(sae, cfg, x_BD, model=None, module=None, tokens_CL=None):
         "dense_fraction": (fired_M / n > 0.1).float().mean().item(),
         "expert_load": (load_N / n).tolist(),  # assignments a token to each: they sum to e (+ 1 shared)
         "dead_fraction_per_expert": (fired_M.view(sae.experts, -1) == 0).float().mean(1).tolist(),
+        "unrouted_fraction": unrouted / n,  # tokens no expert took (expert choice), reconstructed by b_dec
         "eval_tokens": n,
     }
     if model is not None:
@@ -2303,7 +2368,10 @@ def export(cfg, given=None):
     writable_place(cfg.dest, "export")
     info, tensors = read_checkpoint(cfg.run)
     sae, run = sae_from(info, tensors), info["config"]
-    architecture, subtract_b_dec, tensors, fields = saelens_tensors(sae)
+    try:
+        architecture, subtract_b_dec, tensors, fields = saelens_tensors(sae)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     layout = {"d_in": sae.d_in, "d_sae": sae.width, "dtype": "float32", "device": "cpu",
               "apply_b_dec_to_input": subtract_b_dec, "normalize_activations": "none",
               "reshape_activations": "none", "architecture": architecture}
@@ -2368,6 +2436,9 @@ def check_ranks(cfg, ranks, one_rank_ok=False):
     if cfg.batch_size % ranks or (cfg.expert_parallel and cfg.experts % ranks):
         raise UsageError(f"--batch-size {cfg.batch_size} and, with --expert-parallel, --experts "
                          f"{cfg.experts} must be divisible by the {ranks} ranks")
+    if ranks > 1 and cfg.router == "expert-choice":
+        raise UsageError("--router expert-choice ranks the tokens of the whole batch, and each rank holds a "
+                         "share of it: run it in one process")
 
 
 def start_distributed(device):
@@ -2404,7 +2475,7 @@ class ExpertParallelSwitchSAE(SwitchSAE):
 
     def __init__(self, d_in, width, experts, k, comms, router=None):
         super().__init__(d_in, width, experts, k, router)  # built whole from the seed: shards match 1 rank's
-        assert experts % comms.ranks == 0 and self.router.per_token == 1
+        assert experts % comms.ranks == 0 and self.router.slots == 1
         self.W_enc = nn.Parameter(comms.shard_rows(self.W_enc.detach()).clone())
         self.W_dec = nn.Parameter(comms.shard_rows(self.W_dec.detach()).clone())
         self.W_enc.expert_shard = self.W_dec.expert_shard = True
@@ -2423,7 +2494,8 @@ class ExpertParallelSwitchSAE(SwitchSAE):
         expert_in = exchange(expert_B[order_B], recv, send, group) - self.comms.rank * self.experts_here
         order_in = expert_in.argsort(stable=True)
 
-        def combine(acts_TK, idx_TK, gate_B):
+        def combine(acts_TK, idx_TK, r):
+            gate_B = r.gate
             decoded_in = SparseDecode.apply(acts_TK[:, : self.k], idx_TK[:, : self.k], self.W_dec)
             decoded_in = decoded_in[order_in.argsort()]
             decoded_BD = exchange(decoded_in, send, recv, group)[order_B.argsort()]

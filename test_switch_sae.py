@@ -95,21 +95,30 @@ def test_routed_equals_dense_reference(experts, k, grouped, monkeypatch):
 # the routing rules: make_router's keywords
 RULES = {"switch": {}, "top-2": dict(experts_per_token=2), "shared": dict(shared_expert=True),
          "top-2 and shared": dict(experts_per_token=2, shared_expert=True), "heaviside": dict(gate="heaviside"),
-         "aux-free": dict(balance="aux-free", balance_rate=0.01)}
+         "aux-free": dict(balance="aux-free", balance_rate=0.01), "expert choice": dict(router="expert-choice"),
+         "expert choice and shared": dict(router="expert-choice", capacity=1.5, shared_expert=True)}
 
 
-def dense_rule(sae, x_BD, experts_per_token=1, shared_expert=False, gate="softmax", balance="loss", balance_rate=None):
+def dense_rule(sae, x_BD, experts_per_token=1, shared_expert=False, gate="softmax", balance="loss", balance_rate=None,
+               router="switch", capacity=1.0):
     """Each routing rule as its own words say, densely: softmax over the routed experts; the e best by
-    probability (by logit + bias under aux-free); gate p_i (1 when heaviside); the shared expert, the last,
-    with gate 1; every latent scaled by its expert's gate (0 elsewhere), one TopK over all; the balance
-    term N' sum f P over the routed experts, f counting assignments."""
+    probability (by logit + bias under aux-free), or under expert choice each expert's ceil(capacity B / N')
+    tokens of highest probability for it; gate p_i (1 when heaviside); the shared expert, the last, with
+    gate 1; every latent scaled by its expert's gate (0 elsewhere), one TopK over all; the balance term
+    N' sum f P over the routed experts, f counting assignments."""
     N, m = sae.experts, sae.width // sae.experts
     routed = N - shared_expert
     logits = (x_BD - sae.b_router) @ sae.W_router.T
     probs = F.softmax(logits, dim=-1)
-    chosen = (logits + sae.router.selection_bias if balance == "aux-free" else probs).topk(experts_per_token).indices
-    picked = torch.ones(chosen.shape) if gate == "heaviside" else probs.gather(1, chosen)
-    gate_BN = torch.zeros(len(x_BD), N).scatter(1, chosen, picked)
+    if router == "expert-choice":
+        taken = probs.topk(math.ceil(capacity * len(x_BD) / routed), dim=0).indices  # (C, N') tokens
+        gate_BN = torch.zeros(len(x_BD), N).index_put((taken.flatten(), torch.arange(routed).repeat(len(taken))),
+                                                      probs[taken, torch.arange(routed)].flatten())
+        chosen = torch.arange(routed).repeat(len(taken))  # the experts of the assignments, for the load
+    else:
+        chosen = (logits + sae.router.selection_bias if balance == "aux-free" else probs).topk(experts_per_token).indices
+        picked = torch.ones(chosen.shape) if gate == "heaviside" else probs.gather(1, chosen)
+        gate_BN = torch.zeros(len(x_BD), N).scatter(1, chosen, picked)
     if shared_expert:
         gate_BN = torch.cat([gate_BN[:, :-1], torch.ones(len(x_BD), 1)], 1)
     gated_BM = torch.relu((x_BD - sae.b_dec) @ sae.W_enc.T) * gate_BN.repeat_interleave(m, 1)
@@ -135,7 +144,7 @@ def test_every_routing_rule_equals_its_dense_reference_and_forward_dense(rule, g
             sae.router.selection_bias.copy_(torch.tensor([1.0, -1.0, 0.5, 0.0]))
     fast, dense = sae(x), sae.forward_dense(x)
     ref_hat, ref_codes, ref_balance = dense_rule(sae, x, **RULES[rule])
-    in_loss = rule != "aux-free"
+    in_loss = rule in ("switch", "top-2", "shared", "top-2 and shared", "heaviside")
     ref_loss = (ref_hat - x).pow(2).sum(-1).mean() + 3.0 * 24 * ref_balance * in_loss
     want = grads(sae, ref_loss)
     for out in (fast, dense):
@@ -150,6 +159,13 @@ def test_every_routing_rule_equals_its_dense_reference_and_forward_dense(rule, g
     torch.testing.assert_close(sae.encode(x, dense=True), ref_codes.detach(), **TOL)
     if rule == "heaviside":  # the router learns from the balance term alone
         assert grads(sae, (sae(x).x_hat - x).pow(2).sum())["W_router"].abs().max() == 0
+    if rule == "expert choice":  # some tokens no expert took: b_dec alone; a lone token: every expert takes it
+        unrouted = (ref_codes == 0).all(1)
+        assert unrouted.any() and torch.equal(fast.x_hat[unrouted], sae.b_dec.expand(int(unrouted.sum()), -1))
+        probs = F.softmax((x[:1] - sae.b_router) @ sae.W_router.T, dim=-1)
+        gated = torch.relu((x[:1] - sae.b_dec) @ sae.W_enc.T) * probs.repeat_interleave(24, 1)
+        lone = torch.zeros_like(gated).scatter(1, *reversed(gated.topk(5, dim=1)))
+        torch.testing.assert_close(sae.encode(x[:1], dense=True), lone.detach(), **TOL)
 
 
 def test_forward_dense_as_the_paper_writes_it_equals_the_routed_forward():
@@ -570,19 +586,20 @@ def test_flop_count_matches_flop_counter_on_equivalent_matmuls(monkeypatch, rule
     counted = counter.get_total_flops()
     # ... the sparse gathers (embedding_bag) it cannot see are counted as the batched matmuls they equal: the
     # decoder on each token's k kept latents, the encoder's weight gradient on every expert's k candidates
-    per_token = RULES[rule].get("experts_per_token", 1) + RULES[rule].get("shared_expert", False)
+    A = len(out.expert)  # assignments: B e (+ B shared); expert choice: each routed expert's C tokens (+ B)
     with FlopCounterMode(display=False) as counter:
         rows = sae.W_dec.detach()[idx].requires_grad_()  # (B, k, d)
         a = acts.detach()[:, None, :].requires_grad_()  # (B, 1, k)
         torch.bmm(a, rows).sum().backward()  # decoder forward, W_dec rows grad, latent grad
         K = idx.shape[1]
-        torch.bmm(torch.randn(B * per_token, 1, K), torch.randn(B * per_token, K, d))  # sparse W_enc grad: same shape
+        torch.bmm(torch.randn(A, 1, K), torch.randn(A, K, d))  # sparse W_enc grad: same shape
     counted += counter.get_total_flops()
     analytic = sae.flops_per_token(B, k_aux=32 if auxk else 0)
     matmul_terms = analytic["total"] - analytic["load_balance"]
     assert counted / B == pytest.approx(matmul_terms, rel=0.02)
-    assert analytic["paper_encoder_only"] == 4 * d * width // experts * per_token
-    assert analytic["load_balance"] == (0 if rule == "aux-free" else 3 * (experts - ("shared" in rule)))
+    assert analytic["paper_encoder_only"] == pytest.approx(4 * d * width // experts * A / B, rel=0.01)
+    balanced_by_loss = rule not in ("aux-free", "expert choice", "expert choice and shared")
+    assert analytic["load_balance"] == (3 * (experts - ("shared" in rule)) if balanced_by_loss else 0)
 
 
 @pytest.mark.parametrize("arch", ["relu", "gated"])
@@ -730,7 +747,7 @@ def test_cli_trains_evaluates_and_checkpoint_reloads(tiny_run, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("normalize,rule", [(False, "switch"), (True, "switch"), (False, "aux-free"),
-                                            (True, "top-2 and shared")])
+                                            (True, "top-2 and shared"), (False, "expert choice and shared")])
 def test_resume_ends_with_the_same_weights(tiny_run, tmp_path, monkeypatch, normalize, rule):
     from safetensors.torch import load_file
 
@@ -816,6 +833,12 @@ BAD = [
     (dict(balance="aux-free", gate="heaviside"), "leaves the router nothing to learn from"),
     (dict(experts_per_token=2, auxk_alpha=0.03), "--auxk-alpha takes one expert a token"),
     (dict(shared_expert=True, expert_parallel=True), "--expert-parallel decodes on each expert's rank"),
+    (dict(router="expert-choice", expert_parallel=True), "--expert-parallel decodes on each expert's rank"),
+    (dict(capacity=2.0), "--capacity is of --router expert-choice"),
+    (dict(router="expert-choice", lb_alpha=1.0), "--router expert-choice balances by construction"),
+    (dict(router="expert-choice", experts_per_token=2), "--router expert-choice picks tokens, not experts"),
+    (dict(router="expert-choice", gate="heaviside"), "--gate heaviside with --router expert-choice"),
+    (dict(router="expert-choice", auxk_alpha=0.03), "--auxk-alpha takes one expert a token"),
 ]
 
 
@@ -1356,6 +1379,21 @@ def test_export_to_saelens_reproduces_the_sae(tiny_run, tmp_path, arch, experts,
         torch.testing.assert_close(codes @ W["W_dec"] + W["b_dec"], sae(x).x_hat, **TOL)
 
 
+def test_expert_choice_on_several_ranks_is_refused():  # its experts rank the whole batch, which no rank holds
+    with pytest.raises(S.UsageError, match="run it in one process"):
+        S.check_ranks(S.TrainConfig(router="expert-choice"), 2)
+    S.check_ranks(S.TrainConfig(router="expert-choice"), 1)
+
+
+def test_export_of_an_expert_choice_sae_is_refused_in_one_line(tiny_run, tmp_path, capsys):
+    S.main(tiny_args(tiny_run, tmp_path / "run", skip_ce=True, **RULES["expert choice"]))
+    metrics = json.load(open(tmp_path / "run" / "metrics.json"))
+    assert 0 <= metrics["unrouted_fraction"] < 1 and sum(metrics["expert_load"]) == pytest.approx(1.0, abs=0.05)
+    capsys.readouterr()
+    err = refused(["export", tmp_path / "run", tmp_path / "saelens"], capsys, tmp_path / "saelens")
+    assert "codes depend on the batch" in err
+
+
 @pytest.mark.skipif(not __import__("importlib").util.find_spec("sae_lens"), reason="sae-lens is not installed")
 @pytest.mark.parametrize("experts", [1, 4])
 def test_saelens_itself_loads_the_export(tiny_run, tmp_path, experts):
@@ -1699,7 +1737,7 @@ BAD_FIELDS = {
     "arch": ["dense"], "experts": ["0", "-1", "abc"], "width": ["0", "-4", "2.5", "10**30"], "k": ["0", "-1", "1e3"],
     "lb_alpha": ["-1", "nan", "inf", "abc"], "auxk_alpha": ["-1", "nan"], "l1_coeff": ["-5", "inf"],
     "experts_per_token": ["0", "-1", "99"], "shared_expert": ["x="], "gate": ["relu"], "balance": ["none"],
-    "balance_rate": ["-1", "nan"],
+    "balance_rate": ["-1", "nan"], "router": ["topk"], "capacity": ["0", "-1", "nan"],
     "dead_tokens": ["0", "-1"], "normalize_activations": ["x="], "layer": ["-1", "abc", "7"], "site": ["embed"],
     "text": ["/nonexistent/corpus.jsonl"], "dataset": ["no/such-dataset"], "ctx": ["0", "1", "-3", "65"],
     "windows": ["some"], "skip_positions": ["-1", "16"], "lm_batch_size": ["0", "-1", "10**20"], "lm_dtype": ["fp16", "foo"],
