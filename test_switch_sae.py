@@ -1011,7 +1011,7 @@ def test_expert_parallel_run_survives_sigterm_and_resumes_to_the_same_weights(ti
 
 
 @pytest.mark.parametrize("name", ["scaling_laws", "pareto", "feature_geometry", "features", "fair_comparison",
-                                  "walkthrough", "sites"])
+                                  "walkthrough", "sites", "routing"])
 def test_notebooks_run_at_smoke_scale(name, tmp_path, monkeypatch):
     """Each notebook runs top to bottom at SCALE=smoke (a random tiny GPT-2 it builds itself), writing only under tmp_path."""
     import nbclient

@@ -369,6 +369,25 @@ def table(results):
           " one step that way, twice at most; '(edge)': still at an edge); ± the 95% interval over seeds (test half)")
 
 
+@torch.no_grad()
+def nearest_other(W_MD, groups, chunk=2048):
+    """Rows of W (M, D), normalised and cut into `groups` equal blocks. Per row: the cosine of its nearest other row and
+    whether that row is in its own block; and sim (groups, groups): the mean over block i's rows of their largest cosine
+    to block j's rows (a row is never its own neighbour, so the diagonal is the within-block value)."""
+    unit = torch.nn.functional.normalize(W_MD.float(), dim=1)
+    rows_M, size = len(unit), len(unit) // groups
+    best, same, sim = torch.empty(rows_M), torch.empty(rows_M, dtype=torch.bool), torch.zeros(groups, groups)
+    for start in range(0, rows_M, chunk):
+        rows = torch.arange(start, min(start + chunk, rows_M), device=unit.device)
+        cos = unit[rows] @ unit.T
+        cos[torch.arange(len(rows)), rows] = -1.0  # not its own neighbour
+        per_block = cos.view(len(rows), groups, size).amax(2)
+        top, block = per_block.max(1)
+        best[rows.cpu()], same[rows.cpu()] = top.cpu(), (block == rows // size).cpu()
+        sim.index_add_(0, (rows // size).cpu(), per_block.cpu())
+    return best, same, sim / size
+
+
 def test_mse(result, typical_only=True):
     """An arm's test MSE per seed, in seed order."""
     return [s["mse_typ" if typical_only else "mse"] for s in result["seeds"]]
