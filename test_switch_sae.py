@@ -1027,6 +1027,20 @@ def test_notebooks_run_at_smoke_scale(name, tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "runs" / "smoke")  # the runs went where RESULTS points
 
 
+def test_a_study_reads_its_cache_again_on_a_rerun(tmp_path, monkeypatch):
+    """A notebook run a second time reuses the activation cache its first run wrote (the cache config's layer and
+    site are tuples, the header's plain values: a rerun once refused its own cache as 'other activations')."""
+    monkeypatch.syspath_prepend(os.path.join(HERE, "notebooks"))
+    monkeypatch.setenv("CACHE", str(tmp_path / "smoke.bin"))
+    monkeypatch.setenv("RESULTS", str(tmp_path / "runs"))
+    import common
+
+    common.Study("smoke")
+    written = os.path.getmtime(tmp_path / "smoke.bin")
+    common.Study("smoke")
+    assert os.path.getmtime(tmp_path / "smoke.bin") == written
+
+
 def diverging_from(step, monkeypatch):
     """train_step whose loss reads NaN from `step` on, as a too-large learning rate would make it."""
     real_step, calls = S.train_step, []

@@ -109,7 +109,7 @@ class Study:
         if header is not None:
             keys = ("model", "layer", "site", "ctx", "skip_positions", "windows")
             keys = [key for key in keys if key in header]  # caches written before `windows` existed lack it
-            if {key: header[key] for key in keys} != {key: getattr(cfg, key) for key in keys}:
+            if any(S.as_tuple(header[key]) != S.as_tuple(getattr(cfg, key)) for key in keys):  # cfg: tuples
                 raise ValueError(f"{self.cache} holds other activations ({header['model']} layer "
                                  f"{header['layer']}): delete it or set CACHE")
             if header["contexts"] - header["eval_contexts"] >= need:
