@@ -258,7 +258,7 @@ class SAE(nn.Module):
     scale, and the rules the training loop calls around each step (no-ops where an architecture has none)."""
 
     unit_decoder = True  # rows kept at unit norm: gradient projected before the step, renormalised after
-    experts, k_aux = 1, 0  # the baselines have no router, no AuxK
+    experts, k_aux, batch_dependent = 1, 0, False  # the baselines have no router, no AuxK
     warmup_steps = 0  # of the lr
     # config fields a kind has no use for, with their neutral values: a baseline's, here
     unused = {"experts": 1, "k": None, "lb_alpha": 0, "auxk_alpha": 0, "router": "switch", "capacity": None,
@@ -369,7 +369,7 @@ class Router(nn.Module):
         super().__init__()
         self.experts, self.routed = experts, experts - shared_expert
         self.experts_per_token, self.shared_expert, self.gate = experts_per_token, shared_expert, gate
-        self.per_token = experts_per_token + shared_expert  # assignments a token (the mean, for FLOPs)
+        self.per_token = experts_per_token + shared_expert  # assignments a token
         self.slots = self.per_token  # the most a token may have: None where it varies (found per batch)
 
     def config(self):
@@ -399,6 +399,12 @@ class Router(nn.Module):
         """N' sum_n f_n P_n over the routed experts: 1 when uniform, N' when collapsed; f has no gradient."""
         load_N = counts_N[: self.routed].float() / counts_N[: self.routed].sum()
         return self.routed * (load_N * probs_BN.mean(0)).sum()
+
+    batch_dependent = False  # whether a token's codes depend on the rest of its batch
+
+    def assignments(self, batch_size):
+        """Assignments a token in a batch of batch_size (their mean where they vary)."""
+        return self.per_token
 
     def after_step_(self, counts_N):
         """An update after each optimizer step, from the global batch's counts."""
@@ -455,8 +461,16 @@ class ExpertChoiceRouter(Router):
 
     def __init__(self, experts, shared_expert=False, gate="softmax", capacity=1.0):
         super().__init__(experts, 1, shared_expert, gate)
-        self.capacity, self.slots = capacity, None
-        self.per_token = capacity + shared_expert
+        self.capacity, self.slots, self.per_token = capacity, None, None
+
+    batch_dependent = True
+
+    def taken(self, B):
+        """C: tokens an expert takes from a batch of B."""
+        return min(B, math.ceil(self.capacity * B / self.routed))
+
+    def assignments(self, batch_size):
+        return self.taken(batch_size) * self.routed / batch_size + self.shared_expert
 
     def config(self):
         return {**super().config(), "router": "expert-choice", "capacity": self.capacity}
@@ -468,7 +482,7 @@ class ExpertChoiceRouter(Router):
     def forward(self, logits_BN):
         B, device = len(logits_BN), logits_BN.device
         probs_BN = F.softmax(logits_BN.float(), dim=-1)
-        token_CN = probs_BN.topk(min(B, math.ceil(self.capacity * B / self.routed)), dim=0).indices
+        token_CN = probs_BN.topk(self.taken(B), dim=0).indices
         token_A = token_CN.T.flatten()
         expert_A = torch.arange(self.routed, device=device).repeat_interleave(len(token_CN))
         gate_A = probs_BN.new_ones(len(token_A)) if self.gate == "heaviside" else probs_BN[token_A, expert_A]
@@ -521,9 +535,10 @@ class SwitchSAE(SAE):
             "--lb-alpha weighs the balance term, which --balance aux-free has none of: drop it":
                 cfg.balance == "aux-free" and "lb_alpha" in given,
             "--balance-rate is the step of --balance aux-free: add that, or drop it":
-                cfg.balance != "aux-free" and "balance_rate" in given,
-            "--gate heaviside with --balance aux-free leaves the router nothing to learn from (no gate, no "
-            "balance term): drop one": cfg.gate == "heaviside" and cfg.balance == "aux-free",
+                cfg.balance != "aux-free" and "balance_rate" in given and not choice,
+            "--gate heaviside with --balance aux-free or --lb-alpha 0 leaves the router nothing to learn "
+            "from (no gate, no balance term): drop one":
+                cfg.gate == "heaviside" and (cfg.balance == "aux-free" or cfg.lb_alpha == 0),
             "--auxk-alpha takes one expert a token (AuxK's dead latents are its expert's): drop it, or "
             "--experts-per-token and --shared-expert":
                 cfg.auxk_alpha and (cfg.experts_per_token + cfg.shared_expert > 1 or choice),
@@ -688,6 +703,10 @@ class SwitchSAE(SAE):
     def after_step_(self, out):
         self.router.after_step_(out.expert_counts)
 
+    @property
+    def batch_dependent(self):
+        return self.router.batch_dependent
+
     def summary(self):
         return f"{self.experts} experts x {self.width // self.experts} latents, k={self.k}"
 
@@ -697,16 +716,17 @@ class SwitchSAE(SAE):
         tensors = {"W_enc": self.W_enc.T, "b_enc": torch.zeros(self.width, device=self.device),
                    "W_dec": self.W_dec, "b_dec": self.b_dec}
         fields = {"k": self.k, "rescale_acts_by_decoder_norm": False}
+        rule_fields, rule_tensors = self.router.saelens()  # first: it raises where SAELens cannot run it
         if self.experts == 1:
             return "topk", True, tensors, fields
-        rule_fields, rule_tensors = self.router.saelens()  # None: SAELens cannot run this rule
         tensors.update(W_router=self.W_router, b_router=self.b_router, **rule_tensors)
         return "switch", True, tensors, {**fields, "n_experts": self.experts, **rule_fields}
 
     def flops_per_token(self, batch_size, k_aux=0):
         """k_aux: the AuxK latents of a step with dead latents (min(d/2, m)), decoded and trained beside the k
         live ones. Each of a token's experts runs its m latents and trains its k candidates."""
-        d, m, k, per_token = self.d_in, self.width // self.experts, self.k, self.router.per_token
+        d, m, k = self.d_in, self.width // self.experts, self.k
+        per_token = self.router.assignments(batch_size)
         terms = {**self.router.flops(d),
                  "encoder_fwd": 2 * d * m * per_token,
                  "encoder_bwd": 2 * per_token * k * d + 2 * self.width * d / batch_size,  # b_dec's: a batch
@@ -1029,10 +1049,6 @@ def check_config(cfg, given):
     if cfg.expert_parallel and (cfg.arch != "switch" or cfg.auxk_alpha):
         raise UsageError("--expert-parallel needs --arch switch and --auxk-alpha 0 "
                          "(AuxK across ranks is not supported yet)")
-    if cfg.expert_parallel and (cfg.experts_per_token + cfg.shared_expert > 1 or cfg.router != "switch"):
-        raise UsageError("--expert-parallel decodes on each expert's rank, so a TopK over several experts' "
-                         "latents cannot run there: drop --experts-per-token and --shared-expert, or use "
-                         "data parallel")
 
 
 TEXT_ENDINGS = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz")
@@ -2121,7 +2137,9 @@ def evaluate(sae, cfg, x_BD, model=None, module=None, tokens_CL=None):
     resid_sum, resid_sq = 0.0, 0.0
     fired_M = torch.zeros(sae.width, device=x_BD.device)
     load_N, unrouted = torch.zeros(sae.experts, device=x_BD.device), 0
-    for x in x_BD.split(cfg.batch_size):  # as trained: expert choice routes within the batch it is given
+    # dense baselines hold (batch, width) latents; expert choice routes within its batch: as trained
+    chunk = cfg.batch_size if sae.batch_dependent else 1024
+    for x in x_BD.split(chunk):
         out = sae(x)
         resid = x - out.x_hat
         totals["sq_err"] += resid.pow(2).sum()
@@ -2149,7 +2167,8 @@ def evaluate(sae, cfg, x_BD, model=None, module=None, tokens_CL=None):
     }
     if model is not None:
         def splice(h):
-            return sae(h.flatten(0, 1).float()).x_hat.view_as(h).to(h.dtype)
+            x_hat = torch.cat([sae(x).x_hat for x in h.flatten(0, 1).float().split(chunk)])
+            return x_hat.view_as(h).to(h.dtype)
 
         lm = lm_losses(model, module, tokens_CL, cfg.lm_batch_size, {"sae": splice, "zero": torch.zeros_like},
                        cfg.skip_positions)
@@ -2430,6 +2449,10 @@ class TorchDistributed(SingleProcess):
 
 
 def check_ranks(cfg, ranks, one_rank_ok=False):
+    if cfg.expert_parallel and (cfg.experts_per_token + cfg.shared_expert > 1 or cfg.router != "switch"):
+        raise UsageError("--expert-parallel decodes on each expert's rank, so a TopK over several experts' "
+                         "latents cannot run there: drop --experts-per-token, --shared-expert and --router "
+                         "expert-choice, or use data parallel")
     if cfg.expert_parallel and ranks == 1 and not one_rank_ok:
         raise UsageError("--expert-parallel splits the experts over torchrun's ranks, and this is one "
                          "process: start it with torchrun --nproc-per-node N, or drop --expert-parallel")
@@ -2499,7 +2522,8 @@ class ExpertParallelSwitchSAE(SwitchSAE):
             decoded_in = SparseDecode.apply(acts_TK[:, : self.k], idx_TK[:, : self.k], self.W_dec)
             decoded_in = decoded_in[order_in.argsort()]
             decoded_BD = exchange(decoded_in, send, recv, group)[order_B.argsort()]
-            return decoded_BD * gate_B[:, None].to(decoded_BD.dtype), acts_TK, idx_TK, gate_B[:, None]
+            gated_BD = decoded_BD * gate_B[:, None].to(decoded_BD.dtype)
+            return gated_BD, acts_TK, idx_TK, None  # no gates: acts are of the tokens received
 
         return x_in[order_in], expert_in[order_in], count(expert_in, self.experts_here), combine
 

@@ -597,7 +597,7 @@ def test_flop_count_matches_flop_counter_on_equivalent_matmuls(monkeypatch, rule
     analytic = sae.flops_per_token(B, k_aux=32 if auxk else 0)
     matmul_terms = analytic["total"] - analytic["load_balance"]
     assert counted / B == pytest.approx(matmul_terms, rel=0.02)
-    assert analytic["paper_encoder_only"] == pytest.approx(4 * d * width // experts * A / B, rel=0.01)
+    assert analytic["paper_encoder_only"] == pytest.approx(4 * d * width // experts * A / B)
     balanced_by_loss = rule not in ("aux-free", "expert choice", "expert choice and shared")
     assert analytic["load_balance"] == (3 * (experts - ("shared" in rule)) if balanced_by_loss else 0)
 
@@ -839,6 +839,8 @@ BAD = [
     (dict(router="expert-choice", experts_per_token=2), "--router expert-choice picks tokens, not experts"),
     (dict(router="expert-choice", gate="heaviside"), "--gate heaviside with --router expert-choice"),
     (dict(router="expert-choice", auxk_alpha=0.03), "--auxk-alpha takes one expert a token"),
+    (dict(router="expert-choice", balance_rate=0.01), "--router expert-choice balances by construction"),
+    (dict(gate="heaviside", lb_alpha=0), "leaves the router nothing to learn"),
 ]
 
 
@@ -1406,6 +1408,9 @@ def test_export_of_an_expert_choice_sae_is_refused_in_one_line(tiny_run, tmp_pat
     capsys.readouterr()
     err = refused(["export", tmp_path / "run", tmp_path / "saelens"], capsys, tmp_path / "saelens")
     assert "codes depend on the batch" in err
+    S.main(tiny_args(tiny_run, tmp_path / "one", skip_ce=True, experts=1, width=16, capacity=0.5, **RULES["expert choice"]))
+    capsys.readouterr()  # one expert: SAELens's TopK would still encode the tokens it leaves out
+    assert "codes depend on the batch" in refused(["export", tmp_path / "one", tmp_path / "topk"], capsys, tmp_path / "topk")
 
 
 @pytest.mark.skipif(not __import__("importlib").util.find_spec("sae_lens"), reason="sae-lens is not installed")
@@ -1712,11 +1717,13 @@ def test_lm_dtype_auto_takes_bf16_only_where_the_cpu_has_bf16_instructions(monke
 
 
 
-def test_bench_expert_parallel_outside_torchrun_is_refused(capsys):
+@pytest.mark.parametrize("rule,message", [([], "this is one process"),
+                                          (["--shared-expert"], "decodes on each expert's rank")])
+def test_bench_expert_parallel_outside_torchrun_is_refused(capsys, rule, message):
     with pytest.raises(SystemExit) as exit_info:
-        S.main(["bench", "--expert-parallel", "--device", "cpu", "--width", "256", "--d-in", "16", "--experts", "4"])
+        S.main(["bench", "--expert-parallel", "--device", "cpu", "--width", "256", "--d-in", "16", "--experts", "4", *rule])
     err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and "this is one process" in err and len(err.splitlines()) == 1
+    assert exit_info.value.code == 2 and message in err and len(err.splitlines()) == 1
 
 
 def test_training_gives_the_signal_handlers_back(tiny_run, tmp_path):
