@@ -2067,14 +2067,15 @@ def finish_run(cfg, comms, source, sae, clock_M, counts, dropped):
         eval_x = lm_activations(model, module, eval_tokens_CL, cfg.lm_batch_size, cfg.skip_positions)
     metrics = evaluate(whole, cfg, eval_x, None if cfg.skip_ce else model, module, eval_tokens_CL)
     steps, seconds = cfg.tokens // cfg.batch_size, counts["seconds"]
-    flops, auxk_flops = (sae.flops_per_token(cfg.batch_size, k_aux)["total"] for k_aux in (0, sae.k_aux))
+    terms = sae.flops_per_token(cfg.batch_size)
+    flops, auxk_flops = terms["total"], sae.flops_per_token(cfg.batch_size, sae.k_aux)["total"]
     metrics.update(dead_fraction_train=(clock_M > cfg.dead_tokens).float().mean().item(),
                    train_tokens=steps * cfg.batch_size, flops_per_token=flops,
                    # AuxK's extra work counted on the steps it ran (of this process, for a resumed run)
                    train_flops=(flops * steps + (auxk_flops - flops) * counts["auxk_steps"]) * cfg.batch_size,
                    auxk_steps=counts["auxk_steps"],
                    loss_curve=counts["loss_curve"],  # [step, reconstruction loss] each log step, this process
-                   paper_flops_per_token=sae.flops_per_token(cfg.batch_size)["paper_encoder_only"],
+                   paper_flops_per_token=terms["paper_encoder_only"],
                    input_scale=whole.input_scale.item(),  # 1 unless --normalize-activations
                    dropped_contexts=dropped,  # live: among the contexts read; cached: in the whole cache
                    seconds_activations=seconds["activations"],  # LM forwards (or cache reads), this process
