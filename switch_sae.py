@@ -2128,6 +2128,15 @@ def lm_losses(model, module, tokens_CL, batch_size, patches, skip_positions=0):
     return {key: total / len(tokens_CL) for key, total in sums.items()}
 
 
+def sae_patch(sae, chunk=1024):
+    """A patch for lm_losses: the site's output replaced by the SAE's reconstruction, `chunk` tokens at a time
+    (a batch-dependent SAE routes chunks of its training batch, as trained)."""
+    def splice(h):
+        x_hat = torch.cat([sae(x).x_hat for x in h.flatten(0, 1).float().split(chunk)])
+        return x_hat.view_as(h).to(h.dtype)
+    return splice
+
+
 @torch.no_grad()
 def evaluate(sae, cfg, x_BD, model=None, module=None, tokens_CL=None):
     """Metrics on held-out activations x_BD; with the LM, its held-out contexts and the hooked module also
@@ -2167,12 +2176,8 @@ def evaluate(sae, cfg, x_BD, model=None, module=None, tokens_CL=None):
         "eval_tokens": n,
     }
     if model is not None:
-        def splice(h):
-            x_hat = torch.cat([sae(x).x_hat for x in h.flatten(0, 1).float().split(chunk)])
-            return x_hat.view_as(h).to(h.dtype)
-
-        lm = lm_losses(model, module, tokens_CL, cfg.lm_batch_size, {"sae": splice, "zero": torch.zeros_like},
-                       cfg.skip_positions)
+        lm = lm_losses(model, module, tokens_CL, cfg.lm_batch_size, {"sae": sae_patch(sae, chunk),
+                                                                       "zero": torch.zeros_like}, cfg.skip_positions)
         metrics.update(ce_clean=lm["ce_clean"], ce_sae=lm["ce_sae"], ce_zero=lm["ce_zero"],
                        delta_ce=lm["ce_sae"] - lm["ce_clean"], kl_sae=lm["kl_sae"], kl_zero=lm["kl_zero"],
                        frac_loss_recovered=(lm["ce_sae"] - lm["ce_zero"]) / (lm["ce_clean"] - lm["ce_zero"]))

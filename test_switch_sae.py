@@ -1043,6 +1043,24 @@ def test_a_study_reads_its_cache_again_on_a_rerun(tmp_path, monkeypatch):
     assert os.path.getmtime(tmp_path / "smoke.bin") == written
 
 
+def test_fractions_recovered_shares_the_lm_passes_and_equals_each_sae_alone(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(HERE, "notebooks"))
+    monkeypatch.setenv("CACHE", str(tmp_path / "smoke.bin"))
+    monkeypatch.setenv("RESULTS", str(tmp_path / "runs"))
+    import common
+
+    study = common.Study("smoke")
+    runs = []
+    for name, fields in (study.arm(1, 64, 4), study.arm(4, 64, 4), ("ec", dict(experts=4, width=64, k=4,
+                                                                              router="expert-choice"))):
+        cfg = study.config(name, lr=1e-3, **fields)
+        study.run(cfg)
+        runs.append(cfg.out)
+    alone = [study.loss_recovered(run)["frac_loss_recovered"] for run in runs]
+    assert study.fractions_recovered(runs) == pytest.approx(alone, abs=1e-5)
+    assert len(set(round(a, 4) for a in alone)) == 3  # three different SAEs, not one value three times
+
+
 def diverging_from(step, monkeypatch):
     """train_step whose loss reads NaN from `step` on, as a too-large learning rate would make it."""
     real_step, calls = S.train_step, []
