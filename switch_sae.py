@@ -12,9 +12,11 @@ router. For one language-model activation x:
     L     = |x - x_hat|^2 + alpha d N sum_n f_n P_n  f_n: share of the batch routed to n, P_n: mean p_n
 
 With normalized activations (Gao et al.; SAELens) the SAE works on s x, s fixed so that the first batch's
-typical tokens (norm at most 4x the median) have mean norm sqrt(d), and alpha d becomes alpha V, V their
-scaled total variance (d for centred data): the loss and the routing then do not depend on the
-activations' units. Outputs are in the LM's.
+typical tokens (norm at most 4x the median) have mean norm sqrt(d), and alpha d becomes alpha V / 30, V
+their scaled total variance (d for centred data): the loss and the routing then do not depend on the
+activations' units, and alpha = 3 weighs the balance at twice the reconstruction loss of an SAE that explains
+95% of the variance, the proportion of the paper's GPT-2 setting (measured best: notebooks/routing.ipynb).
+Outputs are in the LM's.
 
 The decoder rows are kept at unit norm. N = 1 is exactly a TopK SAE (Gao et al. 2024), same code. The
 routing is real, unlike the authors' code (dense encoder, then mask): tokens are sorted by expert, each
@@ -424,8 +426,8 @@ class Router(nn.Module):
 
 class AuxFreeRouter(Router):
     """Loss-free balancing (Wang et al. 2024, arXiv:2408.15664; DeepSeek-V3): a per-expert bias, added to the
-    logits to pick the experts and nowhere else, moves by rate * sign(mean load - load) after each step;
-    no balance term in the loss."""
+    router probabilities (their gating scores) to pick the experts and nowhere else, moves by
+    rate * sign(mean load - load) after each step; no balance term in the loss."""
 
     balance_in_loss = False
 
@@ -438,7 +440,7 @@ class AuxFreeRouter(Router):
         return {**super().config(), "balance": "aux-free", "balance_rate": self.balance_rate}
 
     def scores(self, logits_BN, probs_BN):
-        return logits_BN.float() + self.selection_bias
+        return probs_BN + self.selection_bias  # Wang et al.'s: on the scores in [0, 1], so u has no units
 
     @torch.no_grad()
     def after_step_(self, counts_N):
@@ -447,7 +449,7 @@ class AuxFreeRouter(Router):
 
     def saelens(self):
         fields, tensors = super().saelens()
-        return {**fields, "aux_free": True}, {"selection_bias": self.selection_bias}  # logits: not scaled
+        return {**fields, "aux_free": True}, {"selection_bias": self.selection_bias}  # unit-free: not scaled
 
 
 class ExpertChoiceRouter(Router):
@@ -572,11 +574,14 @@ class SwitchSAE(SAE):
 
     @torch.no_grad()
     def normalize_inputs_(self, x_BD):
-        """Also weigh the load balance in the scaled data's units: alpha V, V the typical tokens' total
+        """Also weigh the load balance in the scaled data's units: alpha V / 30, V the typical tokens' total
         variance, instead of alpha d, which holds in GPT-2's raw units only (elsewhere the balance can
-        swamp the reconstruction, or vanish beside it)."""
+        swamp the reconstruction, or vanish beside it). The 30: the paper's alpha d (alpha 3) is about twice
+        its final MSE, and an SAE explaining 95% of the variance has MSE V / 20; alpha V itself weighed the
+        balance 30x the reconstruction and lost to a 30x smaller weight on SmolLM2 and another LM."""
         typical_BD = super().normalize_inputs_(x_BD)
-        self.lb_scale.fill_((typical_BD * self.input_scale).var(0, correction=0).sum())
+        variance = (typical_BD * self.input_scale).var(0, correction=0).sum()
+        self.lb_scale.fill_(variance / 30)
         return typical_BD
 
     @property
@@ -862,8 +867,9 @@ class SAEConfig:
     experts: int = arg(16, "N, the number of experts; 1 gives a plain TopK SAE", low=1)
     width: int = arg(24576, "M, total latents over all experts", low=1)
     k: int = arg(32, "active latents per token", low=1)
-    lb_alpha: float = arg(3.0, "load-balance weight alpha; the loss adds alpha * d * L_lb (alpha * V * L_lb "
-                               "with --normalize-activations, V: the scaled typical tokens' total variance)",
+    lb_alpha: float = arg(3.0, "load-balance weight alpha; the loss adds alpha * d * L_lb (alpha * V / 30 * "
+                               "L_lb with --normalize-activations, V: the scaled typical tokens' total "
+                               "variance)",
                           low=0)
     router: str = arg("switch", "switch: each token picks its experts by router probability; expert-choice: "
                                 "each expert takes the --capacity x B / N tokens of the batch it scores "
@@ -880,8 +886,8 @@ class SAEConfig:
                                "gradient; heaviside: by 1, so the router learns from the balance term alone",
                     choices=("softmax", "heaviside"))
     balance: str = arg("loss", "loss: the paper's balance term, weighted by --lb-alpha; aux-free: no term, a "
-                               "per-expert bias on the logits picks the experts and moves by --balance-rate "
-                               "after each step toward equal load (Wang et al. 2024)",
+                               "per-expert bias on the router probabilities picks the experts and moves by "
+                               "--balance-rate after each step toward equal load (Wang et al. 2024)",
                        choices=("loss", "aux-free"))
     balance_rate: float = arg(1e-3, "u, the step of --balance aux-free's bias", low=0)
     normalize_activations: bool = arg(False, "scale the SAE's input by one constant fixed on the first "
@@ -2081,7 +2087,7 @@ def finish_run(cfg, comms, source, sae, clock_M, counts, dropped):
                    seconds_activations=seconds["activations"],  # LM forwards (or cache reads), this process
                    seconds_sae=seconds["loop"] - seconds["activations"])  # SAE steps, logging, checkpoints
     if isinstance(whole, SwitchSAE):
-        metrics["lb_scale"] = whole.lb_scale.item()  # what alpha multiplies: d, or V when normalized
+        metrics["lb_scale"] = whole.lb_scale.item()  # what alpha multiplies: d, or V / 30 when normalized
     write_json(os.path.join(cfg.out, "metrics.json"), metrics)
     print_table(metrics)
     return metrics
@@ -2176,8 +2182,8 @@ def evaluate(sae, cfg, x_BD, model=None, module=None, tokens_CL=None):
         "eval_tokens": n,
     }
     if model is not None:
-        lm = lm_losses(model, module, tokens_CL, cfg.lm_batch_size, {"sae": sae_patch(sae, chunk),
-                                                                       "zero": torch.zeros_like}, cfg.skip_positions)
+        patches = {"sae": sae_patch(sae, chunk), "zero": torch.zeros_like}
+        lm = lm_losses(model, module, tokens_CL, cfg.lm_batch_size, patches, cfg.skip_positions)
         metrics.update(ce_clean=lm["ce_clean"], ce_sae=lm["ce_sae"], ce_zero=lm["ce_zero"],
                        delta_ce=lm["ce_sae"] - lm["ce_clean"], kl_sae=lm["kl_sae"], kl_zero=lm["kl_zero"],
                        frac_loss_recovered=(lm["ce_sae"] - lm["ce_zero"]) / (lm["ce_clean"] - lm["ce_zero"]))
