@@ -578,7 +578,7 @@ class SwitchSAE(SAE):
         variance, instead of alpha d, which holds in GPT-2's raw units only (elsewhere the balance can
         swamp the reconstruction, or vanish beside it). The 30: the paper's alpha d (alpha 3) is about twice
         its final MSE, and an SAE explaining 95% of the variance has MSE V / 20; alpha V itself weighed the
-        balance 30x the reconstruction and lost to a 30x smaller weight on SmolLM2 and another LM."""
+        balance up to 30x the reconstruction and lost to 10-30x smaller weights on SmolLM2 and another LM."""
         typical_BD = super().normalize_inputs_(x_BD)
         variance = (typical_BD * self.input_scale).var(0, correction=0).sum()
         self.lb_scale.fill_(variance / 30)
