@@ -24,13 +24,18 @@ import numpy as np
 import scipy.stats
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = os.path.dirname(os.path.abspath(__file__))  # runs/ and cache/ live here, whatever the working directory
+REPO = os.path.dirname(NOTEBOOKS)
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 import switch_sae as S  # noqa: E402
 
+# the notebooks read RESULTS too (walkthrough builds its tiny LM under it): an absolute default, so that a kernel
+# started in another directory (nbconvert runs it in the notebook's own) still writes to notebooks/runs
+os.environ.setdefault("RESULTS", os.path.join(NOTEBOOKS, "runs"))
 TEXT = os.environ.get("TEXT", os.path.join(REPO, "..", "shared", "data", "corpus.jsonl.gz"))
-CACHES = os.path.dirname(os.environ["CACHE"]) if "CACHE" in os.environ else os.path.join(REPO, "notebooks", "cache")
+CACHES = (os.path.dirname(os.path.abspath(os.environ["CACHE"])) if "CACHE" in os.environ
+          else os.path.join(NOTEBOOKS, "cache"))
 SCALES = {
     # seconds on a CPU: a random tiny GPT-2 built here; checks that the code runs, says nothing about the method
     "smoke": dict(lm=dict(model="tiny", layer=1, ctx=16, lm_batch_size=16, eval_tokens=512),
@@ -52,12 +57,42 @@ SCALES = {
 }
 
 
+def check_scale(scale):
+    """A scale's name, or a one-line error naming the scales (not a bare KeyError)."""
+    if scale not in SCALES:
+        raise ValueError(f"SCALE={scale!r} is not a scale: use one of {', '.join(SCALES)} (lower case)")
+    return scale
+
+
+if "SCALE" in os.environ:  # every notebook imports this module before it reads SCALE itself
+    check_scale(os.environ["SCALE"])
+
+
+def needs(scale, cfg):
+    """What the scale's cache needs, and which variables set it: appended to the errors of writing it."""
+    if scale == "smoke":
+        return "scale smoke builds its own random model and text: nothing to set"
+    contexts = S.held_out_contexts(cfg) + S.contexts_needed(cfg)
+    return (f"scale {scale} captures {contexts:,} contexts of {cfg.ctx} tokens, so it needs about "
+            f"{contexts * cfg.ctx / 1e6:.1f}M tokens of text (more if some repeat): set TEXT to a .txt, .jsonl or "
+            f".jsonl.gz file that holds them (now {', '.join(cfg.text)}) and MODEL_DIR to the model, a Hugging Face "
+            f"directory or .gguf file (now {cfg.model})")
+
+
+def write_cache(scale, cfg):
+    """switch_sae.write_cache, whose errors (no model, too little text) also say what the scale needs."""
+    try:
+        S.write_cache(cfg)
+    except S.UsageError as e:
+        raise S.UsageError(f"{e}. {needs(scale, cfg)}") from None
+
+
 class Study:
     """One scale's setting: where runs and the cache live, the held-out split, and the fair sweep."""
 
     def __init__(self, scale, **overrides):
-        self.scale, self.p = scale, {**SCALES[scale], **overrides}
-        results = os.environ.get("RESULTS", os.path.join(REPO, "notebooks", "runs"))
+        self.scale, self.p = check_scale(scale), {**SCALES[scale], **overrides}
+        results = os.environ.get("RESULTS", os.path.join(NOTEBOOKS, "runs"))
         self.runs = os.path.join(results, scale)  # one folder per SAE inside: config.json, sae.safetensors, metrics
         cache_file = self.p["cache_file"]
         self.cache = self.p.get("cache") or cache_file and os.environ.get("CACHE", os.path.join(CACHES, cache_file))
@@ -115,7 +150,7 @@ class Study:
             if header["contexts"] - header["eval_contexts"] >= need:
                 return
         os.makedirs(os.path.dirname(self.cache) or ".", exist_ok=True)
-        S.write_cache(cfg)
+        write_cache(self.scale, cfg)
 
     def run(self, cfg):
         """Train one SAE unless it is done; returns its metrics, or None when its loss diverged (a too-high lr in a
@@ -240,7 +275,7 @@ class Study:
 def site_studies(scale, layers, sites, stem, **overrides):
     """One Study per (layer, site), each on its own cache; the caches missing are written first, all from one LM
     pass (switch_sae.write_cache with several layers and sites), so every site holds the same contexts."""
-    p = {**SCALES[scale], **overrides}
+    p = {**SCALES[check_scale(scale)], **overrides}
     lm = dict(p["lm"])
     if lm["model"] == "tiny":
         lm["model"], lm["text"] = make_tiny_lm(os.path.join(CACHES, "smoke_lm"))
@@ -248,9 +283,10 @@ def site_studies(scale, layers, sites, stem, **overrides):
     path = lambda layer, site: os.path.join(CACHES, f"{stem}_L{layer}_{site}.bin" if several else f"{stem}.bin")
     if not all(os.path.isfile(path(layer, site) + ".json") for layer in layers for site in sites):
         os.makedirs(CACHES, exist_ok=True)
-        S.write_cache(S.CacheConfig(**{**lm, "layer": tuple(layers), "site": tuple(sites)}, tokens=p["cache_tokens"],
-                                    batch_size=p["batch_size"], buffer_tokens=p["buffer_tokens"],
-                                    out=os.path.join(CACHES, f"{stem}.bin"), device="auto"))
+        write_cache(scale, S.CacheConfig(**{**lm, "layer": tuple(layers), "site": tuple(sites)},
+                                         tokens=p["cache_tokens"], batch_size=p["batch_size"],
+                                         buffer_tokens=p["buffer_tokens"], out=os.path.join(CACHES, f"{stem}.bin"),
+                                         device="auto"))
     return {(layer, site): Study(scale, **overrides, lm={**lm, "layer": layer, "site": site}, cache=path(layer, site))
             for layer in layers for site in sites}
 
