@@ -27,48 +27,716 @@ Shapes in names: B tokens in a batch, D input dim (d), M latents in all (width),
 latents per expert, K latents kept per token (k, plus AuxK's), T tokens sorted by expert, C contexts of
 L tokens each, G ranks.
 
-Sections: the method first, model (kernels, SwitchSAE, baselines: copy this section alone into a
-project) and FLOPs; then the machinery in the order data flows: config, capture (text, LM activations,
-cache), training, evaluation, checkpoints and export, distributed (torchrun), bench, command line.
+Shapes in names: B tokens in a batch, D input dim (d), M latents in all (width), N experts, m = M / N
+latents per expert, K latents kept per token (k, plus AuxK's), A assignments of tokens to experts, T of
+them sorted by expert, C contexts of L tokens each, G ranks.
 
-    python switch_sae.py --experts 16 --k 32              # train on GPT-2 layer 8, then evaluate
-    python switch_sae.py bench --experts 16 --width 24576  # time a Switch step against a TopK step
+The file reads top to bottom. The method comes first, in the order of the equations: the router (Router),
+the experts and their loss (SwitchSAE: forward, forward_dense, loss and the decoder's training rules), the
+other routing rules, the baselines, FLOPs, the train step, then the kernels that make routing save time.
+Copied alone, that span trains an SAE. The machinery follows in the order data flows: config and the rules
+between flags, capture and cache, training runs, evaluation, checkpoints and export, distributed
+(torchrun), bench, command line.
+
+    python switch_sae.py --experts 16 --k 32                # capture GPT-2 layer 8, train, evaluate
+    python switch_sae.py cache --layer 8 --out acts.bin     # or capture once, then train with --acts
+    python switch_sae.py bench --experts 16 --width 24576   # time a Switch step against a TopK step
 """
 
-import argparse
-import contextlib
-import dataclasses
 import functools
-import errno
-import gzip
-import hashlib
-import itertools
-import json
 import math
-import os
-import queue
-import random
-import shutil
-import signal
-import socket
-import statistics
-import sys
-import tempfile
-import threading
-import time
-import urllib.parse
 import warnings
-import zlib
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+
 # -----------------------------------------------------------------------------
-# model: routed kernels, the Switch SAE and its loss, the baselines. Copied alone, it needs only math,
-# warnings, typing.NamedTuple and torch.
+# the method, in the order of the equations above: copied alone, with the imports above, it builds and trains
+# an SAE (the machinery below is the command line's)
+
+
+class SAEOutput(NamedTuple):
+    """What every SAE's forward returns; a field an architecture does not have is None. acts: Switch's k
+    active latents before the gate (ExpertParallelSwitchSAE: of the tokens this rank's experts received, with
+    shard-local idx); a baseline's M latents. expert_counts: f = counts / counts.sum() in the load balance,
+    summed over ranks in data-parallel training, so every rank balances the global load."""
+
+    x_hat: torch.Tensor  # (B, D) the reconstruction
+    acts: torch.Tensor  # (B, k) or (B, M)
+    idx: torch.Tensor | None = None  # (B, k) global latent indices of acts (Switch)
+    probs: torch.Tensor | None = None  # (B, N') float32 router probabilities over the routed experts
+    expert: torch.Tensor | None = None  # (A,) each assignment's expert, in token order: (B,) at one a token
+    expert_counts: torch.Tensor | None = None  # (N,) assignments to each expert
+    gates: torch.Tensor | None = None  # (B, k) float32, each active latent's gate: codes are acts * gates
+    gate_pre: torch.Tensor | None = None  # (B, M) the Gated baseline's gate pre-activations
+    aux_acts: torch.Tensor | None = None  # (B, k_aux) AuxK's dead latents before the gate, when asked for
+    aux_idx: torch.Tensor | None = None  # (B, k_aux) their global indices
+
+
+class Routing(NamedTuple):
+    """A batch's A assignments, in token order: assignment a sends token[a] to expert[a], whose decoded
+    latents it scales by gate[a] (float32); probs (B, N'): the router's over the routed experts, float32;
+    counts (N,): assignments per expert."""
+
+    probs: torch.Tensor
+    token: torch.Tensor
+    expert: torch.Tensor
+    gate: torch.Tensor
+    counts: torch.Tensor
+
+
+class Router(nn.Module):
+    """The Switch rule (Fedus et al.): softmax over the experts, each token to its best one, with the gate
+    p_i, its only reconstruction gradient; the balance term N sum_n f_n P_n (f_n: share of the assignments,
+    P_n: mean p_n) is what alpha weighs. Its variants, as the authors' moe.py and switch1on.py wrote them:
+    - experts_per_token e > 1: the e best experts, gates p_i, and one TopK over the union of their latents
+      (the authors renormalise p over the e; unrenormalised, e = 1 stays the paper's rule);
+    - shared_expert: the last expert takes every token with gate 1; the router and the balance see the
+      other N - 1;
+    - gate "heaviside": gate 1, so the router learns from the balance term alone."""
+
+    balance_in_loss = True
+
+    def __init__(self, experts, experts_per_token=1, shared_expert=False, gate="softmax"):
+        super().__init__()
+        self.experts, self.routed = experts, experts - shared_expert
+        self.experts_per_token, self.shared_expert, self.gate = experts_per_token, shared_expert, gate
+        self.per_token = experts_per_token + shared_expert  # assignments a token
+        self.slots = self.per_token  # the most a token may have: None where it varies (found per batch)
+
+    def scores(self, logits_BN, probs_BN):
+        """What picks the experts."""
+        return probs_BN
+
+    def forward(self, logits_BN):
+        B = len(logits_BN)
+        probs_BN = F.softmax(logits_BN.float(), dim=-1)
+        scores_BN = self.scores(logits_BN, probs_BN)  # ties (bf16 logits) to the lowest index, as argmax
+        e = self.experts_per_token
+        expert_BE = scores_BN.argmax(1, keepdim=True) if e == 1 else scores_BN.topk(e, dim=1).indices
+        heaviside = self.gate == "heaviside"
+        gate_BE = probs_BN.new_ones(expert_BE.shape) if heaviside else probs_BN.gather(1, expert_BE)
+        if self.shared_expert:
+            expert_BE = torch.cat([expert_BE, expert_BE.new_full((B, 1), self.routed)], 1)
+            gate_BE = torch.cat([gate_BE, gate_BE.new_ones(B, 1)], 1)
+        token_A = torch.arange(B, device=logits_BN.device).repeat_interleave(self.per_token)
+        expert_A = expert_BE.flatten()
+        return Routing(probs_BN, token_A, expert_A, gate_BE.flatten(), count(expert_A, self.experts))
+
+    def balance(self, probs_BN, counts_N):
+        """N' sum_n f_n P_n over the routed experts: 1 when uniform, N' when collapsed; f has no gradient."""
+        load_N = counts_N[: self.routed].float() / counts_N[: self.routed].sum()
+        return self.routed * (load_N * probs_BN.mean(0)).sum()
+
+    batch_dependent = False  # whether a token's codes depend on the rest of its batch
+
+    def assignments(self, batch_size):
+        """Assignments a token in a batch of batch_size (their mean where they vary)."""
+        return self.per_token
+
+    def after_step_(self, counts_N):
+        """An update after each optimizer step, from the global batch's counts."""
+
+    def flops(self, d):
+        """Its terms of a training step per token: the router's matmuls and the balance term."""
+        return {"router_fwd": 2 * d * self.routed, "router_bwd": 4 * d * self.routed,  # W_router, b_router
+                "load_balance": 3 * self.routed if self.balance_in_loss else 0}
+
+
+class SAE(nn.Module):
+    """What the SAEs here share: a decoder W_dec (M, D), one row per latent, a decoder bias b_dec, an input
+    scale, and the rules the training loop calls around each step (no-ops where an architecture has none)."""
+
+    unit_decoder = True  # rows kept at unit norm: gradient projected before the step, renormalised after
+    experts, k_aux, batch_dependent = 1, 0, False  # the baselines have no router, no AuxK
+    warmup_steps = 0  # of the lr
+
+    @classmethod
+    def loss_coefficients(cls, cfg, step, steps):
+        """The keyword arguments of its loss at `step` of `steps`, from a config."""
+        return {"l1_coeff": cfg.l1_coeff}
+
+    def __init__(self):
+        super().__init__()
+        # forward multiplies its input by this and divides its output by it: callers use the LM's units
+        self.register_buffer("input_scale", torch.ones(()))
+
+    @property
+    def device(self):
+        return self.W_dec.device
+
+    def init_biases_(self, x_BD):
+        """Data-dependent initialisation from the first training batch."""
+
+    @torch.no_grad()
+    def normalize_inputs_(self, x_BD):
+        """Fix the input scale from the first batch: its typical tokens' mean norm becomes sqrt(d) (Gao et
+        al.). Typical: norm at most 4x the median; a massive activation (an attention sink, 20-100x the
+        usual norm) in the batch would otherwise set the scale of every other token. Returns them."""
+        norms_B = x_BD.float().norm(dim=1)
+        typical_BD = x_BD.float()[norms_B <= 4 * norms_B.median()]
+        self.input_scale.fill_(math.sqrt(self.d_in) / typical_BD.norm(dim=1).mean())
+        return typical_BD
+
+    @torch.no_grad()
+    def project_decoder_grad_(self):
+        """Remove the gradient component along each (unit) decoder row, so a step keeps its norm."""
+        if self.unit_decoder:
+            parallel_M = torch.linalg.vecdot(self.W_dec.grad, self.W_dec)
+            self.W_dec.grad.addcmul_(self.W_dec, parallel_M[:, None], value=-1)
+
+    @torch.no_grad()
+    def normalize_decoder_(self):
+        if self.unit_decoder:
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True))
+
+    def after_step_(self, out):
+        """What changes after each optimizer step besides the weights; out: the step's global output."""
+
+    def summary(self):
+        return f"a {self.arch} SAE of {self.width} latents"
+
+    def flops_per_token(self, batch_size, k_aux=0):
+        """Training FLOPs a token, term by term, as this code runs them, with their total; paper_encoder_only
+        is the authors' count, 2 d m forward + 2 d m backward of the encoder. Here, a dense SAE's: every
+        latent of every token, forward and backward."""
+        dM = self.d_in * self.width
+        return totalled({"encoder_fwd": 2 * dM, "encoder_bwd": 2 * dM, "decoder_fwd": 2 * dM,
+                         "decoder_bwd": 4 * dM}, 4 * dM)
+
+    def latent_activity(self, out):
+        """How many tokens each latent fired on (M,), and the active latents summed over tokens."""
+        active_BM = out.acts > 0
+        return active_BM.sum(0), active_BM.sum()
+
+
+class SwitchSAE(SAE):
+    """N TopK experts of m = width / N latents behind a router (by default the paper's top-1 rule)."""
+
+    arch = "switch"
+
+    @staticmethod
+    def default_lr(width):
+        return 2e-4 / math.sqrt(width / 2**14)  # the paper's, after Gao et al.
+
+    @classmethod
+    def loss_coefficients(cls, cfg, step, steps):
+        return {"lb_alpha": cfg.lb_alpha, "auxk_alpha": cfg.auxk_alpha}
+
+    def __init__(self, d_in, width, experts, k, router=None):
+        super().__init__()
+        self.d_in, self.width, self.experts, self.k = d_in, width, experts, k
+        self.router = router or Router(experts)
+        W_enc = nn.Linear(d_in, width, bias=False).weight.detach()
+        self.W_enc = nn.Parameter(W_enc.clone())  # (M, D); expert i owns rows [i m, (i+1) m)
+        self.W_dec = nn.Parameter(W_enc / W_enc.norm(dim=1, keepdim=True))  # unit rows, tied at init only
+        routed = self.router.routed  # (N', D): the routed experts'
+        self.W_router = nn.Parameter(nn.Linear(d_in, routed, bias=False).weight.detach().clone())
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.b_router = nn.Parameter(torch.zeros(d_in))
+        self.register_buffer("lb_scale", torch.tensor(float(d_in)))  # alpha's multiplier: d, as the paper
+
+    def route(self, x_BD):
+        return self.router((x_BD - self.b_router) @ self.W_router.T)
+
+    def forward(self, x_BD, dead_M=None):
+        """The routed fast path: each assignment's token copied to its expert, sorted by expert, each
+        expert's TopK on its own tokens, then each token's k best over its experts. With dead_M (M,) bool
+        (one expert a token), each token also gets the top k_aux = min(d/2, m) dead latents of its expert
+        (AuxK), in aux_acts and aux_idx."""
+        x_BD = x_BD * self.input_scale
+        r = self.route(x_BD)
+        x_AD = x_BD if self.router.slots == 1 else x_BD[r.token]
+        x_TD, expert_T, counts_here, combine = self.dispatch(x_AD, r.expert, r.counts)
+        k_aux = self.k_aux if dead_M is not None and dead_M.any() else 0
+        acts_TK, idx_TK = RoutedTopK.apply(x_TD, self.W_enc, self.b_dec, expert_T, counts_here, self.k,
+                                           dead_M, k_aux)
+        decoded_BD, acts_BK, idx_BK, gates_BK = combine(acts_TK, idx_TK, r)
+        aux = (acts_BK[:, self.k :], idx_BK[:, self.k :]) if k_aux else (None, None)
+        return SAEOutput((decoded_BD + self.b_dec) / self.input_scale, acts_BK[:, : self.k],
+                         idx_BK[:, : self.k], r.probs, r.expert, r.counts, gates=gates_BK, aux_acts=aux[0],
+                         aux_idx=aux[1])
+
+    def dispatch(self, x_AD, expert_A, counts_N):
+        """Hand each assignment to its expert: here, sort them by expert. Returns the sorted tokens, their
+        experts, tokens per expert, and combine(acts, idx, routing), which merges and decodes the latents
+        back in token order. ExpertParallelSwitchSAE sends each token to its expert's rank and back."""
+        order_A = expert_A.argsort(stable=True)
+        unsort_A = order_A.argsort()
+        combine = lambda acts_TK, idx_TK, r: self.merge(acts_TK[unsort_A], idx_TK[unsort_A], r)
+        return x_AD[order_A], expert_A[order_A], counts_N, combine
+
+    def merge(self, acts_AK, idx_AK, r):
+        """Each token's k best latents over its experts' (by gated value: the TopK over their union, since an
+        expert's candidates hold its k best), decoded and gated; with one expert a token, its own."""
+        k, B, gate_A = self.k, len(r.probs), r.gate
+        if self.router.slots == 1:  # the gate after the sum, as the paper writes it
+            decoded_BD = SparseDecode.apply(acts_AK[:, :k], idx_AK[:, :k], self.W_dec)
+            gated_BD = decoded_BD * gate_A[:, None].to(decoded_BD.dtype)
+            return gated_BD, acts_AK, idx_AK, gate_A[:, None].expand(-1, k)
+        # a token's candidates fill its row's first slots of k; an empty slot is never chosen while a
+        # candidate is left, and fills a token no expert took (zeros: x_hat = b_dec; distinct indices)
+        tokens_B = count(r.token, B)
+        S = self.router.slots or max(1, int(tokens_B.max()))
+        first_B = tokens_B.cumsum(0) - tokens_B  # each token's first assignment
+        where_A = r.token * S + torch.arange(len(r.token), device=r.token.device) - first_B[r.token]
+        fill = lambda empty, rows_AK: empty.index_copy(0, where_A, rows_AK).view(B, S * k)
+        gates_AK = gate_A[:, None].expand(-1, k)
+        acts, gates = fill(acts_AK.new_zeros(B * S, k), acts_AK), fill(gates_AK.new_zeros(B * S, k), gates_AK)
+        idx = fill(torch.arange(S * k, device=idx_AK.device).repeat(B).view(B * S, k), idx_AK)
+        score = fill(torch.full((B * S, k), -math.inf, device=acts_AK.device), (acts_AK * gates_AK).float())
+        best_BK = score.topk(k, dim=1, sorted=False).indices
+        acts_BK, idx_BK, gates_BK = (t.gather(1, best_BK) for t in (acts, idx, gates))
+        coef_BK = acts_BK * gates_BK.to(acts_BK.dtype)
+        return SparseDecode.apply(coef_BK, idx_BK, self.W_dec), acts_BK, idx_BK, gates_BK
+
+    def forward_dense(self, x_BD):
+        """The method as written (and as the authors' code runs it): every expert's encoder on every token,
+        each latent gated by its expert's gate (0 off the token's experts), TopK over them. O(M d) a token;
+        forward is tested against it."""
+        x_BD = x_BD * self.input_scale
+        r = self.route(x_BD)
+        B, m = len(x_BD), self.width // self.experts
+        gate_BN = r.gate.new_zeros(B, self.experts).index_put((r.token, r.expert), r.gate)
+        mine_BN = torch.zeros(B, self.experts, dtype=torch.bool, device=x_BD.device).index_put(
+            (r.token, r.expert), torch.tensor(True, device=x_BD.device))
+        gate_BM, mine_BM = gate_BN.repeat_interleave(m, 1), mine_BN.repeat_interleave(m, 1)
+        pre_BM = ((x_BD - self.b_dec) @ self.W_enc.T).masked_fill(~mine_BM, -math.inf)
+        idx_BK = (pre_BM.relu() * gate_BM).topk(self.k, dim=1).indices
+        acts_BK, gates_BK = pre_BM.gather(1, idx_BK).relu(), gate_BM.gather(1, idx_BK)
+        z_BM = torch.zeros_like(pre_BM).scatter(1, idx_BK, acts_BK * gates_BK.to(acts_BK.dtype))
+        x_hat_BD = z_BM @ self.W_dec + self.b_dec
+        return SAEOutput(x_hat_BD / self.input_scale, acts_BK, idx_BK, r.probs, r.expert, r.counts,
+                         gates=gates_BK)
+
+    def encode(self, x_BD, dense=False):
+        """Codes of x: (values, global latent indices), each (B, k), or with dense=True one (B, M) tensor.
+        The values carry the router's gate, so decode is linear in them: decode(encode(x)) = x_hat."""
+        out = self(x_BD)
+        vals_BK = out.acts * out.gates.to(out.acts.dtype)
+        if dense:
+            return vals_BK.new_zeros(len(x_BD), self.width).scatter_(1, out.idx, vals_BK)
+        return vals_BK, out.idx
+
+    def decode(self, codes):
+        """x_hat from codes as encode gives them: (values, indices), or a dense (B, M) tensor."""
+        if isinstance(codes, torch.Tensor):
+            return (codes @ self.W_dec + self.b_dec) / self.input_scale
+        vals_BK, idx_BK = codes
+        return (SparseDecode.apply(vals_BK, idx_BK, self.W_dec) + self.b_dec) / self.input_scale
+
+    def loss(self, x_BD, out, lb_alpha=3.0, auxk_alpha=0.0):
+        """Reconstruction + lb_alpha * lb_scale * load balance (+ auxk_alpha * AuxK), in the scaled units
+        the SAE works in; parts["recon"] is in the LM's. Returns (loss, parts)."""
+        recon = squared_error(out.x_hat, x_BD)
+        balance = self.router.balance(out.probs, out.expert_counts)
+        scale2 = self.input_scale**2
+        if self.router.balance_in_loss:
+            loss = recon * scale2 + lb_alpha * self.lb_scale * balance
+        else:  # reported, not trained on
+            loss, balance = recon * scale2, balance.detach()
+        parts = {"recon": recon, "balance": balance}
+        if out.aux_acts is not None:  # AuxK: dead latents rebuild what the live ones missed (Gao et al.)
+            gate_B = out.gates[:, 0].detach()  # it trains the dead latents, not the router
+            aux_acts_BK = out.aux_acts * gate_B[:, None].to(out.aux_acts.dtype)
+            error_hat_BD = SparseDecode.apply(aux_acts_BK, out.aux_idx, self.W_dec)
+            error_hat_BD = error_hat_BD / self.input_scale
+            parts["auxk"] = squared_error(error_hat_BD, (x_BD - out.x_hat).detach())
+            loss = loss + auxk_alpha * scale2 * parts["auxk"]
+        return loss, parts
+
+    @torch.no_grad()
+    def init_biases_(self, x_BD):
+        """b_dec = b_router = the geometric median of the first batch, as the authors start them."""
+        self.b_dec.copy_(geometric_median(x_BD.float() * self.input_scale))
+        self.b_router.copy_(self.b_dec)
+
+    @torch.no_grad()
+    def normalize_inputs_(self, x_BD):
+        """Also weigh the load balance in the scaled data's units: alpha V / 30, V the typical tokens' total
+        variance, instead of alpha d, which holds in GPT-2's raw units only (elsewhere the balance can
+        swamp the reconstruction, or vanish beside it). The 30: the paper's alpha d (alpha 3) is about twice
+        its final MSE, and an SAE explaining 95% of the variance has MSE V / 20; alpha V itself weighed the
+        balance up to 30x the reconstruction and lost to 10-30x smaller weights on SmolLM2 and another LM."""
+        typical_BD = super().normalize_inputs_(x_BD)
+        variance = (typical_BD * self.input_scale).var(0, correction=0).sum()
+        self.lb_scale.fill_(variance / 30)
+        return typical_BD
+
+    @property
+    def k_aux(self):
+        """AuxK's latents a token, when some are dead: Gao et al.'s d/2, at most the expert's m."""
+        return min(self.d_in // 2, self.width // self.experts)
+
+    def after_step_(self, out):
+        self.router.after_step_(out.expert_counts)
+
+    @property
+    def batch_dependent(self):
+        return self.router.batch_dependent
+
+    def flops_per_token(self, batch_size, k_aux=0):
+        """k_aux: the AuxK latents of a step with dead latents (min(d/2, m)), decoded and trained beside the k
+        live ones. Each of a token's experts runs its m latents and trains its k candidates."""
+        d, m, k = self.d_in, self.width // self.experts, self.k
+        per_token = self.router.assignments(batch_size)
+        terms = {**self.router.flops(d),
+                 "encoder_fwd": 2 * d * m * per_token,
+                 "encoder_bwd": 2 * per_token * k * d + 2 * self.width * d / batch_size,  # b_dec's: a batch
+                 "decoder_fwd": 2 * k * d,  # only the k active rows
+                 "decoder_bwd": 4 * k * d}  # grads of W_dec rows and of the latents
+        if k_aux:  # the encoder's pre-activations are shared; the extra work is sparse, k_aux rows a token
+            terms.update(auxk_decoder_fwd=2 * k_aux * d, auxk_decoder_bwd=4 * k_aux * d,
+                         auxk_encoder_bwd=2 * k_aux * d)
+        return totalled(terms, 4 * d * m * per_token)
+
+    def latent_activity(self, out):
+        active_BK = out.acts > 0
+        fired_M = torch.zeros(len(self.W_dec), dtype=torch.long, device=active_BK.device).index_add_(
+            0, out.idx.flatten(), active_BK.flatten().long())
+        return fired_M, active_BK.sum()
+
+    def saelens(self):
+        """SAELens's architecture, whether its encoder subtracts b_dec, the tensors (in the scaled units) and
+        the cfg fields: topk for one expert, else the README's switch class, with its rule's fields."""
+        tensors = {"W_enc": self.W_enc.T, "b_enc": torch.zeros(self.width, device=self.device),
+                   "W_dec": self.W_dec, "b_dec": self.b_dec}
+        fields = {"k": self.k, "rescale_acts_by_decoder_norm": False}
+        if self.experts == 1:
+            return "topk", True, tensors, fields
+        r = self.router
+        tensors.update(W_router=self.W_router, b_router=self.b_router)
+        if isinstance(r, AuxFreeRouter):
+            tensors["selection_bias"] = r.selection_bias  # unit-free: not scaled
+        rule = {"experts_per_token": r.experts_per_token if r.experts_per_token > 1 else None,
+                "shared_expert": r.shared_expert or None, "heaviside": r.gate == "heaviside" or None,
+                "aux_free": isinstance(r, AuxFreeRouter) or None}
+        rule = {name: value for name, value in rule.items() if value is not None}
+        return "switch", True, tensors, {**fields, "n_experts": self.experts, **rule}
+
+    def summary(self):
+        return f"{self.experts} experts x {self.width // self.experts} latents, k={self.k}"
+
+
+def squared_error(x_hat_BD, x_BD):
+    """Sum over d of (x_hat - x)^2, mean over tokens: the paper's MSE."""
+    return (x_hat_BD - x_BD).pow(2).sum(-1).mean()
+
+
+@torch.no_grad()
+def geometric_median(points_BD, iters=100, tol=1e-5):
+    """Weiszfeld's algorithm; the Switch SAE's biases start there."""
+    median = points_BD.mean(0)
+    for _ in range(iters):
+        weights = 1 / (points_BD - median).norm(dim=1).clamp_min(1e-8)
+        new = (weights[:, None] * points_BD).sum(0) / weights.sum()
+        if (new - median).norm() < tol * median.norm().clamp_min(1):
+            return new
+        median = new
+    return median
+
+
+# -----------------------------------------------------------------------------
+# the other routing rules and the baselines
+
+
+class AuxFreeRouter(Router):
+    """Loss-free balancing (Wang et al. 2024, arXiv:2408.15664; DeepSeek-V3): a per-expert bias, added to the
+    router probabilities (their gating scores) to pick the experts and nowhere else, moves by
+    rate * sign(mean load - load) after each step; no balance term in the loss."""
+
+    balance_in_loss = False
+
+    def __init__(self, experts, experts_per_token=1, shared_expert=False, gate="softmax", balance_rate=1e-3):
+        super().__init__(experts, experts_per_token, shared_expert, gate)
+        self.balance_rate = balance_rate
+        self.register_buffer("selection_bias", torch.zeros(self.routed))
+
+    def scores(self, logits_BN, probs_BN):
+        return probs_BN + self.selection_bias  # Wang et al.'s: on the scores in [0, 1], so u has no units
+
+    @torch.no_grad()
+    def after_step_(self, counts_N):
+        load_N = counts_N[: self.routed].float()
+        self.selection_bias.add_(self.balance_rate * (load_N.mean() - load_N).sign())
+
+
+class ExpertChoiceRouter(Router):
+    """Expert choice (Zhou et al. 2022, arXiv:2202.09368): each routed expert takes the C = ceil(capacity B /
+    N') tokens of the batch with the highest probability for it, with that gate; a token may go to several
+    experts, or to none (then x_hat = b_dec). Balanced by construction: no balance term. Codes depend on
+    the batch: a lone token is taken by every expert (C = 1), so encode and evaluation route batches of
+    the training size for codes as trained."""
+
+    balance_in_loss = False
+
+    def __init__(self, experts, shared_expert=False, gate="softmax", capacity=1.0):
+        super().__init__(experts, 1, shared_expert, gate)
+        self.capacity, self.slots, self.per_token = capacity, None, None
+
+    batch_dependent = True
+
+    def taken(self, B):
+        """C: tokens an expert takes from a batch of B."""
+        return min(B, math.ceil(self.capacity * B / self.routed))
+
+    def assignments(self, batch_size):
+        return self.taken(batch_size) * self.routed / batch_size + self.shared_expert
+
+    def forward(self, logits_BN):
+        B, device = len(logits_BN), logits_BN.device
+        probs_BN = F.softmax(logits_BN.float(), dim=-1)
+        token_CN = probs_BN.topk(self.taken(B), dim=0).indices
+        token_A = token_CN.T.flatten()
+        expert_A = torch.arange(self.routed, device=device).repeat_interleave(len(token_CN))
+        gate_A = probs_BN.new_ones(len(token_A)) if self.gate == "heaviside" else probs_BN[token_A, expert_A]
+        if self.shared_expert:
+            token_A = torch.cat([token_A, torch.arange(B, device=device)])
+            expert_A = torch.cat([expert_A, expert_A.new_full((B,), self.routed)])
+            gate_A = torch.cat([gate_A, gate_A.new_ones(B)])
+        order_A = token_A.argsort(stable=True)  # in token order, as Routing is
+        token_A, expert_A = token_A[order_A], expert_A[order_A]
+        return Routing(probs_BN, token_A, expert_A, gate_A[order_A], count(expert_A, self.experts))
+
+
+def make_router(experts, router="switch", experts_per_token=1, shared_expert=False, gate="softmax",
+                balance="loss", balance_rate=1e-3, capacity=1.0):
+    if router == "expert-choice":
+        return ExpertChoiceRouter(experts, shared_expert, gate, capacity)
+    if balance == "aux-free":
+        return AuxFreeRouter(experts, experts_per_token, shared_expert, gate, balance_rate)
+    return Router(experts, experts_per_token, shared_expert, gate)
+
+
+class ReluSAE(SAE):
+    """Baseline: ReLU SAE, L1 penalty weighted by decoder norms (Anthropic's April 2024 update)."""
+
+    arch = "relu"
+    unit_decoder = False  # its norms float and are paid for in the L1 term
+    default_lr = staticmethod(lambda width: 5e-5)  # Anthropic's
+
+    @classmethod
+    def loss_coefficients(cls, cfg, step, steps):
+        """The L1 weight warms up linearly over the first 5% of steps."""
+        return {"l1_coeff": cfg.l1_coeff * min(1.0, (step + 1) / max(1, 0.05 * steps))}
+
+    def __init__(self, d_in, width):
+        super().__init__()
+        self.d_in, self.width = d_in, width
+        W_dec = torch.randn(width, d_in)
+        self.W_dec = nn.Parameter(0.1 * W_dec / W_dec.norm(dim=1, keepdim=True))  # rows of norm 0.1
+        self.W_enc = nn.Parameter(self.W_dec.detach().clone())  # encoder = decoder transpose at init
+        self.b_enc = nn.Parameter(torch.zeros(width))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+
+    def forward(self, x_BD):
+        f_BM = F.relu(x_BD * self.input_scale @ self.W_enc.T + self.b_enc)
+        return SAEOutput((f_BM @ self.W_dec + self.b_dec) / self.input_scale, f_BM)
+
+    def loss(self, x_BD, out, l1_coeff=5.0):
+        recon = squared_error(out.x_hat, x_BD)
+        l1 = (out.acts * self.W_dec.norm(dim=1)).sum(-1).mean()
+        return recon * self.input_scale**2 + l1_coeff * l1, {"recon": recon, "l1": l1}
+
+    def saelens(self):
+        return "standard", False, {"W_enc": self.W_enc.T, "b_enc": self.b_enc, "W_dec": self.W_dec,
+                                   "b_dec": self.b_dec}, {}
+
+
+class GatedSAE(SAE):
+    """Baseline: Gated SAE (Rajamanoharan et al. 2024): a gate decides which latents fire, a magnitude
+    path (the gate's weights rescaled per latent) decides how strongly."""
+
+    arch = "gated"
+    default_lr, warmup_steps = staticmethod(lambda width: 3e-4), 1000  # Rajamanoharan et al.'s
+
+    def __init__(self, d_in, width):
+        super().__init__()
+        self.d_in, self.width = d_in, width
+        W_dec = torch.randn(width, d_in)
+        self.W_dec = nn.Parameter(W_dec / W_dec.norm(dim=1, keepdim=True))
+        self.W_gate = nn.Parameter(self.W_dec.detach().clone())
+        self.r_mag = nn.Parameter(torch.zeros(width))
+        self.b_gate = nn.Parameter(torch.zeros(width))
+        self.b_mag = nn.Parameter(torch.zeros(width))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+
+    def forward(self, x_BD):
+        pre_BM = (x_BD * self.input_scale - self.b_dec) @ self.W_gate.T
+        gate_pre_BM = pre_BM + self.b_gate
+        f_BM = (gate_pre_BM > 0) * F.relu(pre_BM * self.r_mag.exp() + self.b_mag)
+        return SAEOutput((f_BM @ self.W_dec + self.b_dec) / self.input_scale, f_BM, gate_pre=gate_pre_BM)
+
+    def loss(self, x_BD, out, l1_coeff=5.0):
+        """Reconstruction + L1 on the gate + the gate's own reconstruction through the frozen decoder, in the
+        scaled units; parts["recon"] in the LM's."""
+        recon = squared_error(out.x_hat, x_BD)
+        gate_BM = F.relu(out.gate_pre)
+        l1 = gate_BM.sum(-1).mean()
+        aux = squared_error(gate_BM @ self.W_dec.detach() + self.b_dec.detach(), x_BD * self.input_scale)
+        return recon * self.input_scale**2 + l1_coeff * l1 + aux, {"recon": recon, "l1": l1, "aux": aux}
+
+    def saelens(self):
+        return "gated", True, {"W_enc": self.W_gate.T, "W_dec": self.W_dec, "b_dec": self.b_dec,
+                               "b_gate": self.b_gate, "b_mag": self.b_mag, "r_mag": self.r_mag}, {}
+
+    def flops_per_token(self, batch_size, k_aux=0):
+        """Also the gate's gradient through r_mag and its reconstruction through the frozen decoder."""
+        dM = self.d_in * self.width
+        return totalled({"encoder_fwd": 2 * dM, "encoder_bwd": 4 * dM, "decoder_fwd": 2 * dM,
+                         "decoder_bwd": 4 * dM, "gate_aux_fwd": 2 * dM, "gate_aux_bwd": 2 * dM}, 4 * dM)
+
+
+ARCHS = {"switch": SwitchSAE, "relu": ReluSAE, "gated": GatedSAE}
+
+
+# -----------------------------------------------------------------------------
+# FLOPs
+
+
+# Each SAE class counts its own training FLOPs a token (flops_per_token), term by term as this code runs
+# them: forward and backward of encoder, decoder and router, at the batch size (b_dec's gradient and expert
+# choice's capacity depend on it). The paper counts the encoder alone, 2 d m forward + 2 d m backward: its
+# figure is kept beside ours. Tests hold every term against torch's FlopCounterMode.
+
+
+def totalled(terms, paper_encoder_only):
+    return {**terms, "total": sum(terms.values()), "paper_encoder_only": paper_encoder_only}
+
+
+def training_flops(sae, batch_size, steps, auxk_steps):
+    """A run's training FLOPs: its steps', with AuxK's extra work on the auxk_steps it ran."""
+    flops, auxk_flops = (sae.flops_per_token(batch_size, k_aux)["total"] for k_aux in (0, sae.k_aux))
+    return (flops * steps + (auxk_flops - flops) * auxk_steps) * batch_size
+
+
+# -----------------------------------------------------------------------------
+# the train step
+
+
+class SingleProcess:
+    """How training talks to other ranks: here there are none. TorchDistributed (in the distributed
+    section) is the same small interface over torch.distributed, passed in where this is the default."""
+
+    rank, ranks = 0, 1
+
+    def all_reduce(self, t):
+        """Sum over ranks, in place."""
+        return t
+
+    def gather_rows(self, t):
+        """Every rank's t concatenated along dim 0 (a whole tensor from its row shards)."""
+        return t
+
+    def shard_rows(self, t):
+        """This rank's block of rows of a whole tensor."""
+        return t
+
+    def sum_batch_stats(self, out):
+        """out with its batch statistics (the expert counts) summed over all ranks' batches."""
+        return out
+
+    def average_gradients(self, sae):
+        """Make each rank's gradients those of the mean loss over all ranks' tokens."""
+
+
+SINGLE_PROCESS = SingleProcess()
+
+
+def is_sharded(p):
+    """Expert-parallel shards carry this flag: each rank holds other rows, never to be averaged."""
+    return getattr(p, "expert_shard", False)
+
+
+def base_lr(cfg):
+    """--lr, or the rule of the run's kind of SAE."""
+    return cfg.lr or ARCHS[cfg.arch].default_lr(cfg.width)
+
+
+def lr_at(cfg, step, steps):
+    """Constant (after the kind's warm-up), then linear decay to 0 after decay_start."""
+    base = base_lr(cfg) * min(1.0, (step + 1) / max(1, ARCHS[cfg.arch].warmup_steps))
+    decay_from = int(cfg.decay_start * steps)
+    return base if step < decay_from else base * (steps - step) / max(1, steps - decay_from)
+
+
+def make_optimizer(sae):
+    return torch.optim.Adam(sae.parameters(), lr=0.0, betas=(0.9, 0.999), fused=True)
+
+
+def squared_norm(t):
+    """|t|^2 as dot products: twice vector_norm's speed on CPU. In chunks: dot counts in 32-bit ints."""
+    return sum(chunk.dot(chunk) for chunk in t.flatten().split(2**30))
+
+
+def clip_gradients(sae, max_norm, comms=SINGLE_PROCESS):
+    """torch.nn.utils.clip_grad_norm_'s rule, with the norm taken over all ranks' expert shards; max_norm 0
+    leaves the gradients as they are."""
+    grads = [p for p in sae.parameters() if p.grad is not None]
+    if not max_norm:
+        return
+    total = torch.stack([squared_norm(p.grad) for p in grads if not is_sharded(p)]).sum()
+    sharded = [squared_norm(p.grad) for p in grads if is_sharded(p)]
+    if sharded:
+        total = total + comms.all_reduce(torch.stack(sharded).sum())
+    scale = (max_norm / (total.sqrt() + 1e-6)).clamp(max=1.0)
+    for p in grads:
+        p.grad.mul_(scale)
+
+
+@torch.no_grad()
+def prepare_gradients(sae, max_norm, comms=SINGLE_PROCESS):
+    """Between backward and the optimizer: keep the decoder rows' norms, clip the gradient norm."""
+    sae.project_decoder_grad_()
+    clip_gradients(sae, max_norm, comms)
+
+
+@functools.cache  # one compiled wrapper per function, so Dynamo's cache is reused step after step
+def compiled(fn):
+    return torch.compile(fn)
+
+
+@torch.no_grad()
+def batch_fve(x_BD, x_hat_BD):
+    """1 - sum_j Var(x_j - x_hat_j) / sum_j Var(x_j), with sum_j Var(r_j) = E|r|^2 - |E r|^2."""
+    variance = lambda r_BD: r_BD.pow(2).sum(1).mean() - r_BD.mean(0).pow(2).sum()
+    return 1 - variance(x_BD - x_hat_BD) / variance(x_BD)
+
+
+def train_step(sae, opt, x_BD, lr, coefs, grad_clip=1.0, comms=SINGLE_PROCESS, dead_M=None, compile=False):
+    """One optimizer step of any SAE here. coefs: the keyword arguments of sae.loss; dead_M: AuxK's dead
+    latents, or None. Returns the output and the loss parts (tensors, not synced)."""
+    out = comms.sum_batch_stats(sae(x_BD) if dead_M is None else sae(x_BD, dead_M))
+    loss, parts = sae.loss(x_BD, out, **coefs)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    comms.average_gradients(sae)
+    maybe_compiled = compiled if compile else lambda fn: fn
+    maybe_compiled(prepare_gradients)(sae, grad_clip, comms)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.step()
+    maybe_compiled(type(sae).normalize_decoder_)(sae)  # the class's function: one compiled wrapper a class
+    sae.after_step_(out)
+    parts.update(loss=loss.detach(), fve=batch_fve(x_BD, out.x_hat.detach()))
+    return out, parts
+
+
+def tick_dead_clock(tokens_since_fired_M, sae, out, comms=SINGLE_PROCESS):
+    """Count the global batch's tokens since each latent last fired."""
+    fired_M = sae.latent_activity(out)[0] > 0
+    if not is_sharded(sae.W_dec):  # an expert shard saw every token routed to it; replicas pool theirs
+        fired_M = comms.all_reduce(fired_M.float()) > 0
+    tokens_since_fired_M.add_(len(out.x_hat) * comms.ranks).masked_fill_(fired_M, 0)
+
+
+# -----------------------------------------------------------------------------
+# how routing saves time: each expert's encoder sees only its tokens, decoding reads only the k active rows,
+# and the backward is as sparse as the forward
+
 
 GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)  # public from torch 2.9
 
@@ -206,636 +874,33 @@ class RoutedTopK(torch.autograd.Function):
         return grad_x, grad_W, grad_b, None, None, None, None, None
 
 
-class SAEOutput(NamedTuple):
-    """What every SAE's forward returns; a field an architecture does not have is None."""
-
-    x_hat: torch.Tensor
-    """(B, D) the reconstruction."""
-    acts: torch.Tensor
-    """Switch: (B, k) the active latents' values before the gate. Baselines: (B, M), every latent.
-    (ExpertParallelSwitchSAE: those of the tokens this rank's experts received, with shard-local indices.)"""
-    idx: torch.Tensor | None = None
-    """(B, k) global latent indices of `acts` (Switch); None where `acts` is dense."""
-    probs: torch.Tensor | None = None
-    """(B, N') router probabilities over the routed experts, float32 (Switch)."""
-    expert: torch.Tensor | None = None
-    """(A,) the expert of each assignment, in token order: (B,) with one expert a token (Switch)."""
-    expert_counts: torch.Tensor | None = None
-    """(N,) assignments to each expert: the load balance's f = counts / counts.sum(). Data-parallel
-    training sums it over ranks, so every rank balances the global load."""
-    gates: torch.Tensor | None = None
-    """(B, k) float32, the gate each active latent's expert gave it (Switch): codes are acts * gates."""
-    gate_pre: torch.Tensor | None = None
-    """(B, M) the Gated baseline's gate pre-activations."""
-    aux_acts: torch.Tensor | None = None
-    """(B, k_aux) AuxK's dead latents, before the gate, when some are dead and asked for (Switch)."""
-    aux_idx: torch.Tensor | None = None
-    """(B, k_aux) their global indices."""
-
-
-def squared_error(x_hat_BD, x_BD):
-    """Sum over d of (x_hat - x)^2, mean over tokens: the paper's MSE."""
-    return (x_hat_BD - x_BD).pow(2).sum(-1).mean()
-
-
-@torch.no_grad()
-def geometric_median(points_BD, iters=100, tol=1e-5):
-    """Weiszfeld's algorithm; the Switch SAE's biases start there."""
-    median = points_BD.mean(0)
-    for _ in range(iters):
-        weights = 1 / (points_BD - median).norm(dim=1).clamp_min(1e-8)
-        new = (weights[:, None] * points_BD).sum(0) / weights.sum()
-        if (new - median).norm() < tol * median.norm().clamp_min(1):
-            return new
-        median = new
-    return median
-
-
-def totalled(terms, paper_encoder_only):
-    return {**terms, "total": sum(terms.values()), "paper_encoder_only": paper_encoder_only}
-
-
-class SAE(nn.Module):
-    """What the SAEs here share: a decoder W_dec (M, D), one row per latent, a decoder bias b_dec, an input
-    scale, and the rules the training loop calls around each step (no-ops where an architecture has none)."""
-
-    unit_decoder = True  # rows kept at unit norm: gradient projected before the step, renormalised after
-    experts, k_aux, batch_dependent = 1, 0, False  # the baselines have no router, no AuxK
-    warmup_steps = 0  # of the lr
-    # config fields a kind has no use for, with their neutral values: a baseline's, here
-    unused = {"experts": 1, "k": None, "lb_alpha": 0, "auxk_alpha": 0, "router": "switch", "capacity": None,
-              "experts_per_token": 1, "shared_expert": False, "gate": "softmax", "balance": "loss",
-              "balance_rate": None}
-    why_unused = " (AuxK and the router are rules of TopK experts)"
-
-    @classmethod
-    def loss_coefficients(cls, cfg, step, steps):
-        """The keyword arguments of its loss at `step` of `steps`, from a config."""
-        return {"l1_coeff": cfg.l1_coeff}
-
-    @classmethod
-    def refusals(cls, cfg, given):
-        """What is wrong in a config for this kind, in one line each; given: the fields set."""
-        ignored = ["--" + name.replace("_", "-") for name, neutral in cls.unused.items()
-                   if name in given and getattr(cfg, name) != neutral]
-        why = f"--arch {cfg.arch} has no use for {', '.join(ignored)}{cls.why_unused}: drop them"
-        return [why] if ignored else []
-
-    def __init__(self):
-        super().__init__()
-        # forward multiplies its input by this and divides its output by it: callers use the LM's units
-        self.register_buffer("input_scale", torch.ones(()))
-
-    @property
-    def dtype(self):
-        return self.W_dec.dtype
-
-    @property
-    def device(self):
-        return self.W_dec.device
-
-    def config(self):
-        """What make_sae needs to rebuild this SAE."""
-        return {"arch": self.arch, "d_in": self.d_in, "width": self.width}
-
-    def init_biases_(self, x_BD):
-        """Data-dependent initialisation from the first training batch."""
-
-    @torch.no_grad()
-    def normalize_inputs_(self, x_BD):
-        """Fix the input scale from the first batch: its typical tokens' mean norm becomes sqrt(d) (Gao et
-        al.). Typical: norm at most 4x the median; a massive activation (an attention sink, 20-100x the
-        usual norm) in the batch would otherwise set the scale of every other token. Returns them."""
-        norms_B = x_BD.float().norm(dim=1)
-        typical_BD = x_BD.float()[norms_B <= 4 * norms_B.median()]
-        self.input_scale.fill_(math.sqrt(self.d_in) / typical_BD.norm(dim=1).mean())
-        return typical_BD
-
-    @torch.no_grad()
-    def project_decoder_grad_(self):
-        """Remove the gradient component along each (unit) decoder row, so a step keeps its norm."""
-        if self.unit_decoder:
-            parallel_M = torch.linalg.vecdot(self.W_dec.grad, self.W_dec)
-            self.W_dec.grad.addcmul_(self.W_dec, parallel_M[:, None], value=-1)
-
-    @torch.no_grad()
-    def normalize_decoder_(self):
-        if self.unit_decoder:
-            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True))
-
-    def after_step_(self, out):
-        """What changes after each optimizer step besides the weights; out: the step's global output."""
-
-    def summary(self):
-        return f"a {self.arch} SAE of {self.width} latents"
-
-    def flops_per_token(self, batch_size, k_aux=0):
-        """Training FLOPs a token, term by term, as this code runs them, with their total; paper_encoder_only
-        is the authors' count, 2 d m forward + 2 d m backward of the encoder. Here, a dense SAE's: every
-        latent of every token, forward and backward."""
-        dM = self.d_in * self.width
-        return totalled({"encoder_fwd": 2 * dM, "encoder_bwd": 2 * dM, "decoder_fwd": 2 * dM,
-                         "decoder_bwd": 4 * dM}, 4 * dM)
-
-    def latent_activity(self, out):
-        """How many tokens each latent fired on (M,), and the active latents summed over tokens."""
-        active_BM = out.acts > 0
-        return active_BM.sum(0), active_BM.sum()
-
-
-class Routing(NamedTuple):
-    """A batch's A assignments, in token order: assignment a sends token[a] to expert[a], whose decoded
-    latents it scales by gate[a] (float32); probs (B, N'): the router's over the routed experts, float32;
-    counts (N,): assignments per expert."""
-
-    probs: torch.Tensor
-    token: torch.Tensor
-    expert: torch.Tensor
-    gate: torch.Tensor
-    counts: torch.Tensor
-
-
-class Router(nn.Module):
-    """The Switch rule (Fedus et al.): softmax over the experts, each token to its best one, with the gate
-    p_i, its only reconstruction gradient; the balance term N sum_n f_n P_n (f_n: share of the assignments,
-    P_n: mean p_n) is what alpha weighs. Its variants, as the authors' moe.py and switch1on.py wrote them:
-    - experts_per_token e > 1: the e best experts, gates p_i, and one TopK over the union of their latents
-      (the authors renormalise p over the e; unrenormalised, e = 1 stays the paper's rule);
-    - shared_expert: the last expert takes every token with gate 1; the router and the balance see the
-      other N - 1;
-    - gate "heaviside": gate 1, so the router learns from the balance term alone."""
-
-    balance_in_loss = True
-
-    def __init__(self, experts, experts_per_token=1, shared_expert=False, gate="softmax"):
-        super().__init__()
-        self.experts, self.routed = experts, experts - shared_expert
-        self.experts_per_token, self.shared_expert, self.gate = experts_per_token, shared_expert, gate
-        self.per_token = experts_per_token + shared_expert  # assignments a token
-        self.slots = self.per_token  # the most a token may have: None where it varies (found per batch)
-
-    def config(self):
-        return {"experts_per_token": self.experts_per_token, "shared_expert": self.shared_expert,
-                "gate": self.gate}
-
-    def scores(self, logits_BN, probs_BN):
-        """What picks the experts."""
-        return probs_BN
-
-    def forward(self, logits_BN):
-        B = len(logits_BN)
-        probs_BN = F.softmax(logits_BN.float(), dim=-1)
-        scores_BN = self.scores(logits_BN, probs_BN)  # ties (bf16 logits) to the lowest index, as argmax
-        e = self.experts_per_token
-        expert_BE = scores_BN.argmax(1, keepdim=True) if e == 1 else scores_BN.topk(e, dim=1).indices
-        heaviside = self.gate == "heaviside"
-        gate_BE = probs_BN.new_ones(expert_BE.shape) if heaviside else probs_BN.gather(1, expert_BE)
-        if self.shared_expert:
-            expert_BE = torch.cat([expert_BE, expert_BE.new_full((B, 1), self.routed)], 1)
-            gate_BE = torch.cat([gate_BE, gate_BE.new_ones(B, 1)], 1)
-        token_A = torch.arange(B, device=logits_BN.device).repeat_interleave(self.per_token)
-        expert_A = expert_BE.flatten()
-        return Routing(probs_BN, token_A, expert_A, gate_BE.flatten(), count(expert_A, self.experts))
-
-    def balance(self, probs_BN, counts_N):
-        """N' sum_n f_n P_n over the routed experts: 1 when uniform, N' when collapsed; f has no gradient."""
-        load_N = counts_N[: self.routed].float() / counts_N[: self.routed].sum()
-        return self.routed * (load_N * probs_BN.mean(0)).sum()
-
-    batch_dependent = False  # whether a token's codes depend on the rest of its batch
-
-    def assignments(self, batch_size):
-        """Assignments a token in a batch of batch_size (their mean where they vary)."""
-        return self.per_token
-
-    def after_step_(self, counts_N):
-        """An update after each optimizer step, from the global batch's counts."""
-
-    def saelens(self):
-        """The README's SAELens class's cfg fields and tensors for this rule, where not the paper's."""
-        fields = {"experts_per_token": self.experts_per_token} if self.experts_per_token > 1 else {}
-        fields.update({"shared_expert": True} if self.shared_expert else {})
-        fields.update({"heaviside": True} if self.gate == "heaviside" else {})
-        return fields, {}
-
-    def flops(self, d):
-        """Its terms of a training step per token: the router's matmuls and the balance term."""
-        return {"router_fwd": 2 * d * self.routed, "router_bwd": 4 * d * self.routed,  # W_router, b_router
-                "load_balance": 3 * self.routed if self.balance_in_loss else 0}
-
-
-class AuxFreeRouter(Router):
-    """Loss-free balancing (Wang et al. 2024, arXiv:2408.15664; DeepSeek-V3): a per-expert bias, added to the
-    router probabilities (their gating scores) to pick the experts and nowhere else, moves by
-    rate * sign(mean load - load) after each step; no balance term in the loss."""
-
-    balance_in_loss = False
-
-    def __init__(self, experts, experts_per_token=1, shared_expert=False, gate="softmax", balance_rate=1e-3):
-        super().__init__(experts, experts_per_token, shared_expert, gate)
-        self.balance_rate = balance_rate
-        self.register_buffer("selection_bias", torch.zeros(self.routed))
-
-    def config(self):
-        return {**super().config(), "balance": "aux-free", "balance_rate": self.balance_rate}
-
-    def scores(self, logits_BN, probs_BN):
-        return probs_BN + self.selection_bias  # Wang et al.'s: on the scores in [0, 1], so u has no units
-
-    @torch.no_grad()
-    def after_step_(self, counts_N):
-        load_N = counts_N[: self.routed].float()
-        self.selection_bias.add_(self.balance_rate * (load_N.mean() - load_N).sign())
-
-    def saelens(self):
-        fields, tensors = super().saelens()
-        return {**fields, "aux_free": True}, {"selection_bias": self.selection_bias}  # unit-free: not scaled
-
-
-class ExpertChoiceRouter(Router):
-    """Expert choice (Zhou et al. 2022, arXiv:2202.09368): each routed expert takes the C = ceil(capacity B /
-    N') tokens of the batch with the highest probability for it, with that gate; a token may go to several
-    experts, or to none (then x_hat = b_dec). Balanced by construction: no balance term. Codes depend on
-    the batch: a lone token is taken by every expert (C = 1), so encode and evaluation route batches of
-    the training size for codes as trained."""
-
-    balance_in_loss = False
-
-    def __init__(self, experts, shared_expert=False, gate="softmax", capacity=1.0):
-        super().__init__(experts, 1, shared_expert, gate)
-        self.capacity, self.slots, self.per_token = capacity, None, None
-
-    batch_dependent = True
-
-    def taken(self, B):
-        """C: tokens an expert takes from a batch of B."""
-        return min(B, math.ceil(self.capacity * B / self.routed))
-
-    def assignments(self, batch_size):
-        return self.taken(batch_size) * self.routed / batch_size + self.shared_expert
-
-    def config(self):
-        return {**super().config(), "router": "expert-choice", "capacity": self.capacity}
-
-    def saelens(self):
-        raise ValueError("an expert-choice SAE's codes depend on the batch, which SAELens's encode does not "
-                         "see: it has no SAELens export")
-
-    def forward(self, logits_BN):
-        B, device = len(logits_BN), logits_BN.device
-        probs_BN = F.softmax(logits_BN.float(), dim=-1)
-        token_CN = probs_BN.topk(self.taken(B), dim=0).indices
-        token_A = token_CN.T.flatten()
-        expert_A = torch.arange(self.routed, device=device).repeat_interleave(len(token_CN))
-        gate_A = probs_BN.new_ones(len(token_A)) if self.gate == "heaviside" else probs_BN[token_A, expert_A]
-        if self.shared_expert:
-            token_A = torch.cat([token_A, torch.arange(B, device=device)])
-            expert_A = torch.cat([expert_A, expert_A.new_full((B,), self.routed)])
-            gate_A = torch.cat([gate_A, gate_A.new_ones(B)])
-        order_A = token_A.argsort(stable=True)  # in token order, as Routing is
-        token_A, expert_A = token_A[order_A], expert_A[order_A]
-        return Routing(probs_BN, token_A, expert_A, gate_A[order_A], count(expert_A, self.experts))
-
-
-def make_router(experts, router="switch", experts_per_token=1, shared_expert=False, gate="softmax",
-                balance="loss", balance_rate=1e-3, capacity=1.0):
-    if router == "expert-choice":
-        return ExpertChoiceRouter(experts, shared_expert, gate, capacity)
-    if balance == "aux-free":
-        return AuxFreeRouter(experts, experts_per_token, shared_expert, gate, balance_rate)
-    return Router(experts, experts_per_token, shared_expert, gate)
-
-
-class SwitchSAE(SAE):
-    """N TopK experts of m = width / N latents behind a router (by default the paper's top-1 rule)."""
-
-    arch = "switch"
-    unused = {"l1_coeff": None}
-    why_unused = ""
-
-    @staticmethod
-    def default_lr(width):
-        return 2e-4 / math.sqrt(width / 2**14)  # the paper's, after Gao et al.
-
-    @classmethod
-    def loss_coefficients(cls, cfg, step, steps):
-        return {"lb_alpha": cfg.lb_alpha, "auxk_alpha": cfg.auxk_alpha}
-
-    @classmethod
-    def refusals(cls, cfg, given):
-        """Also the routing rules that do not go together, each with why."""
-        m, routed = cfg.width // cfg.experts, cfg.experts - cfg.shared_expert
-        choice = cfg.router == "expert-choice"
-        rules = {
-            f"--width {cfg.width} must be a multiple of --experts {cfg.experts} and --k {cfg.k} at most the "
-            f"latents per expert ({m} = width / experts): change one of them":
-                cfg.width % cfg.experts or cfg.k > m,
-            "--shared-expert needs --experts 2 or more (one shared, the rest routed)":
-                cfg.shared_expert and cfg.experts < 2,
-            f"--experts-per-token {cfg.experts_per_token} is more than the {routed} routed experts":
-                cfg.experts_per_token > routed,
-            "--lb-alpha weighs the balance term, which --balance aux-free has none of: drop it":
-                cfg.balance == "aux-free" and "lb_alpha" in given,
-            "--balance-rate is the step of --balance aux-free: add that, or drop it":
-                cfg.balance != "aux-free" and "balance_rate" in given and not choice,
-            "--gate heaviside with --balance aux-free or --lb-alpha 0 leaves the router nothing to learn "
-            "from (no gate, no balance term): drop one":
-                cfg.gate == "heaviside" and (cfg.balance == "aux-free" or cfg.lb_alpha == 0),
-            "--auxk-alpha takes one expert a token (AuxK's dead latents are its expert's): drop it, or "
-            "--experts-per-token and --shared-expert":
-                cfg.auxk_alpha and (cfg.experts_per_token + cfg.shared_expert > 1 or choice),
-            "--capacity is of --router expert-choice: add that, or drop it":
-                "capacity" in given and not choice,
-            "--router expert-choice balances by construction: drop --lb-alpha, --balance and --balance-rate":
-                choice and {"lb_alpha", "balance", "balance_rate"} & set(given),
-            "--router expert-choice picks tokens, not experts: drop --experts-per-token":
-                choice and "experts_per_token" in given,
-            "--gate heaviside with --router expert-choice leaves the router nothing to learn from: drop one":
-                choice and cfg.gate == "heaviside",
-        }
-        return super().refusals(cfg, given) + [message for message, bad in rules.items() if bad]
-
-    def __init__(self, d_in, width, experts, k, router=None):
-        super().__init__()
-        assert width % experts == 0 and k <= width // experts
-        self.d_in, self.width, self.experts, self.k = d_in, width, experts, k
-        self.router = router or Router(experts)
-        W_enc = nn.Linear(d_in, width, bias=False).weight.detach()
-        self.W_enc = nn.Parameter(W_enc.clone())  # (M, D); expert i owns rows [i m, (i+1) m)
-        self.W_dec = nn.Parameter(W_enc / W_enc.norm(dim=1, keepdim=True))  # unit rows, tied at init only
-        routed = self.router.routed  # (N', D): the routed experts'
-        self.W_router = nn.Parameter(nn.Linear(d_in, routed, bias=False).weight.detach().clone())
-        self.b_dec = nn.Parameter(torch.zeros(d_in))
-        self.b_router = nn.Parameter(torch.zeros(d_in))
-        self.register_buffer("lb_scale", torch.tensor(float(d_in)))  # alpha's multiplier: d, as the paper
-
-    def config(self):
-        return {**super().config(), "experts": self.experts, "k": self.k, **self.router.config()}
-
-    @torch.no_grad()
-    def normalize_inputs_(self, x_BD):
-        """Also weigh the load balance in the scaled data's units: alpha V / 30, V the typical tokens' total
-        variance, instead of alpha d, which holds in GPT-2's raw units only (elsewhere the balance can
-        swamp the reconstruction, or vanish beside it). The 30: the paper's alpha d (alpha 3) is about twice
-        its final MSE, and an SAE explaining 95% of the variance has MSE V / 20; alpha V itself weighed the
-        balance up to 30x the reconstruction and lost to 10-30x smaller weights on SmolLM2 and another LM."""
-        typical_BD = super().normalize_inputs_(x_BD)
-        variance = (typical_BD * self.input_scale).var(0, correction=0).sum()
-        self.lb_scale.fill_(variance / 30)
-        return typical_BD
-
-    @property
-    def k_aux(self):
-        """AuxK's latents a token, when some are dead: Gao et al.'s d/2, at most the expert's m."""
-        return min(self.d_in // 2, self.width // self.experts)
-
-    @torch.no_grad()
-    def init_biases_(self, x_BD):
-        """b_dec = b_router = the geometric median of the first batch, as the authors start them."""
-        self.b_dec.copy_(geometric_median(x_BD.float() * self.input_scale))
-        self.b_router.copy_(self.b_dec)
-
-    def route(self, x_BD):
-        return self.router((x_BD - self.b_router) @ self.W_router.T)
-
-    def forward(self, x_BD, dead_M=None):
-        """The routed fast path: each assignment's token copied to its expert, sorted by expert, each
-        expert's TopK on its own tokens, then each token's k best over its experts. With dead_M (M,) bool
-        (one expert a token), each token also gets the top k_aux = min(d/2, m) dead latents of its expert
-        (AuxK), in aux_acts and aux_idx."""
-        x_BD = x_BD * self.input_scale
-        r = self.route(x_BD)
-        x_AD = x_BD if self.router.slots == 1 else x_BD[r.token]
-        x_TD, expert_T, counts_here, combine = self.dispatch(x_AD, r.expert, r.counts)
-        k_aux = self.k_aux if dead_M is not None and dead_M.any() else 0
-        assert not k_aux or self.router.slots == 1, "AuxK takes one expert a token"
-        acts_TK, idx_TK = RoutedTopK.apply(x_TD, self.W_enc, self.b_dec, expert_T, counts_here, self.k,
-                                           dead_M, k_aux)
-        decoded_BD, acts_BK, idx_BK, gates_BK = combine(acts_TK, idx_TK, r)
-        aux = (acts_BK[:, self.k :], idx_BK[:, self.k :]) if k_aux else (None, None)
-        return SAEOutput((decoded_BD + self.b_dec) / self.input_scale, acts_BK[:, : self.k],
-                         idx_BK[:, : self.k], r.probs, r.expert, r.counts, gates=gates_BK, aux_acts=aux[0],
-                         aux_idx=aux[1])
-
-    def dispatch(self, x_AD, expert_A, counts_N):
-        """Hand each assignment to its expert: here, sort them by expert. Returns the sorted tokens, their
-        experts, tokens per expert, and combine(acts, idx, routing), which merges and decodes the latents
-        back in token order. ExpertParallelSwitchSAE sends each token to its expert's rank and back."""
-        order_A = expert_A.argsort(stable=True)
-        unsort_A = order_A.argsort()
-        combine = lambda acts_TK, idx_TK, r: self.merge(acts_TK[unsort_A], idx_TK[unsort_A], r)
-        return x_AD[order_A], expert_A[order_A], counts_N, combine
-
-    def merge(self, acts_AK, idx_AK, r):
-        """Each token's k best latents over its experts' (by gated value: the TopK over their union, since an
-        expert's candidates hold its k best), decoded and gated; with one expert a token, its own."""
-        k, B, gate_A = self.k, len(r.probs), r.gate
-        if self.router.slots == 1:  # the gate after the sum, as the paper writes it
-            decoded_BD = SparseDecode.apply(acts_AK[:, :k], idx_AK[:, :k], self.W_dec)
-            gated_BD = decoded_BD * gate_A[:, None].to(decoded_BD.dtype)
-            return gated_BD, acts_AK, idx_AK, gate_A[:, None].expand(-1, k)
-        # a token's candidates fill its row's first slots of k; an empty slot is never chosen while a
-        # candidate is left, and fills a token no expert took (zeros: x_hat = b_dec; distinct indices)
-        tokens_B = count(r.token, B)
-        S = self.router.slots or max(1, int(tokens_B.max()))
-        first_B = tokens_B.cumsum(0) - tokens_B  # each token's first assignment
-        where_A = r.token * S + torch.arange(len(r.token), device=r.token.device) - first_B[r.token]
-        fill = lambda empty, rows_AK: empty.index_copy(0, where_A, rows_AK).view(B, S * k)
-        gates_AK = gate_A[:, None].expand(-1, k)
-        acts, gates = fill(acts_AK.new_zeros(B * S, k), acts_AK), fill(gates_AK.new_zeros(B * S, k), gates_AK)
-        idx = fill(torch.arange(S * k, device=idx_AK.device).repeat(B).view(B * S, k), idx_AK)
-        score = fill(torch.full((B * S, k), -math.inf, device=acts_AK.device), (acts_AK * gates_AK).float())
-        best_BK = score.topk(k, dim=1, sorted=False).indices
-        acts_BK, idx_BK, gates_BK = (t.gather(1, best_BK) for t in (acts, idx, gates))
-        coef_BK = acts_BK * gates_BK.to(acts_BK.dtype)
-        return SparseDecode.apply(coef_BK, idx_BK, self.W_dec), acts_BK, idx_BK, gates_BK
-
-    def forward_dense(self, x_BD):
-        """The method as written (and as the authors' code runs it): every expert's encoder on every token,
-        each latent gated by its expert's gate (0 off the token's experts), TopK over them. O(M d) a token;
-        forward is tested against it."""
-        x_BD = x_BD * self.input_scale
-        r = self.route(x_BD)
-        B, m = len(x_BD), self.width // self.experts
-        gate_BN = r.gate.new_zeros(B, self.experts).index_put((r.token, r.expert), r.gate)
-        mine_BN = torch.zeros(B, self.experts, dtype=torch.bool, device=x_BD.device).index_put(
-            (r.token, r.expert), torch.tensor(True, device=x_BD.device))
-        gate_BM, mine_BM = gate_BN.repeat_interleave(m, 1), mine_BN.repeat_interleave(m, 1)
-        pre_BM = ((x_BD - self.b_dec) @ self.W_enc.T).masked_fill(~mine_BM, -math.inf)
-        idx_BK = (pre_BM.relu() * gate_BM).topk(self.k, dim=1).indices
-        acts_BK, gates_BK = pre_BM.gather(1, idx_BK).relu(), gate_BM.gather(1, idx_BK)
-        z_BM = torch.zeros_like(pre_BM).scatter(1, idx_BK, acts_BK * gates_BK.to(acts_BK.dtype))
-        x_hat_BD = z_BM @ self.W_dec + self.b_dec
-        return SAEOutput(x_hat_BD / self.input_scale, acts_BK, idx_BK, r.probs, r.expert, r.counts,
-                         gates=gates_BK)
-
-    def encode(self, x_BD, dense=False):
-        """Codes of x: (values, global latent indices), each (B, k), or with dense=True one (B, M) tensor.
-        The values carry the router's gate, so decode is linear in them: decode(encode(x)) = x_hat."""
-        out = self(x_BD)
-        vals_BK = out.acts * out.gates.to(out.acts.dtype)
-        if dense:
-            return vals_BK.new_zeros(len(x_BD), self.width).scatter_(1, out.idx, vals_BK)
-        return vals_BK, out.idx
-
-    def decode(self, codes):
-        """x_hat from codes as encode gives them: (values, indices), or a dense (B, M) tensor."""
-        if isinstance(codes, torch.Tensor):
-            return (codes @ self.W_dec + self.b_dec) / self.input_scale
-        vals_BK, idx_BK = codes
-        return (SparseDecode.apply(vals_BK, idx_BK, self.W_dec) + self.b_dec) / self.input_scale
-
-    def loss(self, x_BD, out, lb_alpha=3.0, auxk_alpha=0.0):
-        """Reconstruction + lb_alpha * lb_scale * load balance (+ auxk_alpha * AuxK), in the scaled units
-        the SAE works in; parts["recon"] is in the LM's. Returns (loss, parts)."""
-        recon = squared_error(out.x_hat, x_BD)
-        balance = self.router.balance(out.probs, out.expert_counts)
-        scale2 = self.input_scale**2
-        if self.router.balance_in_loss:
-            loss = recon * scale2 + lb_alpha * self.lb_scale * balance
-        else:  # reported, not trained on
-            loss, balance = recon * scale2, balance.detach()
-        parts = {"recon": recon, "balance": balance}
-        if out.aux_acts is not None:  # AuxK: dead latents rebuild what the live ones missed (Gao et al.)
-            gate_B = out.gates[:, 0].detach()  # it trains the dead latents, not the router
-            aux_acts_BK = out.aux_acts * gate_B[:, None].to(out.aux_acts.dtype)
-            error_hat_BD = SparseDecode.apply(aux_acts_BK, out.aux_idx, self.W_dec)
-            error_hat_BD = error_hat_BD / self.input_scale
-            parts["auxk"] = squared_error(error_hat_BD, (x_BD - out.x_hat).detach())
-            loss = loss + auxk_alpha * scale2 * parts["auxk"]
-        return loss, parts
-
-    def after_step_(self, out):
-        self.router.after_step_(out.expert_counts)
-
-    @property
-    def batch_dependent(self):
-        return self.router.batch_dependent
-
-    def summary(self):
-        return f"{self.experts} experts x {self.width // self.experts} latents, k={self.k}"
-
-    def saelens(self):
-        """SAELens's architecture, whether its encoder subtracts b_dec, the tensors (in the scaled units) and
-        the cfg fields: topk for one expert, else the README's switch class."""
-        tensors = {"W_enc": self.W_enc.T, "b_enc": torch.zeros(self.width, device=self.device),
-                   "W_dec": self.W_dec, "b_dec": self.b_dec}
-        fields = {"k": self.k, "rescale_acts_by_decoder_norm": False}
-        rule_fields, rule_tensors = self.router.saelens()  # first: it raises where SAELens cannot run it
-        if self.experts == 1:
-            return "topk", True, tensors, fields
-        tensors.update(W_router=self.W_router, b_router=self.b_router, **rule_tensors)
-        return "switch", True, tensors, {**fields, "n_experts": self.experts, **rule_fields}
-
-    def flops_per_token(self, batch_size, k_aux=0):
-        """k_aux: the AuxK latents of a step with dead latents (min(d/2, m)), decoded and trained beside the k
-        live ones. Each of a token's experts runs its m latents and trains its k candidates."""
-        d, m, k = self.d_in, self.width // self.experts, self.k
-        per_token = self.router.assignments(batch_size)
-        terms = {**self.router.flops(d),
-                 "encoder_fwd": 2 * d * m * per_token,
-                 "encoder_bwd": 2 * per_token * k * d + 2 * self.width * d / batch_size,  # b_dec's: a batch
-                 "decoder_fwd": 2 * k * d,  # only the k active rows
-                 "decoder_bwd": 4 * k * d}  # grads of W_dec rows and of the latents
-        if k_aux:  # the encoder's pre-activations are shared; the extra work is sparse, k_aux rows a token
-            terms.update(auxk_decoder_fwd=2 * k_aux * d, auxk_decoder_bwd=4 * k_aux * d,
-                         auxk_encoder_bwd=2 * k_aux * d)
-        return totalled(terms, 4 * d * m * per_token)
-
-    def latent_activity(self, out):
-        active_BK = out.acts > 0
-        fired_M = torch.zeros(len(self.W_dec), dtype=torch.long, device=active_BK.device).index_add_(
-            0, out.idx.flatten(), active_BK.flatten().long())
-        return fired_M, active_BK.sum()
-
-
-class ReluSAE(SAE):
-    """Baseline: ReLU SAE, L1 penalty weighted by decoder norms (Anthropic's April 2024 update)."""
-
-    arch = "relu"
-    unit_decoder = False  # its norms float and are paid for in the L1 term
-    default_lr = staticmethod(lambda width: 5e-5)  # Anthropic's
-
-    @classmethod
-    def loss_coefficients(cls, cfg, step, steps):
-        """The L1 weight warms up linearly over the first 5% of steps."""
-        return {"l1_coeff": cfg.l1_coeff * min(1.0, (step + 1) / max(1, 0.05 * steps))}
-
-    def __init__(self, d_in, width):
-        super().__init__()
-        self.d_in, self.width = d_in, width
-        W_dec = torch.randn(width, d_in)
-        self.W_dec = nn.Parameter(0.1 * W_dec / W_dec.norm(dim=1, keepdim=True))  # rows of norm 0.1
-        self.W_enc = nn.Parameter(self.W_dec.detach().clone())  # encoder = decoder transpose at init
-        self.b_enc = nn.Parameter(torch.zeros(width))
-        self.b_dec = nn.Parameter(torch.zeros(d_in))
-
-    def forward(self, x_BD):
-        f_BM = F.relu(x_BD * self.input_scale @ self.W_enc.T + self.b_enc)
-        return SAEOutput((f_BM @ self.W_dec + self.b_dec) / self.input_scale, f_BM)
-
-    def loss(self, x_BD, out, l1_coeff=5.0):
-        recon = squared_error(out.x_hat, x_BD)
-        l1 = (out.acts * self.W_dec.norm(dim=1)).sum(-1).mean()
-        return recon * self.input_scale**2 + l1_coeff * l1, {"recon": recon, "l1": l1}
-
-    def saelens(self):
-        return "standard", False, {"W_enc": self.W_enc.T, "b_enc": self.b_enc, "W_dec": self.W_dec,
-                                   "b_dec": self.b_dec}, {}
-
-
-class GatedSAE(SAE):
-    """Baseline: Gated SAE (Rajamanoharan et al. 2024): a gate decides which latents fire, a magnitude
-    path (the gate's weights rescaled per latent) decides how strongly."""
-
-    arch = "gated"
-    default_lr, warmup_steps = staticmethod(lambda width: 3e-4), 1000  # Rajamanoharan et al.'s
-
-    def __init__(self, d_in, width):
-        super().__init__()
-        self.d_in, self.width = d_in, width
-        W_dec = torch.randn(width, d_in)
-        self.W_dec = nn.Parameter(W_dec / W_dec.norm(dim=1, keepdim=True))
-        self.W_gate = nn.Parameter(self.W_dec.detach().clone())
-        self.r_mag = nn.Parameter(torch.zeros(width))
-        self.b_gate = nn.Parameter(torch.zeros(width))
-        self.b_mag = nn.Parameter(torch.zeros(width))
-        self.b_dec = nn.Parameter(torch.zeros(d_in))
-
-    def forward(self, x_BD):
-        pre_BM = (x_BD * self.input_scale - self.b_dec) @ self.W_gate.T
-        gate_pre_BM = pre_BM + self.b_gate
-        f_BM = (gate_pre_BM > 0) * F.relu(pre_BM * self.r_mag.exp() + self.b_mag)
-        return SAEOutput((f_BM @ self.W_dec + self.b_dec) / self.input_scale, f_BM, gate_pre=gate_pre_BM)
-
-    def loss(self, x_BD, out, l1_coeff=5.0):
-        """Reconstruction + L1 on the gate + the gate's own reconstruction through the frozen decoder, in the
-        scaled units; parts["recon"] in the LM's."""
-        recon = squared_error(out.x_hat, x_BD)
-        gate_BM = F.relu(out.gate_pre)
-        l1 = gate_BM.sum(-1).mean()
-        aux = squared_error(gate_BM @ self.W_dec.detach() + self.b_dec.detach(), x_BD * self.input_scale)
-        return recon * self.input_scale**2 + l1_coeff * l1 + aux, {"recon": recon, "l1": l1, "aux": aux}
-
-    def saelens(self):
-        return "gated", True, {"W_enc": self.W_gate.T, "W_dec": self.W_dec, "b_dec": self.b_dec,
-                               "b_gate": self.b_gate, "b_mag": self.b_mag, "r_mag": self.r_mag}, {}
-
-    def flops_per_token(self, batch_size, k_aux=0):
-        """Also the gate's gradient through r_mag and its reconstruction through the frozen decoder."""
-        dM = self.d_in * self.width
-        return totalled({"encoder_fwd": 2 * dM, "encoder_bwd": 4 * dM, "decoder_fwd": 2 * dM,
-                         "decoder_bwd": 4 * dM, "gate_aux_fwd": 2 * dM, "gate_aux_bwd": 2 * dM}, 4 * dM)
-
-
-ARCHS = {"switch": SwitchSAE, "relu": ReluSAE, "gated": GatedSAE}
-
-
-def make_sae(arch, d_in, width, experts=1, k=32, **routing):
-    """An SAE of its kind; routing: make_router's keywords (Switch)."""
-    if arch == "switch":
-        return SwitchSAE(d_in, width, experts, k, make_router(experts, **routing))
-    return ARCHS[arch](d_in, width)
+# =============================================================================
+# machinery, in the order data flows: config and the rules between flags, capture and cache, training runs,
+# evaluation, checkpoints and export, distributed, bench, command line
+
+import argparse
+import contextlib
+import dataclasses
+import errno
+import gzip
+import hashlib
+import itertools
+import json
+import os
+import queue
+import random
+import shutil
+import signal
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import types
+import urllib.parse
+import zlib
+from dataclasses import dataclass
 
 
 # -----------------------------------------------------------------------------
@@ -902,8 +967,8 @@ class SAEConfig:
 
 @dataclass
 class CacheConfig:
-    """Activations at sites of a causal LM on text cut into contexts: enough for a run of --tokens, the
-    held-out contexts first (what the cache command writes, and, at one site, what a run captures live)."""
+    """Capture activations once: at sites of a causal LM on text cut into contexts, enough for a run of
+    --tokens, the held-out contexts first (what a run on --acts reads, and, at one site, captures live)."""
 
     model: str = arg("gpt2", "Hugging Face causal LM: a hub id, a local directory or a .gguf file")
     layer: tuple = arg((8,), "blocks whose sites are hooked, 0-based: one cache per layer and site, all "
@@ -964,8 +1029,8 @@ class TrainConfig(CacheConfig, SAEConfig):
     log_every: int = arg(10, "steps between progress updates (each one waits for the GPU)", low=1)
 
 
-class UsageError(Exception):
-    """Bad input: main() prints it as one line and exits with status 2."""
+class UsageError(ValueError):
+    """Bad input: main() prints it as one line and exits with status 2; from Python, a ValueError."""
 
 
 def cause(e):
@@ -980,10 +1045,10 @@ def check_fields(cfg):
     for f in dataclasses.fields(cfg):
         rule, name, values = f.metadata, cli_flag(f.name), getattr(cfg, f.name)
         kind = rule["item"] if f.type is tuple else f.type
-        numbers = (int,) if kind is int else (int, float)  # set in code, a value may not be argparse's type
+        numbers = {int: (int,), float: (int, float), bool: (bool,)}.get(kind)  # set in code: any type
         for value in as_tuple(values):
-            if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, numbers)):
-                raise UsageError(f"{name} {value!r} is not {'an integer' if kind is int else 'a number'}")
+            if numbers and (isinstance(value, bool) != (kind is bool) or not isinstance(value, numbers)):
+                raise UsageError(f"{name} {value!r} is not {KIND_NAMES[kind]}")
             if kind is float and not math.isfinite(value):
                 raise UsageError(f"{name} {value}: give a finite number")
             if rule["choices"] and value not in rule["choices"]:
@@ -992,6 +1057,9 @@ def check_fields(cfg):
             if (low is not None and value < low) or (high is not None and value > high):
                 bounds = f"at least {low}" if high is None else f"from {low} to {high}"
                 raise UsageError(f"{name} {value} is out of range: it must be {bounds}")
+
+
+KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false"}
 
 
 def compiler_found():
@@ -1006,58 +1074,143 @@ def fields_set(cfg, given=None):
                                             if getattr(cfg, f.name) != f.default}
 
 
-# the flags each kind of SAE has no use for: given another value than the one that means "none" (None:
-# any value), they are refused, not ignored
 ROUTER_FIELDS = ("router", "capacity", "experts_per_token", "shared_expert", "gate", "balance",
                  "balance_rate")
+
+
+# the fields a kind of SAE has no use for, with the value that means "none" (None: any value is refused)
+UNUSED = {"switch": {"l1_coeff": None},
+          "baseline": {"experts": 1, "k": None, "lb_alpha": 0, "auxk_alpha": 0, "router": "switch",
+                       "capacity": None, "experts_per_token": 1, "shared_expert": False, "gate": "softmax",
+                       "balance": "loss", "balance_rate": None}}
+
+
+EXPERT_CHOICE_FIXED = {"lb_alpha", "balance", "balance_rate"}
+
+
+# Every rule between flags, stated once: (when it is broken, what to say). c holds a command's fields and
+# what else is known when it is checked: given (the fields set), command, ranks, and for --resume the fixed
+# flags changed and the tokens trained; a rule on a field c lacks does not apply to that command.
+RULES = [
+    (lambda c: c.fixed, "--resume continues the run in {out} with its own settings, and {fixed} cannot change "
+                        "mid-run (only " + ", ".join(map(cli_flag, RESUMABLE)) + " can): drop them, or start "
+                        "a new run in another --out"),
+    (lambda c: c.cache_differ, "{cache_differ}: a run on --acts {acts} takes its model, layer, site, contexts "
+                               "and held-out tokens from the cache, and reads no text: drop them"),
+    (lambda c: c.text and "dataset" in c.given, "--text and --dataset both name the text: give one of them"),
+    (lambda c: c.eval_tokens < c.ctx, "--eval-tokens {eval_tokens} is less than one context of --ctx {ctx}: "
+                                      "evaluation needs at least one held-out context"),
+    (lambda c: c.skip_positions >= c.ctx, "--skip-positions {skip_positions} must be below --ctx {ctx}"),
+    (lambda c: c.tokens < c.batch_size, "--tokens {tokens} is less than one batch of --batch-size "
+                                        "{batch_size}: raise --tokens"),
+    (lambda c: c.command == "cache" and os.path.isdir(c.out),
+     "cache --out {out} is a directory: name the cache file, e.g. --out {out}/acts.bin"),
+    (lambda c: c.unused, "--arch {arch} has no use for {unused}{why}: drop them"),
+    (lambda c: c.arch == "switch" and (c.width % c.experts or c.k > c.width // c.experts),
+     "--width {width} must be a multiple of --experts {experts} and --k {k} at most the latents per expert "
+     "(width / experts): change one of them"),
+    (lambda c: c.shared_expert and c.experts < 2,
+     "--shared-expert needs --experts 2 or more (one shared, the rest routed)"),
+    (lambda c: c.experts_per_token > c.routed,
+     "--experts-per-token {experts_per_token} is more than the {routed} routed experts"),
+    (lambda c: c.balance == "aux-free" and "lb_alpha" in c.given,
+     "--lb-alpha weighs the balance term, which --balance aux-free has none of: drop it"),
+    (lambda c: c.balance != "aux-free" and c.router != "expert-choice" and "balance_rate" in c.given,
+     "--balance-rate is the step of --balance aux-free: add that, or drop it"),
+    (lambda c: c.gate == "heaviside" and (c.balance == "aux-free" or c.lb_alpha == 0),
+     "--gate heaviside with --balance aux-free or --lb-alpha 0 leaves the router nothing to learn from (no "
+     "gate, no balance term): drop one"),
+    (lambda c: c.auxk_alpha and (c.experts_per_token + c.shared_expert > 1 or c.router == "expert-choice"),
+     "--auxk-alpha takes one expert a token (AuxK's dead latents are its expert's): drop it, or "
+     "--experts-per-token and --shared-expert"),
+    (lambda c: "capacity" in c.given and c.router != "expert-choice",
+     "--capacity is of --router expert-choice: add that, or drop it"),
+    (lambda c: c.router == "expert-choice" and EXPERT_CHOICE_FIXED & c.given,
+     "--router expert-choice balances by construction: drop --lb-alpha, --balance and --balance-rate"),
+    (lambda c: c.router == "expert-choice" and "experts_per_token" in c.given,
+     "--router expert-choice picks tokens, not experts: drop --experts-per-token"),
+    (lambda c: c.router == "expert-choice" and c.gate == "heaviside",
+     "--gate heaviside with --router expert-choice leaves the router nothing to learn from: drop one"),
+    (lambda c: c.command == "export" and c.router == "expert-choice",
+     "an expert-choice SAE's codes depend on the batch, which SAELens's encode does not see: it has no "
+     "SAELens export"),
+    (lambda c: c.compile and not compiler_found(), "--compile needs a C/C++ compiler on PATH (torch.compile "
+                                                   "builds its kernels with one): install g++ or drop --compile"),
+    (lambda c: c.expert_parallel and (c.arch != "switch" or c.auxk_alpha),
+     "--expert-parallel needs --arch switch and --auxk-alpha 0 (AuxK across ranks is not supported yet)"),
+    (lambda c: c.expert_parallel and (c.experts_per_token + c.shared_expert > 1 or c.router != "switch"),
+     "--expert-parallel decodes on each expert's rank, so a TopK over several experts' latents cannot run "
+     "there: drop --experts-per-token, --shared-expert and --router expert-choice, or use data parallel"),
+    (lambda c: c.expert_parallel and c.ranks == 1 and not getattr(c, "resume", False),
+     "--expert-parallel splits the experts over torchrun's ranks, and this is one process: start it with "
+     "torchrun --nproc-per-node N, or drop --expert-parallel"),
+    (lambda c: c.batch_size % c.ranks or (c.expert_parallel and c.experts % c.ranks),
+     "--batch-size {batch_size} and, with --expert-parallel, --experts {experts} must be divisible by the "
+     "{ranks} ranks"),
+    (lambda c: c.ranks > 1 and c.router == "expert-choice", "--router expert-choice ranks the tokens of the "
+                                                             "whole batch, and each rank holds a share of it: run it in one process"),
+    (lambda c: c.command == "train" and not c.resume and os.path.isfile(os.path.join(c.out, "sae.safetensors")),
+     "--out {out} holds another run's checkpoint: continue it with --resume, or pick another --out"),
+    (lambda c: c.tokens < c.trained, "--tokens {tokens} is fewer than the {trained} this run has trained on: "
+                                     "give at least that many"),
+]
+
+
+def check_config(cfg, given=None, command="train", **known):
+    """A command's config held to its fields' declarations and to RULES, before anything slow starts: the
+    first rule broken is refused in one line. given: the fields set (by default those that differ from the
+    defaults); known: what else the rules read (ranks, fixed, trained, cache_differ)."""
+    check_fields(cfg)
+    c = types.SimpleNamespace(**vars(cfg), given=set(fields_set(cfg, given)), command=command, **known)
+    if hasattr(c, "arch"):  # an SAE's: what its messages name
+        kind = "switch" if c.arch == "switch" else "baseline"
+        c.unused = ", ".join(cli_flag(name) for name, none in UNUSED[kind].items()
+                             if name in c.given and getattr(c, name) != none)
+        c.why = " (AuxK and the router are rules of TopK experts)" if kind == "baseline" else ""
+        c.routed = c.experts - c.shared_expert
+    for path in getattr(c, "text", ()):
+        check_text_file(path)
+    for broken, message in RULES:
+        try:
+            refused = broken(c)
+        except AttributeError:  # a field this command does not have, or a fact not known here
+            continue
+        if refused:
+            raise UsageError(message.format_map(vars(c)))
+    return cfg
+
+
+def check_text_file(path):
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        raise UsageError(f"--text {path}: no such file, or it is empty; pass .txt, .jsonl or .jsonl.gz "
+                         "files with text in them")
+    if not os.path.basename(path).lower().endswith(TEXT_ENDINGS):
+        raise UsageError(f"--text {path}: read as which format? Name it .txt (documents between blank "
+                         "lines) or .jsonl (a {\"text\": ...} object per line), optionally .gz")
+
+
+TEXT_ENDINGS = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz")
 
 
 def router_fields(cfg):
     """make_router's keywords, from a config."""
     return {name: getattr(cfg, name) for name in ROUTER_FIELDS}
-def check_sae_config(cfg, given):
-    """The rules between an SAE's fields (check_fields has checked each one); given: the fields set."""
-    refused = ARCHS[cfg.arch].refusals(cfg, given)
-    if refused:
-        raise UsageError(refused[0])
-    if cfg.compile and not compiler_found():
-        raise UsageError("--compile needs a C/C++ compiler on PATH (torch.compile builds its kernels "
-                         "with one): install g++ or drop --compile")
 
 
-def check_cache_config(cfg, given):
-    """The rules between the fields of what is captured; given: the fields set."""
-    if cfg.text and "dataset" in given:
-        raise UsageError("--text and --dataset both name the text: give one of them")
-    if cfg.eval_tokens < cfg.ctx:
-        raise UsageError(f"--eval-tokens {cfg.eval_tokens} is less than one context of --ctx {cfg.ctx}: "
-                         "evaluation needs at least one held-out context")
-    if cfg.skip_positions >= cfg.ctx:
-        raise UsageError(f"--skip-positions {cfg.skip_positions} must be below --ctx {cfg.ctx}")
-    if cfg.tokens < cfg.batch_size:
-        raise UsageError(f"--tokens {cfg.tokens} is less than one batch of --batch-size {cfg.batch_size}: "
-                         "raise --tokens")
-    for path in cfg.text:
-        if not os.path.isfile(path) or os.path.getsize(path) == 0:
-            raise UsageError(f"--text {path}: no such file, or it is empty; pass .txt, .jsonl or .jsonl.gz "
-                             "files with text in them")
-        if not os.path.basename(path).lower().endswith(TEXT_ENDINGS):
-            raise UsageError(f"--text {path}: read as which format? Name it .txt (documents between blank "
-                             "lines) or .jsonl (a {\"text\": ...} object per line), optionally .gz")
+def sae_settings(cfg, d_in):
+    """make_sae's arguments for a config's SAE: what a checkpoint keeps to build it again."""
+    if cfg.arch != "switch":
+        return {"arch": cfg.arch, "d_in": d_in, "width": cfg.width}
+    return {"arch": "switch", "d_in": d_in, "width": cfg.width, "experts": cfg.experts, "k": cfg.k,
+            **router_fields(cfg)}
 
 
-def check_config(cfg, given):
-    """A training run's settings, found bad before anything slow starts; given: the fields set."""
-    check_fields(cfg)
-    check_sae_config(cfg, given)
-    if not cfg.acts:  # a cached run takes the cache's contexts: checked once it is read
-        check_cache_config(cfg, given)
-    if cfg.expert_parallel and (cfg.arch != "switch" or cfg.auxk_alpha):
-        raise UsageError("--expert-parallel needs --arch switch and --auxk-alpha 0 "
-                         "(AuxK across ranks is not supported yet)")
-
-
-TEXT_ENDINGS = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz")
+def make_sae(arch, d_in, width, experts=1, k=32, **routing):
+    """An SAE of its kind, its settings held to RULES first; routing: make_router's keywords (Switch)."""
+    check_config(SAEConfig(arch=arch, width=width, experts=experts, k=k, **routing), command="make_sae")
+    if arch == "switch":
+        return SwitchSAE(d_in, width, experts, k, make_router(experts, **routing))
+    return ARCHS[arch](d_in, width)
 
 
 def readable(n_bytes):
@@ -1461,18 +1614,30 @@ def activation_batches(cfg, read_contexts, start_step, device):
             yield first + s, acts[order[s * B : (s + 1) * B]]
 
 
-def live_reader(cfg, model, module, contexts):
+def live_reader(cfg, model, module, contexts, show=True):
+    """read_contexts from the LM. The first buffer shows its capture's progress: training waits for it."""
+    from tqdm import tqdm
+
+    shown = [not show]
+
     def read_contexts(n, skip=False):
         tokens_CL = take(contexts, n)
         if skip:
             return None
-        return lm_activations(model, module, tokens_CL, cfg.lm_batch_size, cfg.skip_positions)
+        batches = tokens_CL.split(cfg.lm_batch_size)
+        tokens = cfg.lm_batch_size * (cfg.ctx - cfg.skip_positions)
+        batches = tqdm(batches, "capturing the first shuffle buffer", unit="tok", unit_scale=tokens,
+                       leave=False, disable=shown[0])
+        shown[0] = True
+        return torch.cat([lm_activations(model, module, batch, len(batch), cfg.skip_positions)
+                          for batch in batches])
 
     return read_contexts
 
 
+# -----------------------------------------------------------------------------
 # activation cache: FILE holds bf16 activations row after row, FILE.tokens the int32 contexts they came
-# from, FILE.json a header; the held-out evaluation contexts come first, as in a live run.
+# from, FILE.json a header; the held-out evaluation contexts come first, as in a live run
 
 
 def cache_files(cfg):
@@ -1489,12 +1654,8 @@ def write_cache(cfg, given=None):
     given: the fields this command sets (by default those that differ from the defaults)."""
     from tqdm import tqdm
 
-    check_fields(cfg)
-    check_cache_config(cfg, fields_set(cfg, given))
+    check_config(cfg, given, command="cache")
     device = pick_device(cfg.device)
-    if os.path.isdir(cfg.out):
-        raise UsageError(f"cache --out {cfg.out} is a directory: name the cache file, "
-                         f"e.g. --out {os.path.join(cfg.out, 'acts.bin')}")
     writable_place(cfg.out, "cache --out", file=True)
     caches = cache_files(cfg)
     for *_, path in caches:  # a cache is written again in place; any other file or folder stays
@@ -1515,7 +1676,8 @@ def write_cache(cfg, given=None):
     held_out_CL = take(contexts, n_eval)
     dropped = {"equal_to_held_out": 0, "duplicate": 0}
     contexts = itertools.chain(held_out_CL, distinct_contexts(contexts, held_out_CL, dropped))
-    headers = [{"model": cfg.model, "layer": layer, "site": site, "ctx": cfg.ctx,
+    text = {"text": list(cfg.text), "dataset": None if cfg.text else cfg.dataset}
+    headers = [{"format": CACHE_FORMAT, **text, "model": cfg.model, "layer": layer, "site": site, "ctx": cfg.ctx,
                 "skip_positions": cfg.skip_positions, "d": d, "dtype": "bfloat16", "eval_contexts": n_eval,
                 "contexts": n_total, "rows": rows, "seed": cfg.seed, "windows": cfg.windows,
                 "lm_dtype": str(model.dtype), "complete": False} for layer, site, _ in caches]
@@ -1552,8 +1714,14 @@ def cache_sizes(rows, d, contexts, ctx):
     return rows * d * 2, contexts * ctx * 4
 
 
-CACHE_HEADER = {"model": str, "layer": int, "site": str, "ctx": int, "skip_positions": int, "d": int,
-                "dtype": str, "eval_contexts": int, "contexts": int, "rows": int, "complete": bool}
+CACHE_FORMAT = 2  # files of other formats are refused, not read by code kept for them
+
+
+CACHE_HEADER = {"model": (str,), "layer": (int,), "site": (str,), "ctx": (int,), "skip_positions": (int,),
+                "d": (int,), "eval_contexts": (int,), "contexts": (int,), "rows": (int,), "windows": (str,),
+                "text": (list,), "dataset": (str, type(None)), "dropped_contexts": (dict,)}
+
+
 DIGESTS = ("header_sha256", "held_out_sha256", "tokens_sha256")
 
 
@@ -1585,15 +1753,20 @@ def open_cache(path):
                          f"'switch_sae.py cache --out {path}'")
     try:
         header = json.load(open(path + ".json"))
-        wrong = [key for key, kind in CACHE_HEADER.items() if type(header[key]) is not kind]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        fmt = header.get("format")
+    except (OSError, ValueError, AttributeError) as e:
         raise UsageError(f"--acts {path}: its header {path}.json is unreadable ({cause(e)}); "
                          f"{again}") from None
-    if wrong or header["dtype"] != "bfloat16":
+    if fmt != CACHE_FORMAT:
+        raise UsageError(f"--acts {path} is of cache format {fmt}, and this code reads format {CACHE_FORMAT} "
+                         f"only; {again}")
+    if header.get("complete") is not True:
+        raise UsageError(f"--acts {path} is incomplete (its cache run was stopped): {again}")
+    wrong = [key for key, kinds in {**CACHE_HEADER, **dict.fromkeys(DIGESTS, (str,))}.items()
+             if type(header.get(key)) not in kinds]
+    if wrong or header.get("dtype") != "bfloat16":
         raise UsageError(f"--acts {path}: its header has {', '.join(wrong) or 'dtype'} of the wrong type; "
                          f"{again}")
-    if not header["complete"]:
-        raise UsageError(f"--acts {path} is incomplete (its cache run was stopped): {again}")
     n_eval, per_context = header["eval_contexts"], header["ctx"] - header["skip_positions"]
     sizes = dict(zip((path, path + ".tokens"), cache_sizes(header["rows"], header["d"], header["contexts"],
                                                             header["ctx"])))
@@ -1601,13 +1774,9 @@ def open_cache(path):
             and all(os.path.isfile(p) and os.path.getsize(p) == size for p, size in sizes.items())):
         raise UsageError(f"--acts {path}: its files are missing, cut short, or do not match its header; "
                          f"{again}")
-    digests = cache_digests(path, header)
-    if any(header.get(key, value) != value for key, value in digests.items()):
+    if any(header[key] != value for key, value in cache_digests(path, header).items()):
         raise UsageError(f"--acts {path}: its header was edited, or its .bin or .tokens file belongs to "
                          f"another cache; {again}")
-    if not set(DIGESTS) <= set(header):
-        print(f"note: {path} was written before caches carried checksums, so its files cannot be checked "
-              "against each other; write it again to have them")
     rows = np.memmap(path, dtype=np.int16, mode="r", shape=(header["rows"], header["d"]))
     if not torch.from_numpy(np.array(rows[: n_eval * per_context])).view(torch.bfloat16).isfinite().all():
         raise UsageError(f"--acts {path}: its held-out activations are not all finite (NaN or inf); {again}")
@@ -1615,7 +1784,7 @@ def open_cache(path):
     return header, rows, torch.from_numpy(tokens).long()
 
 
-def cache_reader(path, rows, header, context_ids):
+def cache_reader(rows, header, context_ids):
     """read_contexts over a cache: the contexts numbered context_ids, in that order."""
     import numpy as np
 
@@ -1634,123 +1803,7 @@ def cache_reader(path, rows, header, context_ids):
 
 
 # -----------------------------------------------------------------------------
-# training
-
-
-class SingleProcess:
-    """How training talks to other ranks: here there are none. TorchDistributed (in the distributed
-    section) is the same small interface over torch.distributed, passed in where this is the default."""
-
-    rank, ranks = 0, 1
-
-    def all_reduce(self, t):
-        """Sum over ranks, in place."""
-        return t
-
-    def gather_rows(self, t):
-        """Every rank's t concatenated along dim 0 (a whole tensor from its row shards)."""
-        return t
-
-    def shard_rows(self, t):
-        """This rank's block of rows of a whole tensor."""
-        return t
-
-    def sum_batch_stats(self, out):
-        """out with its batch statistics (the expert counts) summed over all ranks' batches."""
-        return out
-
-    def average_gradients(self, sae):
-        """Make each rank's gradients those of the mean loss over all ranks' tokens."""
-
-
-SINGLE_PROCESS = SingleProcess()
-
-
-def is_sharded(p):
-    """Expert-parallel shards carry this flag: each rank holds other rows, never to be averaged."""
-    return getattr(p, "expert_shard", False)
-
-
-def base_lr(cfg):
-    """--lr, or the rule of the run's kind of SAE."""
-    return cfg.lr or ARCHS[cfg.arch].default_lr(cfg.width)
-
-
-def lr_at(cfg, step, steps):
-    """Constant (after the kind's warm-up), then linear decay to 0 after decay_start."""
-    base = base_lr(cfg) * min(1.0, (step + 1) / max(1, ARCHS[cfg.arch].warmup_steps))
-    decay_from = int(cfg.decay_start * steps)
-    return base if step < decay_from else base * (steps - step) / max(1, steps - decay_from)
-
-
-def make_optimizer(sae):
-    return torch.optim.Adam(sae.parameters(), lr=0.0, betas=(0.9, 0.999), fused=True)
-
-
-def squared_norm(t):
-    """|t|^2 as dot products: twice vector_norm's speed on CPU. In chunks: dot counts in 32-bit ints."""
-    return sum(chunk.dot(chunk) for chunk in t.flatten().split(2**30))
-
-
-def clip_gradients(sae, max_norm, comms=SINGLE_PROCESS):
-    """torch.nn.utils.clip_grad_norm_'s rule, with the norm taken over all ranks' expert shards; max_norm 0
-    leaves the gradients as they are."""
-    grads = [p for p in sae.parameters() if p.grad is not None]
-    if not max_norm:
-        return
-    total = torch.stack([squared_norm(p.grad) for p in grads if not is_sharded(p)]).sum()
-    sharded = [squared_norm(p.grad) for p in grads if is_sharded(p)]
-    if sharded:
-        total = total + comms.all_reduce(torch.stack(sharded).sum())
-    scale = (max_norm / (total.sqrt() + 1e-6)).clamp(max=1.0)
-    for p in grads:
-        p.grad.mul_(scale)
-
-
-@torch.no_grad()
-def prepare_gradients(sae, max_norm, comms=SINGLE_PROCESS):
-    """Between backward and the optimizer: keep the decoder rows' norms, clip the gradient norm."""
-    sae.project_decoder_grad_()
-    clip_gradients(sae, max_norm, comms)
-
-
-@functools.cache  # one compiled wrapper per function, so Dynamo's cache is reused step after step
-def compiled(fn):
-    return torch.compile(fn)
-
-
-@torch.no_grad()
-def batch_fve(x_BD, x_hat_BD):
-    """1 - sum_j Var(x_j - x_hat_j) / sum_j Var(x_j), with sum_j Var(r_j) = E|r|^2 - |E r|^2."""
-    variance = lambda r_BD: r_BD.pow(2).sum(1).mean() - r_BD.mean(0).pow(2).sum()
-    return 1 - variance(x_BD - x_hat_BD) / variance(x_BD)
-
-
-def train_step(sae, opt, x_BD, lr, coefs, grad_clip=1.0, comms=SINGLE_PROCESS, dead_M=None, compile=False):
-    """One optimizer step of any SAE here. coefs: the keyword arguments of sae.loss; dead_M: AuxK's dead
-    latents, or None. Returns the output and the loss parts (tensors, not synced)."""
-    out = comms.sum_batch_stats(sae(x_BD) if dead_M is None else sae(x_BD, dead_M))
-    loss, parts = sae.loss(x_BD, out, **coefs)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    comms.average_gradients(sae)
-    maybe_compiled = compiled if compile else lambda fn: fn
-    maybe_compiled(prepare_gradients)(sae, grad_clip, comms)
-    for group in opt.param_groups:
-        group["lr"] = lr
-    opt.step()
-    maybe_compiled(type(sae).normalize_decoder_)(sae)  # the class's function: one compiled wrapper a class
-    sae.after_step_(out)
-    parts.update(loss=loss.detach(), fve=batch_fve(x_BD, out.x_hat.detach()))
-    return out, parts
-
-
-def tick_dead_clock(tokens_since_fired_M, sae, out, comms=SINGLE_PROCESS):
-    """Count the global batch's tokens since each latent last fired."""
-    fired_M = sae.latent_activity(out)[0] > 0
-    if not is_sharded(sae.W_dec):  # an expert shard saw every token routed to it; replicas pool theirs
-        fired_M = comms.all_reduce(fired_M.float()) > 0
-    tokens_since_fired_M.add_(len(out.x_hat) * comms.ranks).masked_fill_(fired_M, 0)
+# training runs
 
 
 def sync(device):
@@ -1773,48 +1826,59 @@ def timed_reader(read_contexts, device, seconds):
     return read
 
 
-def activation_source(cfg, device, comms, dropped, given=()):
-    """Where a run's activations come from: the config (with a cache's model, layer and site filled in)
-    and (d, read_contexts, held-out contexts, their activations or None, LM, hooked module). Live, each
-    rank reads its own share of the text; from a cache, every rank reads the same global stream. Training
-    contexts equal to a held-out one, or to an earlier one, are left out and counted in `dropped`. given:
-    the fields set, which a cache must agree with (its own settings are the run's)."""
+class Source(NamedTuple):
+    """Where a run's activations come from."""
+
+    d: int
+    read_contexts: object  # read_contexts(n, skip=False): the next n contexts' activations (C * L, D)
+    eval_tokens_CL: torch.Tensor  # the held-out contexts
+    eval_x: torch.Tensor | None  # their activations, when read from a cache
+    model: object  # the LM (None: a cached run that skips loss recovered)
+    module: object  # its hooked module
+
+
+CACHE_SETTINGS = ("model", "layer", "site", "ctx", "skip_positions", "windows", "text", "dataset")
+
+
+def cached_config(cfg, given):
+    """A run on --acts takes the cache's settings: the config with them, its open cache, and the flags given
+    that disagree with it (for RULES)."""
+    cache = open_cache(cfg.acts)
+    header = cache[0]
+    cached = dataclasses.replace(cfg, **{key: header[key] for key in CACHE_SETTINGS[:-2]},
+                                 text=tuple(header["text"]), dataset=header["dataset"])
+    differ = [cli_flag(key) for key in CACHE_SETTINGS[:6] if key in given and getattr(cfg, key) != header[key]]
+    differ += [cli_flag(key) for key in ("text", "dataset") if key in given]
+    if "eval_tokens" in given and held_out_contexts(cached) != header["eval_contexts"]:
+        differ.append("--eval-tokens")
+    return cached, cache, ", ".join(differ)
+
+
+def activation_source(cfg, cache, device, comms, dropped):
+    """Live, each rank reads its own share of the text; from a cache, every rank reads the same global stream.
+    Training contexts equal to a held-out one, or to an earlier one, are left out and counted in
+    `dropped` (the cache did so when written)."""
     if cfg.acts:  # the LM is needed only for loss-recovered evaluation
-        header, rows, cache_tokens = open_cache(cfg.acts)
-        settings = ("model", "layer", "site", "ctx", "skip_positions", "windows")
-        keys = [key for key in settings if key in header]  # caches written before `windows` lack it
-        cached = dataclasses.replace(cfg, **{key: header[key] for key in keys})
-        differ = [cli_flag(key) for key in keys if key in given and getattr(cfg, key) != header[key]]
-        differ += [cli_flag(key) for key in ("text", "dataset") if key in given]
-        if "eval_tokens" in given and held_out_contexts(cached) != header["eval_contexts"]:
-            differ.append("--eval-tokens")
-        if differ:
-            raise UsageError(f"{', '.join(differ)}: a run on --acts {cfg.acts} takes its model, layer, site, "
-                             "contexts and held-out tokens from the cache, and reads no text: drop them")
-        cfg = cached
-        check_cache_config(cfg, given)  # its rules on the cache's ctx
+        header, rows, cache_tokens = cache
         n_eval = header["eval_contexts"]
-        # caches written before contexts were made distinct may repeat some: pass over those here
-        kept = distinct_contexts(zip(range(n_eval, header["contexts"]), cache_tokens[n_eval:]),
-                                 cache_tokens[:n_eval], dropped, key=lambda pair: pair[1])
-        kept = [i for i, _ in kept]
-        if len(kept) < contexts_needed(cfg):  # known now, so a run cannot train on and then run out
-            raise UsageError(f"--acts {cfg.acts} holds {len(kept)} distinct training contexts and this run "
-                             f"needs {contexts_needed(cfg)}: write the cache with this run's --tokens, "
-                             "--batch-size and --buffer-tokens, or lower --tokens")
-        eval_x = cache_reader(cfg.acts, rows, header, range(n_eval))(n_eval)
+        dropped.update(header["dropped_contexts"])
+        if header["contexts"] - n_eval < contexts_needed(cfg):  # known now, not once the run runs out
+            raise UsageError(f"--acts {cfg.acts} holds {header['contexts'] - n_eval} distinct training contexts "
+                             f"and this run needs {contexts_needed(cfg)}: write the cache with this run's "
+                             "--tokens, --batch-size and --buffer-tokens, or lower --tokens")
+        eval_x = cache_reader(rows, header, range(n_eval))(n_eval)
         evaluating_ce = comms.rank == 0 and not cfg.skip_ce
         model, module = lm_for_evaluation(cfg, device) if evaluating_ce else (None, None)
-        read_contexts = cache_reader(cfg.acts, rows, header, kept)
-        return cfg, (header["d"], read_contexts, cache_tokens[:n_eval], eval_x, model, module)
+        read_contexts = cache_reader(rows, header, range(n_eval, header["contexts"]))
+        return Source(header["d"], read_contexts, cache_tokens[:n_eval], eval_x, model, module)
     model, tokenizer = load_lm(cfg, device)
     module = hooked_module(model, cfg.layer, cfg.site)
     contexts = token_contexts(cfg, tokenizer)
     eval_tokens_CL = take(contexts, held_out_contexts(cfg))  # held out: read first, never trained on
     contexts = distinct_contexts(contexts, eval_tokens_CL, dropped)  # every rank filters the whole stream
     contexts = itertools.islice(contexts, comms.rank, None, comms.ranks)
-    read_contexts = live_reader(cfg, model, module, contexts)
-    return cfg, (model.config.hidden_size, read_contexts, eval_tokens_CL, None, model, module)
+    read_contexts = live_reader(cfg, model, module, contexts, show=comms.rank == 0)
+    return Source(model.config.hidden_size, read_contexts, eval_tokens_CL, None, model, module)
 
 
 def lm_for_evaluation(cfg, device):
@@ -1940,21 +2004,21 @@ class Stopped(KeyboardInterrupt):
 
 def resumed_config(cfg, given):
     """The run saved in cfg.out, with this command's --device and --compile and the RESUMABLE fields it
-    gives; another field given with a value other than the run's is refused. Returns it and the run's
-    history of such changes and this command's ({field: [saved, new]}, empty when none)."""
+    gives. Returns it, the run's history of such changes with this command's ({field: [saved, new]}), and
+    what RULES reads: the fixed flags given another value, the tokens the run has trained on."""
     saved = dataclasses.replace(load_config(cfg.out), device=cfg.device, compile=cfg.compile)
     changed = {name: [getattr(saved, name), getattr(cfg, name)] for name in sorted(given)
                if name not in ("resume", "out", "device", "compile")
                and getattr(saved, name) != getattr(cfg, name)}
-    fixed = [cli_flag(name) for name in changed if name not in RESUMABLE]
-    if fixed:
-        allowed = ", ".join(map(cli_flag, RESUMABLE))
-        raise UsageError(f"--resume continues the run in {cfg.out} with its own settings, and "
-                         f"{', '.join(fixed)} cannot change mid-run (only {allowed} can): drop them, or "
-                         "start a new run in another --out")
+    fixed = ", ".join(cli_flag(name) for name in changed if name not in RESUMABLE)
+    changed = {name: change for name, change in changed.items() if name in RESUMABLE}
+    path = os.path.join(cfg.out, "sae.safetensors")
+    if not os.path.isfile(path):
+        raise UsageError(f"--resume: {cfg.out} has no checkpoint yet; drop --resume to start the run afresh")
+    trained = read_checkpoint(path, weights=False)[0]["step"] * saved.batch_size
     history = json.load(open(os.path.join(cfg.out, "config.json"))).get("resumes", [])
     resumed = dataclasses.replace(saved, **{name: new for name, (_, new) in changed.items()})
-    return resumed, history, changed
+    return resumed, history, changed, {"fixed": fixed, "trained": trained}
 
 
 def rank_share(cfg, ranks):
@@ -1963,57 +2027,69 @@ def rank_share(cfg, ranks):
                                buffer_tokens=cfg.buffer_tokens // ranks)
 
 
+class Run(NamedTuple):
+    """A run once started: its settings, ranks, activations, SAE, optimizer and dead-latent clock, the step
+    it starts from, and the training contexts left out (repeats)."""
+
+    cfg: TrainConfig
+    comms: object
+    source: Source
+    sae: nn.Module
+    opt: torch.optim.Optimizer
+    clock_M: torch.Tensor
+    start: int
+    dropped: dict
+
+
 def start_run(cfg, given):
     """Every check, then the activation source, the SAE, its optimizer and dead-latent clock (restored on
-    --resume) and config.json. Returns (cfg, comms, source, sae, opt, clock_M, start, dropped)."""
-    given, history, changed = fields_set(cfg, given), [], {}
+    --resume) and config.json."""
+    given, history, changed, known, cache = fields_set(cfg, given), [], {}, {}, None
     if cfg.resume:  # the run's own settings; where and how fast to run it are this command's
-        cfg, history, changed = resumed_config(cfg, given)
-    check_config(cfg, given)
-    if not cfg.resume and os.path.isfile(os.path.join(cfg.out, "sae.safetensors")):
-        raise UsageError(f"--out {cfg.out} holds another run's checkpoint: continue it with --resume, or "
-                         "pick another --out")
+        cfg, history, changed, known = resumed_config(cfg, given)
+    if cfg.acts:
+        cfg, cache, known["cache_differ"] = cached_config(cfg, given)
+    check_config(cfg, given, ranks=int(os.environ.get("WORLD_SIZE", "1")), **known)  # before torchrun's
+    # group starts: a refused run exits on every rank alike
+    # what config.json records: the learning rate used, and no dataset where the run read none
+    cfg = dataclasses.replace(cfg, lr=base_lr(cfg), dataset=None if cfg.text or cfg.acts else cfg.dataset)
     writable_place(cfg.out, "--out")
     device, comms = start_distributed(pick_device(cfg.device))
-    check_ranks(cfg, comms.ranks, one_rank_ok=cfg.resume)  # an expert-parallel run may go on in one process
     dropped = {"equal_to_held_out": 0, "duplicate": 0}
-    cfg, source = activation_source(cfg, device, comms, dropped, given)
-    d = source[0]
-    check_resources(rank_share(cfg, comms.ranks), d, device, comms)
-    sae = build_sae(cfg, d, comms).to(device)
+    source = activation_source(cfg, cache, device, comms, dropped)
+    check_resources(rank_share(cfg, comms.ranks), source.d, device, comms)
+    sae = build_sae(cfg, source.d, comms).to(device)
     opt = make_optimizer(sae)
     clock_M = torch.zeros(len(sae.W_dec), dtype=torch.long, device=device)
     steps = cfg.tokens // cfg.batch_size
     start = load_checkpoint(cfg.out, sae, opt, clock_M, comms) if cfg.resume else 0
-    if steps < start:
-        raise UsageError(f"--tokens {cfg.tokens} is fewer than the {start * cfg.batch_size} this run has "
-                         "trained on: give at least that many")
     if comms.rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
         history += [{"step": start, "changed": changed}] if changed else []
         write_json(os.path.join(cfg.out, "config.json"), {**dataclasses.asdict(cfg), "resumes": history})
         flops = sae.flops_per_token(cfg.batch_size)
-        print(f"{cfg.model} layer {cfg.layer} {cfg.site}: d={d}, {sae.summary()}, {steps} steps of "
+        print(f"{cfg.model} layer {cfg.layer} {cfg.site}: d={source.d}, {sae.summary()}, {steps} steps of "
               f"{cfg.batch_size} tokens on {comms.ranks} rank(s), {flops['total'] / 1e6:.2f} MFLOP/token "
               f"({flops['paper_encoder_only'] / 1e6:.2f} by the paper's count)")
         if cfg.tokens < 819_200_000:
             print("the paper trained on 819.2M tokens: add --tokens 819200000")
         feed = f"reading {cfg.acts}" if cfg.acts else f"capturing {cfg.buffer_tokens:,} tokens a buffer by LM"
-        print(f"training: {feed}; the bar moves once each shuffle buffer is filled")
-    return cfg, comms, source, sae, opt, clock_M, start, dropped
+        print(f"training: {feed}; the steps' bar starts once the first buffer is filled")
+    return Run(cfg, comms, source, sae, opt, clock_M, start, dropped)
 
 
-def train_loop(cfg, comms, read_contexts, sae, opt, clock_M, start):
-    """The steps from `start` on: a checkpoint every save_every tokens and at the end, a check for
+def train_loop(run):
+    """The steps from run.start on: a checkpoint every save_every tokens and at the end, a check for
     divergence at each log step, a checkpoint and Stopped on a signal. Returns the loop's counts."""
     from tqdm import tqdm
 
+    cfg, comms, sae, opt, clock_M, start = run.cfg, run.comms, run.sae, run.opt, run.clock_M, run.start
     device, ranks, steps = sae.device, comms.ranks, cfg.tokens // cfg.batch_size
     flops, save_every = sae.flops_per_token(cfg.batch_size), max(1, cfg.save_every // cfg.batch_size)
     seconds, started, auxk_steps, loss_curve = {"activations": 0.0}, time.perf_counter(), 0, []
     saved_step, x_absmax, x_typical = start, torch.zeros((), device=device), None  # NaN once an input was
-    read_contexts = timed_reader(read_contexts, device, seconds)
-    bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True, disable=comms.rank > 0)
+    read_contexts = timed_reader(run.source.read_contexts, device, seconds)
+    bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True, disable=comms.rank > 0, delay=1e9)
     # live, each rank captures its own share of each batch; from a cache it reads the global batch
     batches = activation_batches(cfg if cfg.acts else rank_share(cfg, ranks), read_contexts, start, device)
     with stop_on_signals() as stop, bar:  # the bar ends its line on any exit, an error's too
@@ -2033,6 +2109,9 @@ def train_loop(cfg, comms, read_contexts, sae, opt, clock_M, start):
             if x_typical is None:  # one sync, at the first step
                 x_typical = x_BD.float().norm(dim=1).median().item()
             auxk_steps += out.aux_idx is not None  # dead latents, so AuxK ran
+            if step == start:  # shown, and timed, from here: the capture before had its own bar
+                bar.delay = 0
+                bar.unpause()
             bar.update(1)
             saving = (step + 1) % save_every == 0 or step + 1 == steps
             if not (saving or (step + 1) % cfg.log_every == 0):
@@ -2043,7 +2122,7 @@ def train_loop(cfg, comms, read_contexts, sae, opt, clock_M, start):
             loss_curve.append([step + 1, recon / ranks])
             if not (math.isfinite(loss) and math.isfinite(largest) and weights_ok):  # before any save
                 raise diverged(cfg, step + 1, saved_step, loss, largest, weights_ok, x_typical)
-            bar.set_postfix(loss=f"{loss / ranks:.1f}", fve=f"{parts['fve'].item():.3f}",
+            bar.set_postfix(mse=f"{recon / ranks:.1f}", fve=f"{parts['fve'].item():.3f}",
                             tok_s=f"{(bar.format_dict['rate'] or 0) * cfg.batch_size:.0f}",
                             pflop=f"{flops['total'] * (step + 1) * cfg.batch_size / 1e15:.4f}")
             if saving or stopping:
@@ -2060,10 +2139,11 @@ def train_loop(cfg, comms, read_contexts, sae, opt, clock_M, start):
     return {"auxk_steps": auxk_steps, "loss_curve": loss_curve, "seconds": seconds}
 
 
-def finish_run(cfg, comms, source, sae, clock_M, counts, dropped):
+def finish_run(run, counts):
     """Evaluate on the held-out contexts and write metrics.json (rank 0; other ranks return None)."""
-    _, _, eval_tokens_CL, eval_x, model, module = source
-    clock_M = comms.gather_rows(clock_M) if is_sharded(sae.W_dec) else clock_M
+    cfg, comms, sae, dropped = run.cfg, run.comms, run.sae, run.dropped
+    eval_tokens_CL, eval_x, model, module = run.source[2:]
+    clock_M = comms.gather_rows(run.clock_M) if is_sharded(sae.W_dec) else run.clock_M
     if comms.rank > 0:
         return None
     whole = load_sae(cfg.out, sae.device) if is_sharded(sae.W_dec) else sae
@@ -2074,11 +2154,9 @@ def finish_run(cfg, comms, source, sae, clock_M, counts, dropped):
     metrics = evaluate(whole, cfg, eval_x, None if cfg.skip_ce else model, module, eval_tokens_CL)
     steps, seconds = cfg.tokens // cfg.batch_size, counts["seconds"]
     terms = sae.flops_per_token(cfg.batch_size)
-    flops, auxk_flops = terms["total"], sae.flops_per_token(cfg.batch_size, sae.k_aux)["total"]
     metrics.update(dead_fraction_train=(clock_M > cfg.dead_tokens).float().mean().item(),
-                   train_tokens=steps * cfg.batch_size, flops_per_token=flops,
-                   # AuxK's extra work counted on the steps it ran (of this process, for a resumed run)
-                   train_flops=(flops * steps + (auxk_flops - flops) * counts["auxk_steps"]) * cfg.batch_size,
+                   train_tokens=steps * cfg.batch_size, flops_per_token=terms["total"],
+                   train_flops=training_flops(sae, cfg.batch_size, steps, counts["auxk_steps"]),
                    auxk_steps=counts["auxk_steps"],
                    loss_curve=counts["loss_curve"],  # [step, reconstruction loss] each log step, this process
                    paper_flops_per_token=terms["paper_encoder_only"],
@@ -2097,9 +2175,8 @@ def train(cfg, given=None):
     """Train one SAE, or with cfg.resume continue the run in cfg.out; returns its metrics on rank 0.
     given: the fields this command sets, which --resume holds against the run's own (by default those
     that differ from TrainConfig's defaults). Every check runs before anything is written."""
-    cfg, comms, source, sae, opt, clock_M, start, dropped = start_run(cfg, given)
-    counts = train_loop(cfg, comms, source[1], sae, opt, clock_M, start)
-    return finish_run(cfg, comms, source, sae, clock_M, counts, dropped)
+    run = start_run(cfg, given)
+    return finish_run(run, train_loop(run))
 
 
 # -----------------------------------------------------------------------------
@@ -2204,8 +2281,8 @@ def print_table(metrics):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: one safetensors file holds the SAE, its config and (for --resume) the training
-# state; export writes the weights alone for other tools
+# checkpoints: one safetensors file holds the SAE, its config and (for --resume) the training state;
+# export writes the weights alone for other tools
 
 
 def write_json(path, obj):
@@ -2250,7 +2327,8 @@ def save_checkpoint(out_dir, sae, cfg, step, opt=None, tokens_since_fired_M=None
             tensors.update({f"train.adam.{i}.{key}": (whole(p, v) if v.dim() else v).contiguous()
                             for key, v in state.items()})
         tensors["train.tokens_since_fired"] = whole(sae.W_dec, tokens_since_fired_M)
-    meta = {"sae": json.dumps(sae.config()), "config": json.dumps(dataclasses.asdict(cfg)), "step": str(step)}
+    meta = {"format": str(CHECKPOINT_FORMAT), "sae": json.dumps(sae_settings(cfg, sae.d_in)),
+            "config": json.dumps(dataclasses.asdict(cfg)), "step": str(step)}
     if comms.rank == 0:
         write = lambda tmp: save_file(tensors, tmp, metadata=meta)
         atomic_write(os.path.join(out_dir, "sae.safetensors"), write, sum(t.nbytes for t in tensors.values()))
@@ -2261,10 +2339,13 @@ def checkpoint_file(run):
     return os.path.join(run, "sae.safetensors") if os.path.isdir(run) else run
 
 
-def read_checkpoint(path, device="cpu", train_state=False):
+CHECKPOINT_FORMAT = 2  # files of other formats are refused, not read by code kept for them
+
+
+def read_checkpoint(path, device="cpu", train_state=False, weights=True):
     """A checkpoint's metadata ({"sae", "config", "step"}) and its tensors (with train_state, also the
-    optimizer's and the dead-latent clock). A file cut short, corrupt, or not written by this code (an
-    export, another tool's) is refused in one line."""
+    optimizer's and the dead-latent clock; none without weights). A file cut short, corrupt, of another
+    format or not written by this code (an export, another tool's) is refused in one line."""
     from safetensors import SafetensorError, safe_open
 
     path = checkpoint_file(path)
@@ -2275,24 +2356,22 @@ def read_checkpoint(path, device="cpu", train_state=False):
         with safe_open(path, framework="pt", device=str(device)) as f:
             meta = f.metadata() or {}
             info = {"sae": json.loads(meta["sae"]), "config": json.loads(meta["config"]),
-                    "step": int(meta["step"])}
+                    "step": int(meta["step"]), "format": meta.get("format")}
             tensors = {key: f.get_tensor(key) for key in f.keys()
-                       if train_state or not key.startswith("train.")}
+                       if weights and (train_state or not key.startswith("train."))}
     except (OSError, SafetensorError, KeyError, ValueError, TypeError) as e:
         raise UsageError(f"{path} is no readable checkpoint of this code ({cause(e)}): it is cut "
                          "short, corrupt, or another tool's file (an export?)") from None
+    if info["format"] != str(CHECKPOINT_FORMAT):
+        raise UsageError(f"{path} is of checkpoint format {info['format']}, and this code reads format "
+                         f"{CHECKPOINT_FORMAT} only: train it again")
     return info, tensors
 
 
 def sae_from(info, tensors, device="cpu"):
     try:
         sae = make_sae(**info["sae"]).to(device)
-        missing = [name for name, _ in sae.named_parameters() if name not in tensors]
-        if missing:
-            raise KeyError(f"it lacks {', '.join(missing)}")
-        state = sae.state_dict()  # buffers newer than the file (input_scale, lb_scale) keep their defaults
-        state.update({name: tensors[name] for name in state if name in tensors})
-        sae.load_state_dict(state)
+        sae.load_state_dict(tensors)
     except (TypeError, KeyError, ValueError, RuntimeError, AssertionError) as e:
         raise UsageError(f"the checkpoint's tensors do not match its SAE config {info['sae']} "
                          f"({cause(e)}): it is no SAE checkpoint of this code") from None
@@ -2316,8 +2395,6 @@ def load_config(out_dir):
         fields = json.load(open(path))
         fields.pop("resumes", None)  # the run's history of --resume changes
         fields.update(text=tuple(fields["text"]), resume=True, out=out_dir)  # the run may have been moved
-        if "lm_dtype" not in fields:  # a run from before --lm-dtype: its LM ran in bf16 on CUDA, fp32 on CPU
-            fields["lm_dtype"] = "bfloat16" if pick_device(fields["device"]).type == "cuda" else "float32"
         cfg = TrainConfig(**fields)
         check_fields(cfg)
         return cfg
@@ -2330,17 +2407,12 @@ def load_checkpoint(out_dir, sae, opt, tokens_since_fired_M, comms=SINGLE_PROCES
     """Restore weights, Adam state and the dead-latent clock (this rank's shard of each); returns the step
     to continue from."""
     path = os.path.join(out_dir, "sae.safetensors")
-    if not os.path.isfile(path):
-        raise UsageError(f"--resume: {out_dir} has no checkpoint yet; drop --resume to start the run afresh")
     info, tensors = read_checkpoint(path, train_state=True)  # on the CPU: copied or sharded onto the device
     params = dict(sae.named_parameters())
     names = list(params)
     mine = lambda p, t: comms.shard_rows(t) if is_sharded(p) else t
     try:
-        sae.load_state_dict({name: mine(p, tensors[name]) for name, p in params.items()}, strict=False)
-        for name, buffer in sae.named_buffers():  # absent from files written before it existed
-            if name in tensors:
-                buffer.copy_(tensors[name])
+        sae.load_state_dict({name: mine(params.get(name), tensors[name]) for name in sae.state_dict()})
         state = {}
         for key, value in tensors.items():
             if key.startswith("train.adam."):
@@ -2357,7 +2429,7 @@ def load_checkpoint(out_dir, sae, opt, tokens_since_fired_M, comms=SINGLE_PROCES
 
 @dataclass
 class ExportConfig:
-    """Write a trained SAE's weights alone (no optimizer state) in another tool's format."""
+    """Export a trained SAE: its weights alone (no optimizer state), in another tool's format."""
 
     run: str = arg("out", "a run directory (or its sae.safetensors)", positional=True)
     dest: str = arg("export", "the directory to write", positional=True)
@@ -2395,14 +2467,12 @@ def export(cfg, given=None):
     """Export a run in SAELens's pretrained-SAE layout: cfg.json and sae_weights.safetensors."""
     from safetensors.torch import save_file
 
-    check_fields(cfg)
-    writable_place(cfg.dest, "export")
     info, tensors = read_checkpoint(cfg.run)
-    sae, run = sae_from(info, tensors), info["config"]
-    try:
-        architecture, subtract_b_dec, tensors, fields = saelens_tensors(sae)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    run = info["config"]
+    check_config(cfg, given, command="export", router=run["router"])
+    writable_place(cfg.dest, "export")
+    sae = sae_from(info, tensors)
+    architecture, subtract_b_dec, tensors, fields = saelens_tensors(sae)
     layout = {"d_in": sae.d_in, "d_sae": sae.width, "dtype": "float32", "device": "cpu",
               "apply_b_dec_to_input": subtract_b_dec, "normalize_activations": "none",
               "reshape_activations": "none", "architecture": architecture}
@@ -2458,22 +2528,6 @@ class TorchDistributed(SingleProcess):
                 if not is_sharded(p):
                     self.all_reduce(p.grad)
                 p.grad.div_(self.ranks)
-
-
-def check_ranks(cfg, ranks, one_rank_ok=False):
-    if cfg.expert_parallel and (cfg.experts_per_token + cfg.shared_expert > 1 or cfg.router != "switch"):
-        raise UsageError("--expert-parallel decodes on each expert's rank, so a TopK over several experts' "
-                         "latents cannot run there: drop --experts-per-token, --shared-expert and --router "
-                         "expert-choice, or use data parallel")
-    if cfg.expert_parallel and ranks == 1 and not one_rank_ok:
-        raise UsageError("--expert-parallel splits the experts over torchrun's ranks, and this is one "
-                         "process: start it with torchrun --nproc-per-node N, or drop --expert-parallel")
-    if cfg.batch_size % ranks or (cfg.expert_parallel and cfg.experts % ranks):
-        raise UsageError(f"--batch-size {cfg.batch_size} and, with --expert-parallel, --experts "
-                         f"{cfg.experts} must be divisible by the {ranks} ranks")
-    if ranks > 1 and cfg.router == "expert-choice":
-        raise UsageError("--router expert-choice ranks the tokens of the whole batch, and each rank holds a "
-                         "share of it: run it in one process")
 
 
 def start_distributed(device):
@@ -2553,7 +2607,7 @@ def train_field(name, default=dataclasses.MISSING):
 
 @dataclass
 class BenchConfig(SAEConfig):
-    """Time training steps of an SAE (a Switch SAE by default) and of a TopK SAE of the same width, on
+    """Time training steps: of an SAE (a Switch SAE by default) and of a TopK SAE of the same width, on
     random activations; optionally also LM activation capture."""
 
     d_in: int = arg(768, "activation dimension", low=1)
@@ -2715,10 +2769,8 @@ def bench_capture(cfg, config, device):
 
 
 def bench(cfg, given=None):
-    check_fields(cfg)
-    check_sae_config(cfg, fields_set(cfg, given))
+    check_config(cfg, given, command="bench", ranks=int(os.environ.get("WORLD_SIZE", "1")))
     device, comms = start_distributed(pick_device(cfg.device))
-    check_ranks(cfg, comms.ranks)
     check_memory(cfg, cfg.d_in, device, saes=2)
     lm_config = bench_lm_config(cfg) if cfg.model and not cfg.expert_parallel else None
     dtype = getattr(torch, cfg.dtype)
@@ -2767,7 +2819,9 @@ class FlagParser(argparse.ArgumentParser):
 
 def flags_given(argv, cls=TrainConfig, prog=None):
     """The fields that command-line flags set, one flag per dataclass field (--field-name), as a dict."""
-    parser = FlagParser(prog=prog, description=cls.__doc__, argument_default=argparse.SUPPRESS)
+    commands = "; ".join(f"{name}: {command.__doc__.split(':')[0]}" for name, (command, _) in COMMANDS.items())
+    epilog = f"other commands, each with its --help: {commands}" if cls is TrainConfig else None
+    parser = FlagParser(prog=prog, description=cls.__doc__, epilog=epilog, argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(cls):
         rule = f.metadata
         if rule["positional"]:

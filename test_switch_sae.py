@@ -132,7 +132,7 @@ def test_encode_decode_round_trip_equals_forward():
     _, ref_z, _ = dense_switch(sae, x)
     gate = torch.softmax((x - sae.b_router) @ sae.W_router.T, -1).max(-1).values
     torch.testing.assert_close(dense, (ref_z * gate[:, None]).detach(), **TOL)
-    assert sae.W_dec.shape == (sae.width, sae.d_in) and sae.dtype == torch.float32 and sae.device.type == "cpu"
+    assert sae.W_dec.shape == (sae.width, sae.d_in) and sae.W_dec.dtype == torch.float32 and sae.device.type == "cpu"
 
 
 @pytest.mark.quick
@@ -381,7 +381,7 @@ def test_an_input_scale_is_the_same_sae_on_scaled_data(arch):
     """An SAE with input scale c on x / c is the SAE with scale 1 on x: its loss (AuxK, L1 and the gated aux term
     included) and gradients are equal, and its output is 1/c of the other's, in the fast and the dense forward."""
     torch.manual_seed(0)
-    sae, y = S.make_sae(arch, 24, 96, 4, 5), torch.randn(200, 24) * 2 + 1
+    sae, y = S.make_sae(arch, 24, 96, **({"experts": 4, "k": 5} if arch == "switch" else {})), torch.randn(200, 24) * 2 + 1
     dead_M = torch.arange(96) % 3 == 0 if arch == "switch" else None  # a third dead: AuxK runs
     coefs = {"lb_alpha": 3.0, "auxk_alpha": 0.5} if arch == "switch" else {"l1_coeff": 0.1}
 
@@ -602,33 +602,27 @@ def test_baseline_flop_count_matches_flop_counter(arch):
     assert counter.get_total_flops() / B == pytest.approx(sae.flops_per_token(B)["total"], rel=0.02)
 
 
-# --- the model section lifts out of the file alone
+# --- the method lifts out of the file alone
 
 
 @pytest.mark.quick
-def test_model_section_lifts_out_alone_and_trains():
-    """A reader copies the model section and nothing else: with only its imports it builds, trains and
-    matches the whole file's SwitchSAE."""
+def test_the_method_lifts_out_alone_and_trains():
+    """A reader copies the file down to its machinery (the method, the train step and the kernels they run) and
+    nothing else: with only the imports it holds, it builds, trains and matches the whole file's SwitchSAE."""
     source = open(os.path.join(HERE, "switch_sae.py")).read()
-    rule = "# " + "-" * 77 + "\n"
-    model_section = next(s for s in source.split(rule) if s.startswith("# model"))
+    method = source[: source.index("# " + "=" * 77 + "\n# machinery")]  # the kernels that it runs included
+    assert len(method[: method.index("# how routing saves time")].splitlines()) <= 750  # the method, train step
     namespace = {}
-    exec("import math, warnings\nfrom typing import NamedTuple\nimport torch\nimport torch.nn as nn\n"
-         "import torch.nn.functional as F\n" + model_section, namespace)
-    assert "train_step" not in namespace and "TrainConfig" not in namespace
+    exec(method, namespace)
+    assert not {"TrainConfig", "UsageError", "load_lm", "save_checkpoint", "argparse", "os"} & set(namespace)
     torch.manual_seed(0)
     sae = namespace["SwitchSAE"](16, 64, 4, 4)
     x = torch.randn(256, 16) * 2 + 1
     sae.init_biases_(x)
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    opt = namespace["make_optimizer"](sae)
     losses = []
-    for _ in range(20):
-        loss, parts = sae.loss(x, sae(x))
-        opt.zero_grad()
-        loss.backward()
-        sae.project_decoder_grad_()
-        opt.step()
-        sae.normalize_decoder_()
+    for step in range(20):
+        _, parts = namespace["train_step"](sae, opt, x, 1e-2, {"lb_alpha": 3.0})
         losses.append(parts["recon"].item())
     assert losses[-1] < 0.8 * losses[0]
     whole = S.SwitchSAE(16, 64, 4, 4)
@@ -690,6 +684,11 @@ def tiny_args(tiny_run, out, **extra):
     return [f"--{key.replace('_', '-')}" + ("" if value is True else f"={value}") for key, value in args.items()]
 
 
+def train_config(argv):
+    """The TrainConfig that main() would run for argv."""
+    return S.TrainConfig(**S.flags_given(argv))
+
+
 def cache_args(tiny_run, out, **extra):
     """tiny_args for the cache command: the flags of what is captured, none of the SAE's or training's."""
     fields = {f.name.replace("_", "-") for f in dataclasses.fields(S.CacheConfig)}
@@ -710,7 +709,7 @@ def refused(argv, capsys, out=None, mid_run=False):
         S.main([str(a) for a in argv])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2, err
-    err = err.splitlines()[-1] if mid_run and "\r" in err else err
+    err = err.splitlines()[-1] if mid_run else err
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
     if out is not None:
         assert not any(os.path.exists(f"{out}{end}") for end in ("", ".json", ".tokens")), f"{out} was written"
@@ -864,7 +863,7 @@ def test_cache_holds_the_live_stream_and_refuses_a_partial_file(tiny_run, tmp_pa
     header = json.load(open(path + ".json"))
     assert header["complete"] and header["d"] == 32 and header["layer"] == 0
     # the batches a cached run trains on are the live run's batches, rounded to bf16
-    cfg = S.parse_config(tiny_args(tiny_run, tmp_path / "run"))
+    cfg = train_config(tiny_args(tiny_run, tmp_path / "run"))
     from transformers import AutoModelForCausalLM, AutoTokenizer
     lm = AutoModelForCausalLM.from_pretrained(cfg.model).eval()
     contexts = S.token_contexts(cfg, AutoTokenizer.from_pretrained(cfg.model))
@@ -872,7 +871,7 @@ def test_cache_holds_the_live_stream_and_refuses_a_partial_file(tiny_run, tmp_pa
     assert torch.equal(S.take(contexts, header["eval_contexts"]), tokens[: header["eval_contexts"]])
     contexts = S.distinct_contexts(contexts, tokens[: header["eval_contexts"]], {"equal_to_held_out": 0, "duplicate": 0})
     live = S.activation_batches(cfg, S.live_reader(cfg, lm, S.hooked_module(lm, 0, "resid"), contexts), 0, "cpu")
-    cached = S.activation_batches(cfg, S.cache_reader(path, rows, header, range(header["eval_contexts"], header["contexts"])), 0, "cpu")
+    cached = S.activation_batches(cfg, S.cache_reader(rows, header, range(header["eval_contexts"], header["contexts"])), 0, "cpu")
     pairs = list(zip(live, cached, strict=True))
     assert len(pairs) == cfg.tokens // cfg.batch_size
     for (step, x_live), (step_c, x_cached) in pairs:
@@ -922,7 +921,7 @@ def write_repetitive_corpus(path, seed=0):
         f.writelines(json.dumps({"text": doc}) + "\n" for doc in docs)
 
 
-def test_cache_and_cached_runs_hold_distinct_training_contexts(tiny_run, tmp_path, monkeypatch):
+def test_cache_and_cached_runs_hold_distinct_training_contexts(tiny_run, tmp_path):
     corpus = str(tmp_path / "repetitive.jsonl")
     write_repetitive_corpus(corpus)
     args = lambda out: tiny_args(tiny_run, out, text=corpus, tokens=1024, buffer_tokens=512)
@@ -933,33 +932,24 @@ def test_cache_and_cached_runs_hold_distinct_training_contexts(tiny_run, tmp_pat
     train = [tuple(t.tolist()) for t in tokens[n_eval:]]
     assert len(set(train)) == len(train) and not set(train) & {tuple(t.tolist()) for t in tokens[:n_eval]}
     assert header["dropped_contexts"]["duplicate"] > 0 and header["dropped_contexts"]["equal_to_held_out"] > 0
-    # a cache written without the filter (as before it existed): a run reads past its repeats
-    monkeypatch.setattr(S, "distinct_contexts", lambda contexts, held_out, dropped, key=None: contexts)
-    old = str(tmp_path / "old.bin")
-    S.main(["cache", *cache_args(tiny_run, old, text=corpus, tokens=1024, buffer_tokens=512)])
-    monkeypatch.undo()
-    header, rows, tokens = S.open_cache(old)
-    seen, expected_ids, repeats = {tuple(t.tolist()) for t in tokens[:n_eval]}, [], 0
-    for i in range(n_eval, header["contexts"]):
-        key = tuple(tokens[i].tolist())
-        repeats += key in seen
-        expected_ids += [] if key in seen else [i]
-        seen.add(key)
-    dropped = {"equal_to_held_out": 0, "duplicate": 0}
-    cfg = S.parse_config(args(tmp_path / "run") + [f"--acts={old}", "--skip-ce"])
-    with pytest.raises(S.UsageError, match=f"holds {len(expected_ids)} distinct training contexts and this run needs"):
-        S.activation_source(cfg, torch.device("cpu"), S.SINGLE_PROCESS, dropped)  # its repeats leave too few
-    cfg = S.parse_config(args(tmp_path / "run") + [f"--acts={old}", "--skip-ce", "--tokens=512"])
-    dropped = {"equal_to_held_out": 0, "duplicate": 0}
-    _, (_, read_contexts, _, _, _, _) = S.activation_source(cfg, torch.device("cpu"), S.SINGLE_PROCESS, dropped)
-    assert sum(dropped.values()) == repeats > 0
-    per = header["ctx"] - header["skip_positions"]
-    want = torch.cat([torch.from_numpy(rows[i * per : (i + 1) * per].copy()) for i in expected_ids[:30]])
-    torch.testing.assert_close(read_contexts(30), want.view(torch.bfloat16).float(), rtol=0, atol=0)
-    assert expected_ids[:30] != list(range(n_eval, n_eval + 30))  # those 30 really skip some repeats
 
 
 # --- training runs through the CLI
+
+
+def test_a_run_shows_what_it_does_and_records_what_it_used(tiny_run, tmp_path, capsys):
+    """--help names every command; the first buffer's capture has its own bar (training waits for it); the step
+    bar's mse is the last loss_curve value; config.json holds the lr used and no dataset for a run on --text."""
+    with pytest.raises(SystemExit) as exit_info:
+        S.main(["--help"])
+    printed = capsys.readouterr().out
+    assert exit_info.value.code == 0 and all(f"{name}:" in printed for name in S.COMMANDS)
+    S.main(tiny_args(tiny_run, tmp_path, tokens=1024, log_every=1, skip_ce=True))
+    err = capsys.readouterr().err
+    assert "capturing the first shuffle buffer" in err and "tok" in err
+    metrics, config = (json.load(open(tmp_path / name)) for name in ("metrics.json", "config.json"))
+    assert err.rsplit("mse=", 1)[1].split(",")[0] == f"{metrics['loss_curve'][-1][1]:.1f}"
+    assert config["lr"] == 2e-4 / math.sqrt(64 / 2**14) and config["dataset"] is None
 
 
 def test_cli_trains_evaluates_and_checkpoint_reloads(tiny_run, tmp_path, capsys):
@@ -989,7 +979,7 @@ def test_cli_trains_evaluates_and_checkpoint_reloads(tiny_run, tmp_path, capsys)
     torch.testing.assert_close(sae(x).x_hat, again(x).x_hat, rtol=0, atol=0)
     assert (sae.W_dec.norm(dim=1) - 1).abs().max() < 1e-5
     # training helped: on the held-out activations the trained SAE beats its own initialisation
-    cfg = S.parse_config(tiny_args(tiny_run, tmp_path))
+    cfg = train_config(tiny_args(tiny_run, tmp_path))
     from transformers import AutoTokenizer
     held_out = S.take(S.token_contexts(cfg, AutoTokenizer.from_pretrained(model_dir)), 256 // 16)
     x = S.lm_activations(lm, S.hooked_module(lm, 0, "resid"), held_out, 16, skip_positions=1)
@@ -1095,65 +1085,23 @@ def test_reconstruction_metrics_equal_independent_formulas():
     assert 0 < metrics["dense_fraction"] < 1  # the check has something to find on both sides
 
 
-# --- checkpoints: old ones still load, a resumed run ends where an unbroken one does
+# --- checkpoints: another format is refused, a resumed run ends where an unbroken one does
 
 
-# sae.safetensors written by the main branch before the restructure (commit 424f22c): a 2-expert Switch SAE
-# (d 4, width 8, k 2) after one Adam step, gzipped and base64-encoded, and its outputs on arange(8).view(2, 4)
-OLD_CHECKPOINT = (
-    "H4sIAC1CCWsC/6WUDVAUZRjHL9RM8VL8ymZMbdESW+A+dvf2bo89LDU10ixTk8N1uduDjfvybvmSQBxBDaMQyz6mUjMdg0kRkvBu"
-    "b2/QyEANxAgcdSLHj2KotKZRU7N3d8n4OHSwd+Zu3+eZ5/m97/95nt3pwxTSyoEoysFwtJXmaIqCDDmQxeW0sSmQAcoxQw6XlbGb"
-    "IcMUM8SxzmwzBIOdnc5mPKJTJVpelmPkCA/jZa1yCMdkcaIzMUm0RLaX4eSol9Ky7azLqVLpYl1uxpnJJMvBYqCFyxKD1JgETmPd"
-    "lNsF+CDcK/ml0x1UMs1ZUikvu1o6GENEd3K6zcZ4KM6VxnQFqxAc1Ukk2mNJlQ/3ZrKcuBe9TJab8XBSrEa0M1krJ4XhopV2x29P"
-    "pmi7O5UWHdoYSTOdnpX2n1MlO+1qyuJibDbRhcouK0Nbe1xJXlKF/vNikqOnKLkEdk83vpWx0NmUl6M9nOyV7pniAUdY7KxbypIj"
-    "vQxjvdMfWSblpj203S4300bbvYxUb5fDzdqZHj4rk8FaujpKp3MuuVi0Ra6UGeoqXgZt764M0+LInaZZehJd6V2tlzZSFJ3BUEwG"
-    "48nuXRYwQ+mOnul2V0r32FwIhrwc4wYDqha3NCOPaugmWynWKXqRvh3u3X+547lQLgxxHpp1xsjyQEucFoaysR7GKr4eVi7bLR45"
-    "D0PE41Np0UrEk2BpzCmXzQZG3QtcKhhDkgBsKQU61z1zjlbTPRNG+uaCmVbrNXI24xxoNkiFtRqVnO4BVWc8/RM0oQggG9ai0gWS"
-    "7379UMkoOB7D5eR7HR8qH8NhME5JdxoBPk6OGFUMaBhFZ6QMsBjiYKJqTX80yrtqgEAAA51V9QHKQ9kfKlSPxQnpLVN9nzIBCdbp"
-    "NP3RBi4TwGC9StUHOFCZgAE4vWVq7i0z5GACEqzXYv3R7iozNFCLwXp5WHsABywTDK2+T/2195YZ6k5i6XG8P9ZdRYbC4TgMvrFI"
-    "H95ANYoQkdT7Zsh9qRRBgKZB+qMNVKfIAsA+ryZyH0LBuwn+wNVyp8hL8T/XhGfzicdTTpPzmmOCYdwjQfham/Boxpvk+6UGftUu"
-    "syl5DClMaxhtmhgVHXQcahOUic8E19eGB5U/7ROi90XGLY4LkocaR5oqRz8WLISahW3fbyc7PLGmcOMTAnMNMs157VIg99LBuONr"
-    "tKaT1ZpgKxwe/KaTEYZO/1QYG0GaOp+i+d1oAfntiVYBL6wVlroXCrcn/h2nSDiEr320iayoHxGoqokgJ16fKtyoPRtwV1wXhpft"
-    "FV5JSBIGbws3nti9mGw6+DH5nXOPYNewwjB0Fvlg1Sky5WkhMLbiK3JlaUkgtSU/Lqyzkyz84Hdh0tzdwgtnwgX7kjih/flzZLOy"
-    "XFD9mi40X/tSEHZ2CAmLSoQl0T+S8BdO8q2fHeTw1kjjsNZIvutpHAx+4j6866nkBH3q1Aji0OobxLGc/YZ5CfNxIgrRmxTmLyMz"
-    "uBrlnLW+JYs21+iu5Bse2bEOU9adI1wzPydmvHeeSCQMhqstV/w5y9r9DWW8r8wym3C/mc4nfV3MJxZN5bcc2MFvGLPeV/zwRZ/y"
-    "Kuu/efQNfeVDJcYabRVxszPCX1Qf4P+oStYMKRuEluyow/a2z0JmHFkT23hmvnpJ/LvRUK0vNvFCk/adG4NUG082aoe/3fbUh1Xb"
-    "McWHBLYoYSe27/Ay7a7D1Vjd3I+wzKwVSESBF0108rrl8Td0+9EoXbMrEt/xRbu207oLqR5Zjv519Kp65mcP4JYDc7Gfxg9BfZNo"
-    "XKHIN035ZLg/pyObKHy/iCg6fdNXVrtYV5i2Tb9vRl7N6M7jNWu3475RjqH6W/Xn9evriYOKvNO+s63PGxqvRxER5q0HyyZs9Jfs"
-    "/dt3aczr/scqNuCzDb/5F0wYRSRWNvC7m3z+p4+V+yr2NPjORw/xF8ff8l3WbyYmrhT0Cy+b+JWbbvvS4i4jlpjD6HuTL6Mlx48g"
-    "s7ji6LdbJ2neaa+PnbauQGUJf1lbHn9BtXHLTo3XZlanF29FprEF2rZSBG1JUGrGb7iEPlfZgNxq70AvRl6MPddaiSXVPYAetubj"
-    "dZOXY3gmjhQsy0fyDpxFXnR8g0w4MQjLLUjW1MbbdCtGH0PEGmy+FWX8c+RLxsnVYcTRpid5YPPA5vXVYf6mpieNLR8gulPoJt26"
-    "zS3IokEq3b92G7CTgC0yGh0j+Wfbi4zKtUMDa4a28tdLFbqwcVd05oIL+Ji8EqnWr+o6fAs6xwV2DQsL/OJ4PHDOUY6MzRmhf4U6"
-    "iU/+AdKLMf8AtSD5jkQNAAA="
-)
-
-
-OLD_OUTPUTS = [[0.00200045108795166, 0.7446094751358032, -0.4688876271247864, 1.4745486974716187],
-               [1.5870184898376465, 3.4323995113372803, -0.806121826171875, 3.2093935012817383]]
-
-
-def test_checkpoint_written_before_the_restructure_still_loads_and_resumes(tmp_path):
-    import base64
-    import gzip
-
+def test_a_checkpoint_of_another_format_is_refused_in_one_line(tiny_run, tmp_path, capsys):
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
-    path = tmp_path / "sae.safetensors"
-    path.write_bytes(gzip.decompress(base64.b64decode("".join(OLD_CHECKPOINT))))
-    sae = S.load_sae(tmp_path)
-    torch.testing.assert_close(sae(torch.arange(8.0).view(2, 4)).x_hat, torch.tensor(OLD_OUTPUTS), **TOL)
-    with safe_open(str(path), "pt") as f:
-        fields = json.loads(f.metadata()["config"])
-    (tmp_path / "config.json").write_text(json.dumps(fields))
-    cfg = S.load_config(str(tmp_path))  # the old flat config still names every field
-    assert (cfg.experts, cfg.width, cfg.k, cfg.resume) == (2, 8, 2, True)
-    fresh = S.SwitchSAE(4, 8, 2, 2)
-    opt, clock = S.make_optimizer(fresh), torch.full((8,), 7, dtype=torch.long)
-    assert S.load_checkpoint(str(tmp_path), fresh, opt, clock) == 1
-    for name, p in fresh.named_parameters():
-        torch.testing.assert_close(p, getattr(sae, name), rtol=0, atol=0)
-        assert opt.state[p]["exp_avg"].abs().sum() > 0  # Adam's moments came back, one per parameter
-    assert clock.tolist() == [0] * 8  # the checkpoint's clock: every latent fired on the step taken
+    S.main(tiny_args(tiny_run, tmp_path / "run", tokens=512, skip_ce=True))
+    capsys.readouterr()
+    path = str(tmp_path / "run" / "sae.safetensors")
+    with safe_open(path, "pt") as f:
+        meta = {key: value for key, value in f.metadata().items() if key != "format"}  # as written before
+    save_file(load_file(path), path, metadata=meta)
+    for argv in (["--resume", f"--out={tmp_path / 'run'}"], ["export", tmp_path / "run", tmp_path / "x"]):
+        assert "is of checkpoint format None, and this code reads format 2 only" in refused(argv, capsys)
+    with pytest.raises(S.UsageError, match="checkpoint format None"):
+        S.load_sae(tmp_path / "run")
 
 
 @pytest.mark.parametrize("normalize,rule", [(False, "switch"), (True, "switch"), (False, "aux-free"),
@@ -1769,8 +1717,8 @@ def test_a_cached_run_refuses_capture_flags_that_differ_from_the_cache(tiny_run,
 
 def test_expert_choice_on_several_ranks_is_refused():  # its experts rank the whole batch, which no rank holds
     with pytest.raises(S.UsageError, match="run it in one process"):
-        S.check_ranks(S.TrainConfig(router="expert-choice"), 2)
-    S.check_ranks(S.TrainConfig(router="expert-choice"), 1)
+        S.check_config(S.TrainConfig(router="expert-choice"), ranks=2)
+    S.check_config(S.TrainConfig(router="expert-choice"), ranks=1)
 
 
 @pytest.mark.parametrize("rule,message", [([], "this is one process"),
@@ -1948,6 +1896,8 @@ def broken_cache(kind, tmp_path, artifacts):
         edit_json(cache + ".json", dtype="float32")
     elif kind == "named_by_its_header":
         return cache + ".json"
+    elif kind == "another_format":  # as caches were written before they named their format
+        edit_json(cache + ".json", format=None)
     else:
         nan_held_out(cache)
     return cache
@@ -1989,7 +1939,7 @@ MODEL_FAULTS = ["cut_weights", "cut_config", "no_config", "gguf_bytes", "no_toke
 
 CACHE_FAULTS = ["cut_header", "list_header", "edited_d", "layer_a_string", "incomplete", "no_bin", "cut_bin", "no_tokens",
                 "cut_tokens", "tokens_of_another_seed", "bin_of_another_layer", "nan_held_out", "edited_layer",
-                "edited_dtype", "named_by_its_header"]
+                "edited_dtype", "named_by_its_header", "another_format"]
 
 
 RUN_FAULTS = ["cut_checkpoint", "zeroed_header", "random_checkpoint", "foreign_checkpoint", "cut_config", "config_a_list",
@@ -2104,7 +2054,7 @@ def test_non_finite_loss_stops_keeps_the_last_good_checkpoint_and_resumes_at_a_l
     monkeypatch.setattr(S, "train_step", real_step)
     S.main(command)  # what it says works: the run goes on from step 4 at that lr, and config.json records it
     config = json.load(open(tmp_path / "config.json"))
-    assert config["lr"] == lr and config["resumes"] == [{"step": 4, "changed": {"lr": [0.0, lr]}}]
+    assert config["lr"] == lr and config["resumes"] == [{"step": 4, "changed": {"lr": [S.base_lr(S.TrainConfig(width=64)), lr]}}]
     assert checkpoint_step(tmp_path) == 8 and (tmp_path / "metrics.json").exists()
 
 
@@ -2112,7 +2062,7 @@ def test_divergence_before_the_first_checkpoint_says_so_and_a_new_run_may_start_
                                                                                       monkeypatch, capsys):
     real_step = diverging_from(1, monkeypatch)
     with pytest.raises(S.Diverged, match="no checkpoint was saved before it: start again with a lower --lr than"):
-        S.train(S.parse_config(tiny_args(tiny_run, tmp_path, log_every=1)))  # notebooks catch this class
+        S.train(train_config(tiny_args(tiny_run, tmp_path, log_every=1)))  # notebooks catch this class
     assert not (tmp_path / "sae.safetensors").exists()
     monkeypatch.setattr(S, "train_step", real_step)
     S.main(tiny_args(tiny_run, tmp_path, lr=1e-4, skip_ce=True))  # no checkpoint there: a fresh run may start
@@ -2129,7 +2079,7 @@ def test_non_finite_activations_and_weights_stop_the_run_for_what_they_are(tiny_
     err = refused(tiny_args(tiny_run, tmp_path / "run", acts=cache, skip_ce=True, log_every=1), capsys, mid_run=True)
     assert f"the activations by step 1 hold NaN or inf, from the cache {cache}: bad data, not a learning rate" in err
     with pytest.raises(S.UsageError) as error:  # bad data, not a divergence: a sweep must not skip it as "lr too high"
-        S.train(S.parse_config(tiny_args(tiny_run, tmp_path / "run", acts=cache, skip_ce=True, log_every=1)))
+        S.train(train_config(tiny_args(tiny_run, tmp_path / "run", acts=cache, skip_ce=True, log_every=1)))
     assert not isinstance(error.value, S.Diverged)
     with open(cache, "r+b") as f:  # finite but extreme: 3.39e38, bf16's largest
         f.seek(header["eval_contexts"] * (header["ctx"] - header["skip_positions"]) * header["d"] * 2)

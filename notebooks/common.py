@@ -143,7 +143,6 @@ class Study:
             header = None
         if header is not None:
             keys = ("model", "layer", "site", "ctx", "skip_positions", "windows")
-            keys = [key for key in keys if key in header]  # caches written before `windows` existed lack it
             if any(S.as_tuple(header[key]) != S.as_tuple(getattr(cfg, key)) for key in keys):  # cfg: tuples
                 raise ValueError(f"{self.cache} holds other activations ({header['model']} layer "
                                  f"{header['layer']}): delete it or set CACHE")
@@ -158,7 +157,8 @@ class Study:
         done, diverged = os.path.join(cfg.out, "metrics.json"), os.path.join(cfg.out, "diverged.txt")
         if os.path.isfile(os.path.join(cfg.out, "config.json")):  # finished, diverged or interrupted alike
             saved = S.load_config(cfg.out)
-            differ = [f.name for f in dataclasses.fields(cfg) if f.name not in ("out", "resume", "device")
+            differ = [f.name for f in dataclasses.fields(cfg)  # a cached run records its cache's text
+                      if f.name not in ("out", "resume", "device", "text", "dataset")
                       and getattr(saved, f.name) != getattr(cfg, f.name)]
             if differ:
                 raise ValueError(f"{cfg.out} was trained with other {', '.join(differ)}: delete it to retrain")
@@ -302,7 +302,7 @@ def held_out_activations(lm, cache):
     if cache:
         header, rows, tokens = S.open_cache(cache)
         n = header["eval_contexts"]
-        return tokens[:n], S.cache_reader(cache, rows, header, range(n))(n)
+        return tokens[:n], S.cache_reader(rows, header, range(n))(n)
     cfg = S.TrainConfig(**lm, device="auto")
     model, tokenizer = S.load_lm(cfg, S.pick_device("auto"))
     tokens = S.take(S.token_contexts(cfg, tokenizer), S.held_out_contexts(cfg))
