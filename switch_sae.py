@@ -887,6 +887,7 @@ import hashlib
 import itertools
 import json
 import os
+import pathlib
 import queue
 import random
 import shutil
@@ -1168,8 +1169,13 @@ def check_config(cfg, given=None, command="train", **known):
                              if name in c.given and getattr(c, name) != none)
         c.why = " (AuxK and the router are rules of TopK experts)" if kind == "baseline" else ""
         c.routed = c.experts - c.shared_expert
-    for path in getattr(c, "text", ()):
-        check_text_file(path)
+    for path in getattr(c, "text", ()):  # each file, before any rule reads them
+        if not os.path.isfile(path) or os.path.getsize(path) == 0:
+            raise UsageError(f"--text {path}: no such file, or it is empty; pass .txt, .jsonl or .jsonl.gz "
+                             "files with text in them")
+        if not os.path.basename(path).lower().endswith(TEXT_ENDINGS):
+            raise UsageError(f"--text {path}: read as which format? Name it .txt (documents between blank "
+                             "lines) or .jsonl (a {\"text\": ...} object per line), optionally .gz")
     for broken, message in RULES:
         try:
             refused = broken(c)
@@ -1178,15 +1184,6 @@ def check_config(cfg, given=None, command="train", **known):
         if refused:
             raise UsageError(message.format_map(vars(c)))
     return cfg
-
-
-def check_text_file(path):
-    if not os.path.isfile(path) or os.path.getsize(path) == 0:
-        raise UsageError(f"--text {path}: no such file, or it is empty; pass .txt, .jsonl or .jsonl.gz "
-                         "files with text in them")
-    if not os.path.basename(path).lower().endswith(TEXT_ENDINGS):
-        raise UsageError(f"--text {path}: read as which format? Name it .txt (documents between blank "
-                         "lines) or .jsonl (a {\"text\": ...} object per line), optionally .gz")
 
 
 TEXT_ENDINGS = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz")
@@ -1574,28 +1571,18 @@ def splice_hook(patch, skip_positions):
     return hook
 
 
-def chunk_contexts(cfg, n_steps):
-    """Contexts that n_steps batches of a run read (each context gives ctx - skip_positions tokens)."""
-    return math.ceil(n_steps * cfg.batch_size / (cfg.ctx - cfg.skip_positions))
-
-
-def chunk_steps(cfg):
-    """A run's steps, and the steps of each shuffle-buffer chunk but the last."""
-    return cfg.tokens // cfg.batch_size, max(1, cfg.buffer_tokens // cfg.batch_size)
-
-
 def chunk_plan(cfg):
-    """Yield (first step, steps, contexts) of each shuffle-buffer chunk of a run: the same live and cached."""
-    steps, per_chunk = chunk_steps(cfg)
+    """Yield (first step, steps, contexts) of each shuffle-buffer chunk of a run, the same live and cached:
+    a chunk fills the buffer (the last one, what is left); a context gives ctx - skip_positions tokens."""
+    steps, per_chunk = cfg.tokens // cfg.batch_size, max(1, cfg.buffer_tokens // cfg.batch_size)
     for first in range(0, steps, per_chunk):
         n_steps = min(per_chunk, steps - first)
-        yield first, n_steps, chunk_contexts(cfg, n_steps)
+        yield first, n_steps, math.ceil(n_steps * cfg.batch_size / (cfg.ctx - cfg.skip_positions))
 
 
 def contexts_needed(cfg):
-    """The training contexts a whole run reads: the sum over chunk_plan, without walking it."""
-    steps, per_chunk = chunk_steps(cfg)
-    return steps // per_chunk * chunk_contexts(cfg, per_chunk) + chunk_contexts(cfg, steps % per_chunk)
+    """The training contexts a whole run reads."""
+    return sum(n_contexts for *_, n_contexts in chunk_plan(cfg))
 
 
 def activation_batches(cfg, read_contexts, start_step, device):
@@ -2287,12 +2274,7 @@ def print_table(metrics):
 
 def write_json(path, obj):
     text = json.dumps(obj, indent=1)
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    atomic_write(path, write, len(text))
+    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text), len(text))
 
 
 def atomic_write(path, write, size):
@@ -2334,11 +2316,6 @@ def save_checkpoint(out_dir, sae, cfg, step, opt=None, tokens_since_fired_M=None
         atomic_write(os.path.join(out_dir, "sae.safetensors"), write, sum(t.nbytes for t in tensors.values()))
 
 
-def checkpoint_file(run):
-    """A run directory's sae.safetensors, or the file itself."""
-    return os.path.join(run, "sae.safetensors") if os.path.isdir(run) else run
-
-
 CHECKPOINT_FORMAT = 2  # files of other formats are refused, not read by code kept for them
 
 
@@ -2348,7 +2325,7 @@ def read_checkpoint(path, device="cpu", train_state=False, weights=True):
     format or not written by this code (an export, another tool's) is refused in one line."""
     from safetensors import SafetensorError, safe_open
 
-    path = checkpoint_file(path)
+    path = os.path.join(path, "sae.safetensors") if os.path.isdir(path) else path  # a run, or its file
     if not os.path.isfile(path):
         raise UsageError(f"{path or 'an empty name'}: no such checkpoint (sae.safetensors); name a run "
                          "directory, or train one first")
@@ -2627,19 +2604,13 @@ class BenchConfig(SAEConfig):
     json: bool = arg(False, "print one JSON object instead of a table")
 
 
-def peak_memory_reset(device):
+def peak_memory_mb(device, reset=False):
+    """Peak memory since the last reset: allocated on CUDA, the process's resident set (VmHWM) on the CPU."""
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    else:  # Linux: writing 5 resets the process's peak resident set size (VmHWM)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-
-
-def peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    status = open("/proc/self/status").read()  # whole-process peak resident memory on the CPU
-    return int(status.split("VmHWM:")[1].split()[0]) / 1024
+        return torch.cuda.reset_peak_memory_stats() if reset else torch.cuda.max_memory_allocated() / 2**20
+    if reset:  # Linux: writing 5 resets VmHWM
+        return pathlib.Path("/proc/self/clear_refs").write_text("5")
+    return int(pathlib.Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) / 1024
 
 
 def timed(fn, device, repeats):
@@ -2652,12 +2623,6 @@ def timed(fn, device, repeats):
         sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def bench_step(cfg, sae, x_BD, comms=SINGLE_PROCESS):
@@ -2684,7 +2649,7 @@ def bench_sae_steps(cfg, device, dtype):
         sae.init_biases_(x_BD)
         step = bench_step(dataclasses.replace(cfg, arch=arch), sae, x_BD)
         step()
-        peak_memory_reset(device)
+        peak_memory_mb(device, reset=True)
         step()
         runs[name] = {"step": step, "times": [], "peak_mem_mb": peak_memory_mb(device),
                       "flops": sae.flops_per_token(cfg.batch_size)["total"]}
@@ -2784,7 +2749,8 @@ def bench(cfg, given=None):
         probe = torch.empty(1, cfg.d_in, device=device)
         peak = matmul_tflops(cfg, device, dtype)
         result = {
-            "device": device_name(device), "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+            f"cpu ({torch.get_num_threads()} threads)", "torch": torch.__version__,
             "arch": cfg.arch, "experts": cfg.experts, "width": cfg.width, "k": cfg.k,
             "d_in": cfg.d_in, "batch_size": cfg.batch_size, "dtype": cfg.dtype, "compile": cfg.compile,
             "expert_matmul": GROUPED_MM.__name__ if use_grouped_mm(probe, m) else "loop",
@@ -2839,11 +2805,6 @@ def flags_given(argv, cls=TrainConfig, prog=None):
             parser.add_argument(cli_flag(f.name), type=f.type, help=help)
     given = vars(parser.parse_args(argv))
     return {key: tuple(value) if isinstance(value, list) else value for key, value in given.items()}
-
-
-def parse_config(argv, cls=TrainConfig, prog=None):
-    """A `cls` from command-line flags; fields without a flag keep their defaults."""
-    return cls(**flags_given(argv, cls, prog))
 
 
 def keep_freed_memory():
