@@ -1348,6 +1348,21 @@ def test_cached_run_on_two_ranks_equals_one_process(tiny_run, tmp_path):
 # --- notebooks
 
 
+def test_notebooks_refuse_an_unknown_scale_and_write_under_notebooks_wherever_started(tmp_path):
+    """SCALE is checked when common.py loads, naming the scales; runs/ and cache/ are notebooks/'s, even from
+    another working directory (nbconvert starts its kernel in the notebook's own)."""
+    env = {key: value for key, value in os.environ.items() if key not in ("RESULTS", "CACHE", "SCALE")}
+    env["PYTHONPATH"] = os.path.join(HERE, "notebooks")
+    script = "import os, common; print(os.environ['RESULTS'], common.CACHES)"
+    run = lambda scale: subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                                       env={**env, "SCALE": scale}, timeout=300)
+    for scale in ("bogus", "", "Small"):
+        result = run(scale)
+        assert result.returncode == 1 and "is not a scale: use one of smoke, small, paper" in result.stderr
+    result = run("smoke")
+    assert result.stdout.split() == [os.path.join(HERE, "notebooks", name) for name in ("runs", "cache")]
+
+
 @pytest.mark.parametrize("name", ["scaling_laws", "pareto", "feature_geometry", "features", "fair_comparison",
                                   "walkthrough", "sites", "routing"])
 def test_notebooks_run_at_smoke_scale(name, tmp_path, monkeypatch):
