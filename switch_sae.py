@@ -24,10 +24,6 @@ expert's encoder sees only its own tokens, decoding reads only the k active rows
 sparse, so FLOPs saved are time saved.
 
 Shapes in names: B tokens in a batch, D input dim (d), M latents in all (width), N experts, m = M / N
-latents per expert, K latents kept per token (k, plus AuxK's), T tokens sorted by expert, C contexts of
-L tokens each, G ranks.
-
-Shapes in names: B tokens in a batch, D input dim (d), M latents in all (width), N experts, m = M / N
 latents per expert, K latents kept per token (k, plus AuxK's), A assignments of tokens to experts, T of
 them sorted by expert, C contexts of L tokens each, G ranks.
 
@@ -1089,27 +1085,22 @@ UNUSED = {"switch": {"l1_coeff": None},
 EXPERT_CHOICE_FIXED = {"lb_alpha", "balance", "balance_rate"}
 
 
-# Every rule between flags, stated once: (when it is broken, what to say). c holds a command's fields and
-# what else is known when it is checked: given (the fields set), command, ranks, and for --resume the fixed
-# flags changed and the tokens trained; a rule on a field c lacks does not apply to that command.
+# Every rule between flags, stated once: (when it is broken, what to say), the first broken one refused. c
+# holds a command's fields and what else is known when it is checked: given (the fields set), command, ranks,
+# and for --resume and --acts the fixed flags changed, the tokens trained and the flags the cache decides. A
+# rule on a field or fact c lacks does not apply to that command.
 RULES = [
+    # what a resumed or cached run takes from elsewhere
     (lambda c: c.fixed, "--resume continues the run in {out} with its own settings, and {fixed} cannot change "
                         "mid-run (only " + ", ".join(map(cli_flag, RESUMABLE)) + " can): drop them, or start "
                         "a new run in another --out"),
     (lambda c: c.cache_differ, "{cache_differ}: a run on --acts {acts} takes its model, layer, site, contexts "
                                "and held-out tokens from the cache, and reads no text: drop them"),
-    (lambda c: c.text and "dataset" in c.given, "--text and --dataset both name the text: give one of them"),
-    (lambda c: c.eval_tokens < c.ctx, "--eval-tokens {eval_tokens} is less than one context of --ctx {ctx}: "
-                                      "evaluation needs at least one held-out context"),
-    (lambda c: c.skip_positions >= c.ctx, "--skip-positions {skip_positions} must be below --ctx {ctx}"),
-    (lambda c: c.tokens < c.batch_size, "--tokens {tokens} is less than one batch of --batch-size "
-                                        "{batch_size}: raise --tokens"),
-    (lambda c: c.command == "cache" and os.path.isdir(c.out),
-     "cache --out {out} is a directory: name the cache file, e.g. --out {out}/acts.bin"),
+    # the SAE: its kind and its routing rule
     (lambda c: c.unused, "--arch {arch} has no use for {unused}{why}: drop them"),
     (lambda c: c.arch == "switch" and (c.width % c.experts or c.k > c.width // c.experts),
      "--width {width} must be a multiple of --experts {experts} and --k {k} at most the latents per expert "
-     "(width / experts): change one of them"),
+     "({per_expert} = width / experts): change one of them"),
     (lambda c: c.shared_expert and c.experts < 2,
      "--shared-expert needs --experts 2 or more (one shared, the rest routed)"),
     (lambda c: c.experts_per_token > c.routed,
@@ -1132,11 +1123,19 @@ RULES = [
      "--router expert-choice picks tokens, not experts: drop --experts-per-token"),
     (lambda c: c.router == "expert-choice" and c.gate == "heaviside",
      "--gate heaviside with --router expert-choice leaves the router nothing to learn from: drop one"),
-    (lambda c: c.command == "export" and c.router == "expert-choice",
-     "an expert-choice SAE's codes depend on the batch, which SAELens's encode does not see: it has no "
-     "SAELens export"),
     (lambda c: c.compile and not compiler_found(), "--compile needs a C/C++ compiler on PATH (torch.compile "
                                                    "builds its kernels with one): install g++ or drop --compile"),
+    # what is captured
+    (lambda c: c.text and c.dataset and "dataset" in c.given,
+     "--text and --dataset both name the text: give one of them"),
+    (lambda c: c.eval_tokens < c.ctx, "--eval-tokens {eval_tokens} is less than one context of --ctx {ctx}: "
+                                      "evaluation needs at least one held-out context"),
+    (lambda c: c.skip_positions >= c.ctx, "--skip-positions {skip_positions} must be below --ctx {ctx}"),
+    (lambda c: c.tokens < c.batch_size, "--tokens {tokens} is less than one batch of --batch-size "
+                                        "{batch_size}: raise --tokens"),
+    (lambda c: c.command == "cache" and os.path.isdir(c.out),
+     "cache --out {out} is a directory: name the cache file, e.g. --out {out}/acts.bin"),
+    # the ranks
     (lambda c: c.expert_parallel and (c.arch != "switch" or c.auxk_alpha),
      "--expert-parallel needs --arch switch and --auxk-alpha 0 (AuxK across ranks is not supported yet)"),
     (lambda c: c.expert_parallel and (c.experts_per_token + c.shared_expert > 1 or c.router != "switch"),
@@ -1148,8 +1147,10 @@ RULES = [
     (lambda c: c.batch_size % c.ranks or (c.expert_parallel and c.experts % c.ranks),
      "--batch-size {batch_size} and, with --expert-parallel, --experts {experts} must be divisible by the "
      "{ranks} ranks"),
-    (lambda c: c.ranks > 1 and c.router == "expert-choice", "--router expert-choice ranks the tokens of the "
-                                                             "whole batch, and each rank holds a share of it: run it in one process"),
+    (lambda c: c.ranks > 1 and c.router == "expert-choice",
+     "--router expert-choice ranks the tokens of the whole batch, and each rank holds a share of it: run it "
+     "in one process"),
+    # the run's folder
     (lambda c: c.command == "train" and not c.resume and os.path.isfile(os.path.join(c.out, "sae.safetensors")),
      "--out {out} holds another run's checkpoint: continue it with --resume, or pick another --out"),
     (lambda c: c.tokens < c.trained, "--tokens {tokens} is fewer than the {trained} this run has trained on: "
@@ -1158,9 +1159,9 @@ RULES = [
 
 
 def check_config(cfg, given=None, command="train", **known):
-    """A command's config held to its fields' declarations and to RULES, before anything slow starts: the
-    first rule broken is refused in one line. given: the fields set (by default those that differ from the
-    defaults); known: what else the rules read (ranks, fixed, trained, cache_differ)."""
+    """A command's config held to its fields' declarations, its --text files and RULES, before anything slow
+    starts. given: the fields set (by default those that differ from the defaults); known: the facts the rules
+    read (ranks, fixed, trained, cache_differ)."""
     check_fields(cfg)
     c = types.SimpleNamespace(**vars(cfg), given=set(fields_set(cfg, given)), command=command, **known)
     if hasattr(c, "arch"):  # an SAE's: what its messages name
@@ -1168,14 +1169,7 @@ def check_config(cfg, given=None, command="train", **known):
         c.unused = ", ".join(cli_flag(name) for name, none in UNUSED[kind].items()
                              if name in c.given and getattr(c, name) != none)
         c.why = " (AuxK and the router are rules of TopK experts)" if kind == "baseline" else ""
-        c.routed = c.experts - c.shared_expert
-    for path in getattr(c, "text", ()):  # each file, before any rule reads them
-        if not os.path.isfile(path) or os.path.getsize(path) == 0:
-            raise UsageError(f"--text {path}: no such file, or it is empty; pass .txt, .jsonl or .jsonl.gz "
-                             "files with text in them")
-        if not os.path.basename(path).lower().endswith(TEXT_ENDINGS):
-            raise UsageError(f"--text {path}: read as which format? Name it .txt (documents between blank "
-                             "lines) or .jsonl (a {\"text\": ...} object per line), optionally .gz")
+        c.routed, c.per_expert = c.experts - c.shared_expert, c.width // c.experts
     for broken, message in RULES:
         try:
             refused = broken(c)
@@ -1183,6 +1177,13 @@ def check_config(cfg, given=None, command="train", **known):
             continue
         if refused:
             raise UsageError(message.format_map(vars(c)))
+    for path in () if getattr(c, "acts", "") else getattr(c, "text", ()):  # a cached run reads no text
+        if not os.path.isfile(path) or os.path.getsize(path) == 0:
+            raise UsageError(f"--text {path}: no such file, or it is empty; pass .txt, .jsonl or .jsonl.gz "
+                             "files with text in them")
+        if not os.path.basename(path).lower().endswith(TEXT_ENDINGS):
+            raise UsageError(f"--text {path}: read as which format? Name it .txt (documents between blank "
+                             "lines) or .jsonl (a {\"text\": ...} object per line), optionally .gz")
     return cfg
 
 
@@ -1365,19 +1366,19 @@ def held_out_contexts(cfg):
     return max(1, cfg.eval_tokens // cfg.ctx)
 
 
-def distinct_contexts(contexts, held_out_CL, dropped, key=lambda ctx: ctx):
+def distinct_contexts(contexts, held_out_CL, dropped):
     """The training stream without the contexts whose tokens equal a held-out context's (the held-out set
     stays unseen in content, not only in position) or an earlier training context's; `dropped` counts
-    both. Contexts (key(item) of each item) are compared by a 64-bit hash of their tokens."""
+    both. Contexts are compared by a 64-bit hash of their tokens."""
     held_out = {hash(ctx.numpy().tobytes()) for ctx in held_out_CL}
     seen = set(held_out)
-    for item in contexts:
-        digest = hash(key(item).numpy().tobytes())
+    for ctx in contexts:
+        digest = hash(ctx.numpy().tobytes())
         if digest in seen:
             dropped["equal_to_held_out" if digest in held_out else "duplicate"] += 1
             continue
         seen.add(digest)
-        yield item
+        yield ctx
 
 
 def prefetched(items, depth=8):
@@ -1750,8 +1751,8 @@ def open_cache(path):
         raise UsageError(f"--acts {path}: its header {path}.json is unreadable ({cause(e)}); "
                          f"{again}") from None
     if fmt != CACHE_FORMAT:
-        raise UsageError(f"--acts {path} is of cache format {fmt}, and this code reads format {CACHE_FORMAT} "
-                         f"only; {again}")
+        raise UsageError(f"--acts {path} is of cache format {fmt or 'none recorded (an earlier one)'}, and "
+                         f"this code reads format {CACHE_FORMAT} only; {again}")
     if header.get("complete") is not True:
         raise UsageError(f"--acts {path} is incomplete (its cache run was stopped): {again}")
     wrong = [key for key, kinds in {**CACHE_HEADER, **dict.fromkeys(DIGESTS, (str,))}.items()
@@ -2037,14 +2038,16 @@ def start_run(cfg, given):
     """Every check, then the activation source, the SAE, its optimizer and dead-latent clock (restored on
     --resume) and config.json."""
     given, history, changed, known, cache = fields_set(cfg, given), [], {}, {}, None
+    check_fields(cfg)
     if cfg.resume:  # the run's own settings; where and how fast to run it are this command's
         cfg, history, changed, known = resumed_config(cfg, given)
+        given = set(changed) | given & {"resume", "out", "device", "compile"}  # what this command changes
     if cfg.acts:
         cfg, cache, known["cache_differ"] = cached_config(cfg, given)
     check_config(cfg, given, ranks=int(os.environ.get("WORLD_SIZE", "1")), **known)  # before torchrun's
     # group starts: a refused run exits on every rank alike
     # what config.json records: the learning rate used, and no dataset where the run read none
-    cfg = dataclasses.replace(cfg, lr=base_lr(cfg), dataset=None if cfg.text or cfg.acts else cfg.dataset)
+    cfg = dataclasses.replace(cfg, lr=base_lr(cfg), dataset=None if cfg.text else cfg.dataset)
     writable_place(cfg.out, "--out")
     device, comms = start_distributed(pick_device(cfg.device))
     dropped = {"equal_to_held_out": 0, "duplicate": 0}
@@ -2134,7 +2137,8 @@ def train_loop(run):
 def finish_run(run, counts):
     """Evaluate on the held-out contexts and write metrics.json (rank 0; other ranks return None)."""
     cfg, comms, sae, dropped = run.cfg, run.comms, run.sae, run.dropped
-    eval_tokens_CL, eval_x, model, module = run.source[2:]
+    eval_tokens_CL, eval_x, model, module = (getattr(run.source, name) for name in
+                                             ("eval_tokens_CL", "eval_x", "model", "module"))
     clock_M = comms.gather_rows(run.clock_M) if is_sharded(sae.W_dec) else run.clock_M
     if comms.rank > 0:
         return None
@@ -2345,8 +2349,8 @@ def read_checkpoint(path, device="cpu", train_state=False, weights=True):
         raise UsageError(f"{path} is no readable checkpoint of this code ({cause(e)}): it is cut "
                          "short, corrupt, or another tool's file (an export?)") from None
     if info["format"] != str(CHECKPOINT_FORMAT):
-        raise UsageError(f"{path} is of checkpoint format {info['format']}, and this code reads format "
-                         f"{CHECKPOINT_FORMAT} only: train it again")
+        raise UsageError(f"{path} is of checkpoint format {info['format'] or 'none recorded (an earlier one)'}, "
+                         f"and this code reads format {CHECKPOINT_FORMAT} only: train it again")
     return info, tensors
 
 
@@ -2427,6 +2431,9 @@ def saelens_tensors(sae):
     """SAELens's architecture, apply_b_dec_to_input, tensors and cfg fields (sae.saelens()), with the input
     scale folded into the weights, so the export takes the LM's units as the SAE does. Its layouts: W_enc
     (d_in, d_sae), W_dec (d_sae, d_in); its encoders add b_enc (zeros where an SAE has none)."""
+    if sae.batch_dependent:
+        raise UsageError("an expert-choice SAE's codes depend on the batch, which SAELens's encode does not see: "
+                         "it has no SAELens export")
     architecture, subtract_b_dec, tensors, fields = sae.saelens()
     s = sae.input_scale  # W (s x - b) = (s W)(x - b / s), and (z W_dec + b) / s = z (W_dec / s) + b / s
     scaled = {"W_enc": s, "W_router": s, "W_dec": 1 / s, "b_dec": 1 / s, "b_router": 1 / s}
@@ -2449,11 +2456,10 @@ def export(cfg, given=None):
     """Export a run in SAELens's pretrained-SAE layout: cfg.json and sae_weights.safetensors."""
     from safetensors.torch import save_file
 
-    info, tensors = read_checkpoint(cfg.run)
-    run = info["config"]
-    check_config(cfg, given, command="export", router=run["router"])
+    check_config(cfg, given, command="export")
     writable_place(cfg.dest, "export")
-    sae = sae_from(info, tensors)
+    info, tensors = read_checkpoint(cfg.run)
+    sae, run = sae_from(info, tensors), info["config"]
     architecture, subtract_b_dec, tensors, fields = saelens_tensors(sae)
     layout = {"d_in": sae.d_in, "d_sae": sae.width, "dtype": "float32", "device": "cpu",
               "apply_b_dec_to_input": subtract_b_dec, "normalize_activations": "none",

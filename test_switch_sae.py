@@ -1099,8 +1099,8 @@ def test_a_checkpoint_of_another_format_is_refused_in_one_line(tiny_run, tmp_pat
         meta = {key: value for key, value in f.metadata().items() if key != "format"}  # as written before
     save_file(load_file(path), path, metadata=meta)
     for argv in (["--resume", f"--out={tmp_path / 'run'}"], ["export", tmp_path / "run", tmp_path / "x"]):
-        assert "is of checkpoint format None, and this code reads format 2 only" in refused(argv, capsys)
-    with pytest.raises(S.UsageError, match="checkpoint format None"):
+        assert "is of checkpoint format none recorded (an earlier one), and this code reads format 2 only" in refused(argv, capsys)
+    with pytest.raises(S.UsageError, match="checkpoint format none recorded"):
         S.load_sae(tmp_path / "run")
 
 
@@ -1716,6 +1716,20 @@ def test_flags_the_command_has_no_use_for_are_refused(tiny_run, tmp_path, capsys
         S.train(S.TrainConfig(arch="gated", experts=4, out=str(tmp_path / "run")))
 
 
+def test_a_cached_run_reads_no_text_and_a_saved_config_resumes_from_python(tiny_run, tmp_path):
+    """The cache's text may be gone; a run's config.json, loaded and extended, is a run to resume as it was."""
+    corpus = tmp_path / "corpus.jsonl"
+    shutil.copy(tiny_run[1], corpus)
+    cache = str(tmp_path / "acts.bin")
+    S.main(["cache", *cache_args(tiny_run, cache, text=corpus)])
+    os.remove(corpus)
+    S.main([a for a in tiny_args(tiny_run, tmp_path / "run", acts=cache, skip_ce=True, tokens=1024)])
+    config = json.load(open(tmp_path / "run" / "config.json"))
+    assert config["text"] == [str(corpus)] and config["dataset"] is None  # what the cache was made of
+    S.train(dataclasses.replace(S.load_config(str(tmp_path / "run")), tokens=2048))
+    assert checkpoint_step(tmp_path / "run") == 8
+
+
 def test_a_cached_run_refuses_capture_flags_that_differ_from_the_cache(tiny_run, artifacts, tmp_path, capsys):
     cache = str(artifacts / "acts.bin")
     base = lambda *more: tiny_args(tiny_run, tmp_path / "run", acts=cache, skip_ce=True) + list(more)
@@ -1730,10 +1744,57 @@ def test_a_cached_run_refuses_capture_flags_that_differ_from_the_cache(tiny_run,
     assert json.load(open(tmp_path / "run2" / "config.json"))["ctx"] == 16
 
 
-def test_expert_choice_on_several_ranks_is_refused():  # its experts rank the whole batch, which no rank holds
-    with pytest.raises(S.UsageError, match="run it in one process"):
-        S.check_config(S.TrainConfig(router="expert-choice"), ranks=2)
-    S.check_config(S.TrainConfig(router="expert-choice"), ranks=1)
+RULE_CASES = [  # (the config's fields, the facts known, how the message starts): one case for each rule
+    (dict(), dict(fixed="--experts"), "--resume continues the run in out with its own settings, and --experts"),
+    (dict(acts="a.bin"), dict(cache_differ="--layer"), "--layer: a run on --acts a.bin takes its model"),
+    (dict(arch="relu", experts=4), {}, "--arch relu has no use for --experts"),
+    (dict(width=100), {}, "--width 100 must be a multiple of --experts 16 and --k 32 at most the latents per "
+                          "expert (6 = width / experts)"),
+    (dict(shared_expert=True, experts=1, width=64), {}, "--shared-expert needs --experts 2"),
+    (dict(experts=4, width=64, k=4, experts_per_token=5), {}, "--experts-per-token 5 is more than the 4 routed"),
+    (dict(balance="aux-free", lb_alpha=1.0), {}, "--lb-alpha weighs the balance term"),
+    (dict(balance_rate=0.1), {}, "--balance-rate is the step of --balance aux-free"),
+    (dict(gate="heaviside", lb_alpha=0), {}, "--gate heaviside with --balance aux-free or --lb-alpha 0"),
+    (dict(auxk_alpha=0.1, experts_per_token=2), {}, "--auxk-alpha takes one expert a token"),
+    (dict(capacity=2.0), {}, "--capacity is of --router expert-choice"),
+    (dict(router="expert-choice", balance="aux-free"), {}, "--router expert-choice balances by construction"),
+    (dict(router="expert-choice", experts_per_token=2), {}, "--router expert-choice picks tokens"),
+    (dict(router="expert-choice", gate="heaviside"), {}, "--gate heaviside with --router expert-choice"),
+    (dict(compile=True), {}, "--compile needs a C/C++ compiler"),
+    (dict(text=("x.txt",), dataset="a/b"), {}, "--text and --dataset both name the text"),
+    (dict(eval_tokens=8, ctx=16), {}, "--eval-tokens 8 is less than one context of --ctx 16"),
+    (dict(skip_positions=16, ctx=16), {}, "--skip-positions 16 must be below --ctx 16"),
+    (dict(tokens=100, batch_size=200), {}, "--tokens 100 is less than one batch of --batch-size 200"),
+    (dict(command="cache"), {}, "cache --out"),
+    (dict(expert_parallel=True, arch="relu"), dict(ranks=2), "--expert-parallel needs --arch switch"),
+    (dict(expert_parallel=True, shared_expert=True), dict(ranks=2), "--expert-parallel decodes on each expert's"),
+    (dict(expert_parallel=True), dict(ranks=1), "--expert-parallel splits the experts over torchrun's ranks"),
+    (dict(batch_size=4097), dict(ranks=2), "--batch-size 4097 and, with --expert-parallel, --experts 16 must be"),
+    (dict(router="expert-choice"), dict(ranks=2), "--router expert-choice ranks the tokens of the whole batch"),
+    (dict(command="train"), {}, "--out"),
+    (dict(tokens=10**6), dict(trained=2 * 10**6), "--tokens 1000000 is fewer than the 2000000 this run has trained"),
+]
+
+
+def test_every_rule_between_flags_is_stated_once_and_each_refuses_its_case(tmp_path, monkeypatch):
+    """One case for each row of RULES, each refused by that row alone, with its message; every message once."""
+    messages = [message for _, message in S.RULES]
+    assert len(set(messages)) == len(messages)
+    hits = []
+    rules = [(lambda c, i=i, broken=broken: broken(c) and not hits.append(i), message)
+             for i, (broken, message) in enumerate(S.RULES)]
+    monkeypatch.setattr(S, "RULES", rules)
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no compiler on PATH
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "sae.safetensors").write_bytes(b"")  # another run's checkpoint
+    for fields, known, start in RULE_CASES:
+        command = fields.pop("command", "train")
+        cfg = S.CacheConfig(out=str(tmp_path)) if command == "cache" else S.TrainConfig(
+            **fields, **({"out": str(tmp_path / "run")} if start == "--out" else {}))
+        with pytest.raises(S.UsageError) as refusal:
+            S.check_config(cfg, command=command, **known)
+        assert str(refusal.value).startswith(start), (str(refusal.value), start)
+    assert hits == list(range(len(S.RULES)))  # each case broke its own rule, in the table's order
 
 
 @pytest.mark.parametrize("rule,message", [([], "this is one process"),
@@ -1755,6 +1816,8 @@ def test_export_of_an_expert_choice_sae_is_refused_in_one_line(tiny_run, tmp_pat
     S.main(tiny_args(tiny_run, tmp_path / "one", skip_ce=True, experts=1, width=16, capacity=0.5, **RULES["expert choice"]))
     capsys.readouterr()  # one expert: SAELens's TopK would still encode the tokens it leaves out
     assert "codes depend on the batch" in refused(["export", tmp_path / "one", tmp_path / "topk"], capsys, tmp_path / "topk")
+    with pytest.raises(S.UsageError, match="codes depend on the batch"):  # from Python too
+        S.saelens_tensors(S.load_sae(tmp_path / "run"))
 
 
 # --- what is missing: the network, a package, a model, text, a GPU
