@@ -1220,6 +1220,21 @@ def test_outputs_are_readable_as_the_umask_allows(tiny_run, tmp_path):
     assert {f.name: oct(os.stat(f).st_mode & 0o777) for f in files} == {f.name: "0o644" for f in files}
 
 
+# --- bench
+
+
+def test_bench_times_both_saes_and_reports_their_own_flops(capsys):
+    S.main(["bench", "--experts=4", "--width=1024", "--k=8", "--d-in=64", "--batch-size=256", "--steps=2",
+            "--device=cpu", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    flops = {name: S.make_sae("switch", 64, 1024, experts, 8).flops_per_token(256)["total"]
+             for name, experts in (("sae", 4), ("topk", 1))}
+    assert (result["sae_flops_per_token"], result["topk_flops_per_token"]) == (flops["sae"], flops["topk"])
+    assert result["flop_ratio"] == flops["topk"] / flops["sae"] and result["expert_matmul"] == "loop"
+    assert result["speedup"] == result["topk_step_ms"] / result["sae_step_ms"] > 0
+    assert result["peak_mem_mb"] > 0 and result["device"].startswith("cpu")
+
+
 # --- distributed: two gloo processes on this machine, and torchrun
 
 
