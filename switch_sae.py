@@ -164,6 +164,15 @@ class SAE(nn.Module):
     def device(self):
         return self.W_dec.device
 
+    def expect(self, t_BX, width, what):
+        """t_BX, if it is (B, width) in the SAE's dtype and on its device; else a ValueError naming both."""
+        W = self.W_dec
+        if isinstance(t_BX, torch.Tensor) and t_BX.dim() == 2 and t_BX.shape[1] == width \
+                and (t_BX.dtype, t_BX.device) == (W.dtype, W.device):
+            return t_BX
+        got = f"{tuple(t_BX.shape)} {t_BX.dtype} on {t_BX.device}" if isinstance(t_BX, torch.Tensor) else t_BX
+        raise ValueError(f"{what} must be (B, {width}) {W.dtype} on {W.device}; it is {got}")
+
     def init_biases_(self, x_BD):
         """Data-dependent initialisation from the first training batch."""
 
@@ -276,7 +285,7 @@ class SwitchSAE(SAE):
         # a token's candidates fill its row's first slots of k; an empty slot is never chosen while a
         # candidate is left, and fills a token no expert took (zeros: x_hat = b_dec; distinct indices)
         tokens_B = count(r.token, B)
-        S = self.router.slots or max(1, int(tokens_B.max()))
+        S = self.router.slots or max(1, int(tokens_B.max()) if B else 1)
         first_B = tokens_B.cumsum(0) - tokens_B  # each token's first assignment
         where_A = r.token * S + torch.arange(len(r.token), device=r.token.device) - first_B[r.token]
         fill = lambda empty, rows_AK: empty.index_copy(0, where_A, rows_AK).view(B, S * k)
@@ -311,7 +320,7 @@ class SwitchSAE(SAE):
     def encode(self, x_BD, dense=False):
         """Codes of x: (values, global latent indices), each (B, k), or with dense=True one (B, M) tensor.
         The values carry the router's gate, so decode is linear in them: decode(encode(x)) = x_hat."""
-        out = self(x_BD)
+        out = self(self.expect(x_BD, self.d_in, "encode's x"))
         vals_BK = out.acts * out.gates.to(out.acts.dtype)
         if dense:
             return vals_BK.new_zeros(len(x_BD), self.width).scatter_(1, out.idx, vals_BK)
@@ -320,8 +329,10 @@ class SwitchSAE(SAE):
     def decode(self, codes):
         """x_hat from codes as encode gives them: (values, indices), or a dense (B, M) tensor."""
         if isinstance(codes, torch.Tensor):
-            return (codes @ self.W_dec + self.b_dec) / self.input_scale
+            codes_BM = self.expect(codes, self.width, "decode's dense codes")
+            return (codes_BM @ self.W_dec + self.b_dec) / self.input_scale
         vals_BK, idx_BK = codes
+        self.expect(vals_BK, self.k, "decode's values")
         return (SparseDecode.apply(vals_BK, idx_BK, self.W_dec) + self.b_dec) / self.input_scale
 
     def loss(self, x_BD, out, lb_alpha=3.0, auxk_alpha=0.0):
@@ -931,14 +942,14 @@ class SAEConfig:
     k: int = arg(32, "active latents per token", low=1)
     lb_alpha: float = arg(3.0, "load-balance weight alpha; the loss adds alpha * d * L_lb (alpha * V / 30 * "
                                "L_lb with --normalize-activations, V: the scaled typical tokens' total "
-                               "variance)",
-                          low=0)
+                               "variance); above 1000 the balance swamps any reconstruction",
+                          low=0, high=1000)
     router: str = arg("switch", "switch: each token picks its experts by router probability; expert-choice: "
                                 "each expert takes the --capacity x B / N tokens of the batch it scores "
                                 "highest (Zhou et al. 2022), so codes depend on the batch",
                       choices=("switch", "expert-choice"))
-    capacity: float = arg(1.0, "of --router expert-choice: tokens an expert takes, in units of B / N",
-                          low=0.01)
+    capacity: float = arg(1.0, "of --router expert-choice: tokens an expert takes, in units of B / N (at N, "
+                               "every expert takes every token)", low=0.01, high=1024)
     experts_per_token: int = arg(1, "e: each token to its e best experts, one TopK over the union of their "
                                     "latents, gates p_i (not renormalised over the e, so e = 1 is the "
                                     "paper's rule); e times the encoder work", low=1)
@@ -951,7 +962,8 @@ class SAEConfig:
                                "per-expert bias on the router probabilities picks the experts and moves by "
                                "--balance-rate after each step toward equal load (Wang et al. 2024)",
                        choices=("loss", "aux-free"))
-    balance_rate: float = arg(1e-3, "u, the step of --balance aux-free's bias", low=0)
+    balance_rate: float = arg(1e-3, "u, the step of --balance aux-free's bias on probabilities", low=0,
+                              high=1)
     normalize_activations: bool = arg(False, "scale the SAE's input by one constant fixed on the first "
                                              "batch, so that its typical tokens' mean norm is sqrt(d); the "
                                              "SAE still takes and returns the LM's units")
@@ -1077,6 +1089,8 @@ ROUTER_FIELDS = ("router", "capacity", "experts_per_token", "shared_expert", "ga
 
 # the fields a kind of SAE has no use for, with the value that means "none" (None: any value is refused)
 UNUSED = {"switch": {"l1_coeff": None},
+          "topk": {"l1_coeff": None, "lb_alpha": None, "gate": "softmax", "balance": "loss",
+                   "balance_rate": None},
           "baseline": {"experts": 1, "k": None, "lb_alpha": 0, "auxk_alpha": 0, "router": "switch",
                        "capacity": None, "experts_per_token": 1, "shared_expert": False, "gate": "softmax",
                        "balance": "loss", "balance_rate": None}}
@@ -1091,18 +1105,26 @@ EXPERT_CHOICE_FIXED = {"lb_alpha", "balance", "balance_rate"}
 # rule on a field or fact c lacks does not apply to that command.
 RULES = [
     # what a resumed or cached run takes from elsewhere
-    (lambda c: c.fixed, "--resume continues the run in {out} with its own settings, and {fixed} cannot change "
-                        "mid-run (only " + ", ".join(map(cli_flag, RESUMABLE)) + " can): drop them, or start "
-                        "a new run in another --out"),
-    (lambda c: c.cache_differ, "{cache_differ}: a run on --acts {acts} takes its model, layer, site, contexts "
-                               "and held-out tokens from the cache, and reads no text: drop them"),
+    (lambda c: c.fixed,
+     "--resume continues the run in {out} with its own settings, and {fixed} cannot change mid-run (only "
+     + ", ".join(map(cli_flag, RESUMABLE)) + " can): drop them, or start a new run in another --out"),
+    (lambda c: c.cache_differ,
+     "{cache_differ}: a run on --acts {acts} takes its model, layer, site, contexts and held-out tokens from "
+     "the cache, and reads no text: drop them"),
+    (lambda c: c.cache_replaced,
+     "--acts {acts} is not the cache this run began on (its {cache_replaced} differ): restore that cache, or "
+     "start a new run in another --out"),
+    (lambda c: c.cache_users,
+     "cache --out {out} is the cache of the runs in {cache_users}: writing it again would change their data "
+     "under them; write elsewhere, or delete its .runs file"),
     # the SAE: its kind and its routing rule
     (lambda c: c.unused, "--arch {arch} has no use for {unused}{why}: drop them"),
     (lambda c: c.arch == "switch" and (c.width % c.experts or c.k > c.width // c.experts),
      "--width {width} must be a multiple of --experts {experts} and --k {k} at most the latents per expert "
      "({per_expert} = width / experts): change one of them"),
-    (lambda c: c.shared_expert and c.experts < 2,
-     "--shared-expert needs --experts 2 or more (one shared, the rest routed)"),
+    (lambda c: c.shared_expert and c.experts < 3,
+     "--shared-expert needs --experts 3 or more (one shared, the rest routed: one routed expert would leave "
+     "the router nothing to choose)"),
     (lambda c: c.experts_per_token > c.routed,
      "--experts-per-token {experts_per_token} is more than the {routed} routed experts"),
     (lambda c: c.balance == "aux-free" and "lb_alpha" in c.given,
@@ -1123,8 +1145,9 @@ RULES = [
      "--router expert-choice picks tokens, not experts: drop --experts-per-token"),
     (lambda c: c.router == "expert-choice" and c.gate == "heaviside",
      "--gate heaviside with --router expert-choice leaves the router nothing to learn from: drop one"),
-    (lambda c: c.compile and not compiler_found(), "--compile needs a C/C++ compiler on PATH (torch.compile "
-                                                   "builds its kernels with one): install g++ or drop --compile"),
+    (lambda c: c.compile and not compiler_found(),
+     "--compile needs a C/C++ compiler on PATH (torch.compile builds its kernels with one): install g++ or "
+     "drop --compile"),
     # what is captured
     (lambda c: c.text and c.dataset and "dataset" in c.given,
      "--text and --dataset both name the text: give one of them"),
@@ -1151,7 +1174,7 @@ RULES = [
      "--router expert-choice ranks the tokens of the whole batch, and each rank holds a share of it: run it "
      "in one process"),
     # the run's folder
-    (lambda c: c.command == "train" and not c.resume and os.path.isfile(os.path.join(c.out, "sae.safetensors")),
+    (lambda c: c.command == "train" and not c.resume and os.path.isfile(f"{c.out}/sae.safetensors"),
      "--out {out} holds another run's checkpoint: continue it with --resume, or pick another --out"),
     (lambda c: c.tokens < c.trained, "--tokens {tokens} is fewer than the {trained} this run has trained on: "
                                      "give at least that many"),
@@ -1165,10 +1188,11 @@ def check_config(cfg, given=None, command="train", **known):
     check_fields(cfg)
     c = types.SimpleNamespace(**vars(cfg), given=set(fields_set(cfg, given)), command=command, **known)
     if hasattr(c, "arch"):  # an SAE's: what its messages name
-        kind = "switch" if c.arch == "switch" else "baseline"
+        kind = "baseline" if c.arch != "switch" else "topk" if c.experts == 1 else "switch"
         c.unused = ", ".join(cli_flag(name) for name, none in UNUSED[kind].items()
                              if name in c.given and getattr(c, name) != none)
-        c.why = " (AuxK and the router are rules of TopK experts)" if kind == "baseline" else ""
+        c.why = {"baseline": " (AuxK and the router are rules of TopK experts)", "switch": "",
+                 "topk": " at --experts 1 (a TopK SAE: no router to balance or gate)"}[kind]
         c.routed, c.per_expert = c.experts - c.shared_expert, c.width // c.experts
     for broken, message in RULES:
         try:
@@ -1254,8 +1278,8 @@ def disk_space_for(path, needed):
             raise
         free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
         raise UsageError(f"the disk filled up writing {path}: it needs {readable(needed)} and "
-                         f"{readable(free)} are free (files written before stay whole); make room "
-                         "and run again") from None
+                         f"{readable(free)} are free (files written before stay whole); make room, then "
+                         "give the same command again (with --resume if it trained)") from None
 
 
 def pick_device(name):
@@ -1401,13 +1425,15 @@ def prefetched(items, depth=8):
         yield item
 
 
-def take(contexts, n):
-    """The next n contexts as a (C, L) tensor."""
+def take(contexts, n, dropped=None):
+    """The next n contexts as a (C, L) tensor; dropped: the repeats the stream left out, for the message."""
     rows = list(itertools.islice(contexts, n))
     if len(rows) < n:
-        raise UsageError(f"the text ran out: the next {n} contexts were needed and {len(rows)} were left; "
-                         "give more text or lower --tokens / --eval-tokens (a run that saved a checkpoint "
-                         "can be finished early with --resume --tokens N)")
+        left_out = f" (left out as repeats: {dropped['duplicate']}, as copies of held-out contexts: " \
+                   f"{dropped['equal_to_held_out']})" if dropped and any(dropped.values()) else ""
+        raise UsageError(f"the text ran out: the next {n} contexts were needed and {len(rows)} were left"
+                         f"{left_out}; give more text or lower --tokens / --eval-tokens (a run that saved a "
+                         "checkpoint can be finished early with --resume --tokens N)")
     return torch.stack(rows)
 
 
@@ -1607,14 +1633,14 @@ def activation_batches(cfg, read_contexts, start_step, device):
             yield first + s, acts[order[s * B : (s + 1) * B]]
 
 
-def live_reader(cfg, model, module, contexts, show=True):
+def live_reader(cfg, model, module, contexts, dropped, show=True):
     """read_contexts from the LM. The first buffer shows its capture's progress: training waits for it."""
     from tqdm import tqdm
 
     shown = [not show]
 
     def read_contexts(n, skip=False):
-        tokens_CL = take(contexts, n)
+        tokens_CL = take(contexts, n, dropped)
         if skip:
             return None
         batches = tokens_CL.split(cfg.lm_batch_size)
@@ -1647,7 +1673,8 @@ def write_cache(cfg, given=None):
     given: the fields this command sets (by default those that differ from the defaults)."""
     from tqdm import tqdm
 
-    check_config(cfg, given, command="cache")
+    users = [user for *_, path in cache_files(cfg) for user in cache_users(path)]
+    check_config(cfg, given, command="cache", cache_users=", ".join(users))
     device = pick_device(cfg.device)
     writable_place(cfg.out, "cache --out", file=True)
     caches = cache_files(cfg)
@@ -1670,7 +1697,8 @@ def write_cache(cfg, given=None):
     dropped = {"equal_to_held_out": 0, "duplicate": 0}
     contexts = itertools.chain(held_out_CL, distinct_contexts(contexts, held_out_CL, dropped))
     text = {"text": list(cfg.text), "dataset": None if cfg.text else cfg.dataset}
-    headers = [{"format": CACHE_FORMAT, **text, "model": cfg.model, "layer": layer, "site": site, "ctx": cfg.ctx,
+    headers = [{"format": CACHE_FORMAT, **text, "model": cfg.model, "layer": layer, "site": site,
+                "ctx": cfg.ctx,
                 "skip_positions": cfg.skip_positions, "d": d, "dtype": "bfloat16", "eval_contexts": n_eval,
                 "contexts": n_total, "rows": rows, "seed": cfg.seed, "windows": cfg.windows,
                 "lm_dtype": str(model.dtype), "complete": False} for layer, site, _ in caches]
@@ -1682,16 +1710,18 @@ def write_cache(cfg, given=None):
             outputs = list(zip(opened[::2], opened[1::2]))  # (activations, contexts) of each cache
             for first in tqdm(range(0, n_total, cfg.lm_batch_size), desc="cache", unit="ctx",
                               unit_scale=cfg.lm_batch_size):
-                tokens_CL = take(contexts, min(cfg.lm_batch_size, n_total - first))
+                tokens_CL = take(contexts, min(cfg.lm_batch_size, n_total - first), dropped)
                 tokens = tokens_CL.to(torch.int32).numpy().tobytes()
                 acts = site_activations(model, modules, tokens_CL, cfg.lm_batch_size, cfg.skip_positions)
                 for acts_BD, (acts_file, tokens_file) in zip(acts, outputs):
                     acts_file.write(acts_BD.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
                     tokens_file.write(tokens)
-    except (UsageError, OSError) as e:  # the text ran out, the disk filled up: what was written is of no use
+    except (UsageError, OSError, KeyboardInterrupt) as e:  # out of text or disk, Ctrl-C: of no use
         for part in parts + [path + ".json" for *_, path in caches]:
             with contextlib.suppress(OSError):
                 os.remove(part)
+        if isinstance(e, KeyboardInterrupt):
+            raise
         why = e if isinstance(e, UsageError) else f"cache --out {cfg.out}: {cause(e)}"
         raise UsageError(f"{why} (the unfinished cache files were removed)") from None
     for (layer, site, path), header in zip(caches, headers):
@@ -1700,6 +1730,13 @@ def write_cache(cfg, given=None):
         print(f"wrote {rows} activations of {cfg.model} layer {layer} {site} to {path}")
     print(f"{n_eval} held-out contexts first; left out: {dropped['equal_to_held_out']} training contexts "
           f"equal to a held-out one, {dropped['duplicate']} repeats")
+
+
+def cache_users(path, all_listed=False):
+    """The run folders that train on the cache at path, as path.runs lists them: those that still hold a
+    checkpoint, or with all_listed every one."""
+    listed = open(path + ".runs").read().split("\n") if os.path.isfile(path + ".runs") else []
+    return [run for run in listed if run and (all_listed or os.path.isfile(f"{run}/sae.safetensors"))]
 
 
 def cache_sizes(rows, d, contexts, ctx):
@@ -1828,6 +1865,7 @@ class Source(NamedTuple):
     eval_x: torch.Tensor | None  # their activations, when read from a cache
     model: object  # the LM (None: a cached run that skips loss recovered)
     module: object  # its hooked module
+    cache: dict | None = None  # the cache's digests, for a run on --acts
 
 
 CACHE_SETTINGS = ("model", "layer", "site", "ctx", "skip_positions", "windows", "text", "dataset")
@@ -1840,7 +1878,8 @@ def cached_config(cfg, given):
     header = cache[0]
     cached = dataclasses.replace(cfg, **{key: header[key] for key in CACHE_SETTINGS[:-2]},
                                  text=tuple(header["text"]), dataset=header["dataset"])
-    differ = [cli_flag(key) for key in CACHE_SETTINGS[:6] if key in given and getattr(cfg, key) != header[key]]
+    differ = [cli_flag(key) for key in CACHE_SETTINGS[:6]
+              if key in given and getattr(cfg, key) != header[key]]
     differ += [cli_flag(key) for key in ("text", "dataset") if key in given]
     if "eval_tokens" in given and held_out_contexts(cached) != header["eval_contexts"]:
         differ.append("--eval-tokens")
@@ -1856,21 +1895,22 @@ def activation_source(cfg, cache, device, comms, dropped):
         n_eval = header["eval_contexts"]
         dropped.update(header["dropped_contexts"])
         if header["contexts"] - n_eval < contexts_needed(cfg):  # known now, not once the run runs out
-            raise UsageError(f"--acts {cfg.acts} holds {header['contexts'] - n_eval} distinct training contexts "
-                             f"and this run needs {contexts_needed(cfg)}: write the cache with this run's "
-                             "--tokens, --batch-size and --buffer-tokens, or lower --tokens")
+            raise UsageError(f"--acts {cfg.acts} holds {header['contexts'] - n_eval} distinct training "
+                             f"contexts and this run needs {contexts_needed(cfg)}: write the cache with this "
+                             "run's --tokens, --batch-size and --buffer-tokens, or lower --tokens")
         eval_x = cache_reader(rows, header, range(n_eval))(n_eval)
         evaluating_ce = comms.rank == 0 and not cfg.skip_ce
         model, module = lm_for_evaluation(cfg, device) if evaluating_ce else (None, None)
         read_contexts = cache_reader(rows, header, range(n_eval, header["contexts"]))
-        return Source(header["d"], read_contexts, cache_tokens[:n_eval], eval_x, model, module)
+        digests = {key: header[key] for key in DIGESTS}
+        return Source(header["d"], read_contexts, cache_tokens[:n_eval], eval_x, model, module, digests)
     model, tokenizer = load_lm(cfg, device)
     module = hooked_module(model, cfg.layer, cfg.site)
     contexts = token_contexts(cfg, tokenizer)
     eval_tokens_CL = take(contexts, held_out_contexts(cfg))  # held out: read first, never trained on
     contexts = distinct_contexts(contexts, eval_tokens_CL, dropped)  # every rank filters the whole stream
     contexts = itertools.islice(contexts, comms.rank, None, comms.ranks)
-    read_contexts = live_reader(cfg, model, module, contexts, show=comms.rank == 0)
+    read_contexts = live_reader(cfg, model, module, contexts, dropped, show=comms.rank == 0)
     return Source(model.config.hidden_size, read_contexts, eval_tokens_CL, None, model, module)
 
 
@@ -1937,20 +1977,25 @@ def check_memory(cfg, d, device, saes=1, shards=1):
 
 def check_resources(cfg, d, device, comms=SINGLE_PROCESS):
     """Memory for this rank's share of the SAE and, on rank 0, disk room for its checkpoint (weights and
-    Adam's two moments, the old file and the new side by side), refused on every rank if refused on any:
-    a rank stopping alone would leave the others waiting in a collective."""
+    Adam's two moments, the old file and the new side by side)."""
+    check_memory(cfg, d, device, shards=comms.ranks if cfg.expert_parallel else 1)
+    if comms.rank == 0:  # the only rank that writes
+        checkpoint = 3 * 4 * (2 * cfg.width * d + cfg.width + (cfg.experts + 2) * d) + 8 * cfg.width
+        saved = os.path.join(cfg.out, "sae.safetensors")
+        old = os.path.getsize(saved) if os.path.isfile(saved) else 0
+        check_room(cfg.out, "--out", 2 * checkpoint - old)
+
+
+def refused_together(check, comms, device):
+    """check() on every rank, its refusal raised on every rank if any refuses: a rank stopping alone would
+    leave the others waiting in a collective. Returns what check returned."""
     try:
-        check_memory(cfg, d, device, shards=comms.ranks if cfg.expert_parallel else 1)
-        if comms.rank == 0:  # the only rank that writes
-            checkpoint = 3 * 4 * (2 * cfg.width * d + cfg.width + (cfg.experts + 2) * d) + 8 * cfg.width
-            saved = os.path.join(cfg.out, "sae.safetensors")
-            old = os.path.getsize(saved) if os.path.isfile(saved) else 0
-            check_room(cfg.out, "--out", 2 * checkpoint - old)
-        refused = None
+        result, refused = check(), None
     except UsageError as e:
-        refused = e
+        result, refused = None, e
     if comms.all_reduce(torch.tensor([float(refused is not None)], device=device)).item():
         raise refused or UsageError("another rank refused the run (its message is above)")
+    return result
 
 
 class Diverged(UsageError):
@@ -1963,7 +2008,7 @@ def logged_values(sae, parts, stop, x_absmax, saving, comms=SINGLE_PROCESS):
     can make them NaN before the loss shows it)."""
     bad = torch.zeros((), device=sae.device)
     if saving:
-        bad = torch.stack([(~p.isfinite()).any() for p in sae.parameters()]).sum()
+        bad = torch.stack([(~t.isfinite()).any() for t in sae.state_dict().values()]).sum()  # router's too
     logged = torch.stack([parts["loss"], parts["recon"], stop.to(sae.device)[0], x_absmax, bad.float()])
     loss, recon, stopping, largest, bad = comms.all_reduce(logged).tolist()
     return loss, recon, stopping, largest, bad == 0
@@ -2008,10 +2053,18 @@ def resumed_config(cfg, given):
     path = os.path.join(cfg.out, "sae.safetensors")
     if not os.path.isfile(path):
         raise UsageError(f"--resume: {cfg.out} has no checkpoint yet; drop --resume to start the run afresh")
-    trained = read_checkpoint(path, weights=False)[0]["step"] * saved.batch_size
+    info = read_checkpoint(path, weights=False)[0]
+    fixed_now = {key: value for key, value in json.loads(json.dumps(dataclasses.asdict(saved))).items()
+                 if key not in RESUMABLE + ("resume", "out", "device", "compile")}
+    edited = [cli_flag(key) for key, value in fixed_now.items() if info["config"].get(key) != value]
+    if edited:  # the checkpoint is the truth: its settings made the weights
+        raise UsageError(f"--resume: {cfg.out}/config.json disagrees with the run's checkpoint on "
+                         f"{', '.join(edited)} (edited, or another run's): restore it, or start a new run in "
+                         "another --out")
+    trained = info["step"] * saved.batch_size
     history = json.load(open(os.path.join(cfg.out, "config.json"))).get("resumes", [])
     resumed = dataclasses.replace(saved, **{name: new for name, (_, new) in changed.items()})
-    return resumed, history, changed, {"fixed": fixed, "trained": trained}
+    return resumed, history, changed, {"fixed": fixed, "trained": trained, "began_on": info["cache"]}
 
 
 def rank_share(cfg, ranks):
@@ -2032,6 +2085,27 @@ class Run(NamedTuple):
     clock_M: torch.Tensor
     start: int
     dropped: dict
+    lock: object  # the run folder's lock (rank 0), held until the run ends
+
+
+def hold_run_folder(out):
+    """Lock out/.lock, which names its holder: a second process that would write the same run folder, or one
+    started before this one wrote anything, is refused in one line. Returns the lock; closing it frees it."""
+    import fcntl
+
+    lock = open(os.path.join(out, ".lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip()
+        lock.close()
+        raise UsageError(f"--out {out} is being written by another process ({holder}): wait for it to end, "
+                         "or pick another --out") from None
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    lock.flush()
+    return lock
 
 
 def start_run(cfg, given):
@@ -2042,8 +2116,12 @@ def start_run(cfg, given):
     if cfg.resume:  # the run's own settings; where and how fast to run it are this command's
         cfg, history, changed, known = resumed_config(cfg, given)
         given = set(changed) | given & {"resume", "out", "device", "compile"}  # what this command changes
+    began_on = known.pop("began_on", None)
     if cfg.acts:
         cfg, cache, known["cache_differ"] = cached_config(cfg, given)
+        header = cache[0]
+        known["cache_replaced"] = ", ".join(key for key in DIGESTS
+                                            if began_on and began_on[key] != header[key])
     check_config(cfg, given, ranks=int(os.environ.get("WORLD_SIZE", "1")), **known)  # before torchrun's
     # group starts: a refused run exits on every rank alike
     # what config.json records: the learning rate used, and no dataset where the run read none
@@ -2052,14 +2130,27 @@ def start_run(cfg, given):
     device, comms = start_distributed(pick_device(cfg.device))
     dropped = {"equal_to_held_out": 0, "duplicate": 0}
     source = activation_source(cfg, cache, device, comms, dropped)
-    check_resources(rank_share(cfg, comms.ranks), source.d, device, comms)
+    share = rank_share(cfg, comms.ranks)
+    refused_together(lambda: check_resources(share, source.d, device, comms), comms, device)
     sae = build_sae(cfg, source.d, comms).to(device)
     opt = make_optimizer(sae)
     clock_M = torch.zeros(len(sae.W_dec), dtype=torch.long, device=device)
     steps = cfg.tokens // cfg.batch_size
     start = load_checkpoint(cfg.out, sae, opt, clock_M, comms) if cfg.resume else 0
-    if comms.rank == 0:
+
+    def hold():  # the folder, then the rules again under its lock: another process may have written there
         os.makedirs(cfg.out, exist_ok=True)
+        lock = hold_run_folder(cfg.out)
+        for leftover in pathlib.Path(cfg.out).glob("*.tmp[0-9]*"):  # of a save killed mid-write
+            leftover.unlink()
+        if cfg.acts and os.path.abspath(cfg.out) not in cache_users(cfg.acts, all_listed=True):
+            with open(cfg.acts + ".runs", "a") as runs:  # so that the cache command will not replace it
+                runs.write(os.path.abspath(cfg.out) + "\n")
+        check_config(cfg, given, ranks=comms.ranks, **known)
+        return lock
+
+    lock = refused_together(hold if comms.rank == 0 else lambda: None, comms, device)
+    if comms.rank == 0:
         history += [{"step": start, "changed": changed}] if changed else []
         write_json(os.path.join(cfg.out, "config.json"), {**dataclasses.asdict(cfg), "resumes": history})
         flops = sae.flops_per_token(cfg.batch_size)
@@ -2070,7 +2161,7 @@ def start_run(cfg, given):
             print("the paper trained on 819.2M tokens: add --tokens 819200000")
         feed = f"reading {cfg.acts}" if cfg.acts else f"capturing {cfg.buffer_tokens:,} tokens a buffer by LM"
         print(f"training: {feed}; the steps' bar starts once the first buffer is filled")
-    return Run(cfg, comms, source, sae, opt, clock_M, start, dropped)
+    return Run(cfg, comms, source, sae, opt, clock_M, start, dropped, lock)
 
 
 def train_loop(run):
@@ -2121,7 +2212,7 @@ def train_loop(run):
                             tok_s=f"{(bar.format_dict['rate'] or 0) * cfg.batch_size:.0f}",
                             pflop=f"{flops['total'] * (step + 1) * cfg.batch_size / 1e15:.4f}")
             if saving or stopping:
-                save_checkpoint(cfg.out, sae, cfg, step + 1, opt, clock_M, comms)
+                save_checkpoint(cfg.out, sae, cfg, step + 1, opt, clock_M, comms, run.source.cache)
                 saved_step = step + 1
             if stopping:
                 bar.close()  # before the message
@@ -2172,7 +2263,11 @@ def train(cfg, given=None):
     given: the fields this command sets, which --resume holds against the run's own (by default those
     that differ from TrainConfig's defaults). Every check runs before anything is written."""
     run = start_run(cfg, given)
-    return finish_run(run, train_loop(run))
+    try:
+        return finish_run(run, train_loop(run))
+    finally:
+        if run.lock:
+            run.lock.close()
 
 
 # -----------------------------------------------------------------------------
@@ -2304,8 +2399,10 @@ def atomic_write(path, write, size):
     os.replace(tmp, path)
 
 
-def save_checkpoint(out_dir, sae, cfg, step, opt=None, tokens_since_fired_M=None, comms=SINGLE_PROCESS):
-    """Every rank calls this; expert shards are gathered, so the file is the same for any number of ranks."""
+def save_checkpoint(out_dir, sae, cfg, step, opt=None, tokens_since_fired_M=None, comms=SINGLE_PROCESS,
+                    cache=None):
+    """Every rank calls this; expert shards are gathered, so the file is the same for any number of ranks.
+    cache: the digests of the cache the run trains on, which --resume holds the cache to."""
     from safetensors.torch import save_file
 
     params = dict(sae.named_parameters())
@@ -2319,7 +2416,7 @@ def save_checkpoint(out_dir, sae, cfg, step, opt=None, tokens_since_fired_M=None
                             for key, v in state.items()})
         tensors["train.tokens_since_fired"] = whole(sae.W_dec, tokens_since_fired_M)
     meta = {"format": str(CHECKPOINT_FORMAT), "sae": json.dumps(sae_settings(cfg, sae.d_in)),
-            "config": json.dumps(dataclasses.asdict(cfg)), "step": str(step)}
+            "config": json.dumps(dataclasses.asdict(cfg)), "step": str(step), "cache": json.dumps(cache)}
     if comms.rank == 0:
         write = lambda tmp: save_file(tensors, tmp, metadata=meta)
         atomic_write(os.path.join(out_dir, "sae.safetensors"), write, sum(t.nbytes for t in tensors.values()))
@@ -2342,33 +2439,45 @@ def read_checkpoint(path, device="cpu", train_state=False, weights=True):
         with safe_open(path, framework="pt", device=str(device)) as f:
             meta = f.metadata() or {}
             info = {"sae": json.loads(meta["sae"]), "config": json.loads(meta["config"]),
-                    "step": int(meta["step"]), "format": meta.get("format")}
+                    "step": int(meta["step"]), "format": meta.get("format"),
+                    "cache": json.loads(meta.get("cache", "null"))}
             tensors = {key: f.get_tensor(key) for key in f.keys()
                        if weights and (train_state or not key.startswith("train."))}
     except (OSError, SafetensorError, KeyError, ValueError, TypeError) as e:
         raise UsageError(f"{path} is no readable checkpoint of this code ({cause(e)}): it is cut "
                          "short, corrupt, or another tool's file (an export?)") from None
     if info["format"] != str(CHECKPOINT_FORMAT):
-        raise UsageError(f"{path} is of checkpoint format {info['format'] or 'none recorded (an earlier one)'}, "
-                         f"and this code reads format {CHECKPOINT_FORMAT} only: train it again")
+        old = info["format"] or "none recorded (an earlier one)"
+        raise UsageError(f"{path} is of checkpoint format {old}, and this code reads format "
+                         f"{CHECKPOINT_FORMAT} only: train it again")
     return info, tensors
 
 
 def sae_from(info, tensors, device="cpu"):
+    """The SAE a checkpoint holds, its header's settings held to RULES and its tensors to what a run saves:
+    float32, finite, unit decoder rows where the kind keeps them, a positive input scale."""
     try:
         sae = make_sae(**info["sae"]).to(device)
+        wrong = [name for name, t in tensors.items() if t.dtype != torch.float32]
+        if wrong:
+            raise TypeError(f"{', '.join(wrong)} not float32")
         sae.load_state_dict(tensors)
-    except (TypeError, KeyError, ValueError, RuntimeError, AssertionError) as e:
+    except (TypeError, KeyError, ValueError, RuntimeError) as e:
         raise UsageError(f"the checkpoint's tensors do not match its SAE config {info['sae']} "
                          f"({cause(e)}): it is no SAE checkpoint of this code") from None
-    if not all(p.isfinite().all() for p in sae.parameters()):
+    if not all(t.isfinite().all() for t in sae.state_dict().values()):
         raise UsageError("the checkpoint's weights are NaN or infinite (saved by a run that diverged): "
                          "train it again")
+    unit_rows = not sae.unit_decoder or torch.allclose(sae.W_dec.norm(dim=1), torch.ones(()), atol=1e-3)
+    if not unit_rows or sae.input_scale <= 0:
+        raise UsageError("the checkpoint's decoder rows are not of unit norm, or its input scale is not "
+                         "positive: it was edited, or is no checkpoint of this code")
     return sae
 
 
 def load_sae(path, device="cpu"):
     """A trained SAE (SwitchSAE, or a baseline) from a run directory or its sae.safetensors file."""
+    device = pick_device(device) if device in ("auto", "cuda") else device  # refused without a GPU
     return sae_from(*read_checkpoint(path, device), device)
 
 
@@ -2432,8 +2541,8 @@ def saelens_tensors(sae):
     scale folded into the weights, so the export takes the LM's units as the SAE does. Its layouts: W_enc
     (d_in, d_sae), W_dec (d_sae, d_in); its encoders add b_enc (zeros where an SAE has none)."""
     if sae.batch_dependent:
-        raise UsageError("an expert-choice SAE's codes depend on the batch, which SAELens's encode does not see: "
-                         "it has no SAELens export")
+        raise UsageError("an expert-choice SAE's codes depend on the batch, which SAELens's encode does not "
+                         "see: it has no SAELens export")
     architecture, subtract_b_dec, tensors, fields = sae.saelens()
     s = sae.input_scale  # W (s x - b) = (s W)(x - b / s), and (z W_dec + b) / s = z (W_dec / s) + b / s
     scaled = {"W_enc": s, "W_router": s, "W_dec": 1 / s, "b_dec": 1 / s, "b_router": 1 / s}
@@ -2796,7 +2905,7 @@ class FlagParser(argparse.ArgumentParser):
 
 def flags_given(argv, cls=TrainConfig, prog=None):
     """The fields that command-line flags set, one flag per dataclass field (--field-name), as a dict."""
-    commands = "; ".join(f"{name}: {command.__doc__.split(':')[0]}" for name, (command, _) in COMMANDS.items())
+    commands = "; ".join(f"{name}: {config.__doc__.split(':')[0]}" for name, (config, _) in COMMANDS.items())
     epilog = f"other commands, each with its --help: {commands}" if cls is TrainConfig else None
     parser = FlagParser(prog=prog, description=cls.__doc__, epilog=epilog, argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(cls):
@@ -2850,8 +2959,8 @@ def main(argv=None):
     except Stopped as e:  # the checkpoint is saved; a scheduler or a following && still sees the stop
         sys.exit(128 + e.signum)
     except KeyboardInterrupt as e:  # a second signal, or Ctrl-C outside training: at once, without a save
-        print("error: interrupted; files written before stay whole (a run's last checkpoint continues with "
-              "--resume)", file=sys.stderr)
+        print("error: interrupted; a run's last checkpoint stays whole and continues with --resume, an "
+              "unfinished cache was removed", file=sys.stderr)
         sys.exit(128 + (e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT))
     finally:
         stop_distributed()

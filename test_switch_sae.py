@@ -870,7 +870,7 @@ def test_cache_holds_the_live_stream_and_refuses_a_partial_file(tiny_run, tmp_pa
     _, rows, tokens = S.open_cache(path)
     assert torch.equal(S.take(contexts, header["eval_contexts"]), tokens[: header["eval_contexts"]])
     contexts = S.distinct_contexts(contexts, tokens[: header["eval_contexts"]], {"equal_to_held_out": 0, "duplicate": 0})
-    live = S.activation_batches(cfg, S.live_reader(cfg, lm, S.hooked_module(lm, 0, "resid"), contexts), 0, "cpu")
+    live = S.activation_batches(cfg, S.live_reader(cfg, lm, S.hooked_module(lm, 0, "resid"), contexts, {}), 0, "cpu")
     cached = S.activation_batches(cfg, S.cache_reader(rows, header, range(header["eval_contexts"], header["contexts"])), 0, "cpu")
     pairs = list(zip(live, cached, strict=True))
     assert len(pairs) == cfg.tokens // cfg.batch_size
@@ -1601,9 +1601,9 @@ def write_text(path, data):
 # declaration fails here). "abc": not a number; "x=": a value given to an on/off flag.
 BAD_FIELDS = {
     "arch": ["dense"], "experts": ["0", "-1", "abc"], "width": ["0", "-4", "2.5", "10**30"], "k": ["0", "-1", "1e3"],
-    "lb_alpha": ["-1", "nan", "inf", "abc"], "auxk_alpha": ["-1", "nan"], "l1_coeff": ["-5", "inf"],
+    "lb_alpha": ["-1", "nan", "inf", "abc", "1e308"], "auxk_alpha": ["-1", "nan"], "l1_coeff": ["-5", "inf"],
     "experts_per_token": ["0", "-1", "99"], "shared_expert": ["x="], "gate": ["relu"], "balance": ["none"],
-    "balance_rate": ["-1", "nan"], "router": ["topk"], "capacity": ["0", "-1", "nan"],
+    "balance_rate": ["-1", "nan", "1e39"], "router": ["topk"], "capacity": ["0", "-1", "nan", "1e308"],
     "dead_tokens": ["0", "-1"], "normalize_activations": ["x="], "layer": ["-1", "abc", "7"], "site": ["embed"],
     "text": ["/nonexistent/corpus.jsonl"], "dataset": ["no/such-dataset"], "ctx": ["0", "1", "-3", "65"],
     "windows": ["some"], "skip_positions": ["-1", "16"], "lm_batch_size": ["0", "-1", "10**20"], "lm_dtype": ["fp16", "foo"],
@@ -1693,7 +1693,7 @@ BAD = [
     (dict(lm_dtype="fp16"), "unknown --lm-dtype"),
     (dict(arch="relu", auxk_alpha=0.03), "--arch relu has no use for --auxk-alpha"),
     (dict(arch="gated", shared_expert=True), "--arch gated has no use for --shared-expert"),
-    (dict(shared_expert=True, experts=1, width=16), "--shared-expert needs --experts 2 or more"),
+    (dict(shared_expert=True, experts=2, width=16), "--shared-expert needs --experts 3 or more"),
     (dict(experts_per_token=4, shared_expert=True), "--experts-per-token 4 is more than the 3 routed experts"),
     (dict(balance="aux-free", lb_alpha=1.0), "--lb-alpha weighs the balance term"),
     (dict(balance_rate=0.01), "--balance-rate is the step of --balance aux-free"),
@@ -1708,6 +1708,8 @@ BAD = [
     (dict(router="expert-choice", auxk_alpha=0.03), "--auxk-alpha takes one expert a token"),
     (dict(router="expert-choice", balance_rate=0.01), "--router expert-choice balances by construction"),
     (dict(gate="heaviside", lb_alpha=0), "leaves the router nothing to learn"),
+    (dict(experts=1, width=16, lb_alpha=5.0, gate="heaviside"), "--arch switch has no use for --lb-alpha, --gate at "
+                                                                "--experts 1 (a TopK SAE: no router"),
 ]
 
 
@@ -1762,10 +1764,12 @@ def test_a_cached_run_refuses_capture_flags_that_differ_from_the_cache(tiny_run,
 RULE_CASES = [  # (the config's fields, the facts known, how the message starts): one case for each rule
     (dict(), dict(fixed="--experts"), "--resume continues the run in out with its own settings, and --experts"),
     (dict(acts="a.bin"), dict(cache_differ="--layer"), "--layer: a run on --acts a.bin takes its model"),
+    (dict(acts="a.bin"), dict(cache_replaced="tokens_sha256"), "--acts a.bin is not the cache this run began on"),
+    (dict(command="cache"), dict(cache_users="/runs/a"), "cache --out"),
     (dict(arch="relu", experts=4), {}, "--arch relu has no use for --experts"),
     (dict(width=100), {}, "--width 100 must be a multiple of --experts 16 and --k 32 at most the latents per "
                           "expert (6 = width / experts)"),
-    (dict(shared_expert=True, experts=1, width=64), {}, "--shared-expert needs --experts 2"),
+    (dict(shared_expert=True, experts=2, width=64), {}, "--shared-expert needs --experts 3"),
     (dict(experts=4, width=64, k=4, experts_per_token=5), {}, "--experts-per-token 5 is more than the 4 routed"),
     (dict(balance="aux-free", lb_alpha=1.0), {}, "--lb-alpha weighs the balance term"),
     (dict(balance_rate=0.1), {}, "--balance-rate is the step of --balance aux-free"),
@@ -2017,6 +2021,8 @@ def broken_run(kind, tmp_path, artifacts):
         edit_json(config, colour="blue")
     elif kind == "config_bad_value":
         edit_json(config, width=-5)
+    elif kind == "config_edited_rule":  # valid, and not the rule the weights were trained with
+        edit_json(config, gate="heaviside", experts_per_token=2)
     else:  # another run's checkpoint (another width) beside this config.json
         edit_json(config, width=128)
     return run
@@ -2036,7 +2042,7 @@ CACHE_FAULTS = ["cut_header", "list_header", "edited_d", "layer_a_string", "inco
 
 
 RUN_FAULTS = ["cut_checkpoint", "zeroed_header", "random_checkpoint", "foreign_checkpoint", "cut_config", "config_a_list",
-              "config_unknown_field", "config_bad_value", "checkpoint_of_another_config"]
+              "config_unknown_field", "config_bad_value", "config_edited_rule", "checkpoint_of_another_config"]
 
 
 @pytest.mark.parametrize("reader,kind", [("text", k) for k in TEXT_FAULTS] + [("model", k) for k in MODEL_FAULTS]
@@ -2067,6 +2073,38 @@ def test_every_reader_refuses_a_broken_file_in_one_line(tiny_run, artifacts, tmp
 
 
 # --- what is written over: never another run's checkpoint, nor a file that is no cache
+
+
+def test_a_cache_a_run_trains_on_is_not_replaced_and_a_replaced_one_is_found_on_resume(tiny_run, tmp_path, capsys):
+    """A run lists itself in FILE.runs: the cache command will not write FILE again while that run holds a
+    checkpoint; a cache replaced anyway (the list deleted) is found by --resume from the digests the run saved."""
+    cache, run = str(tmp_path / "acts.bin"), tmp_path / "run"
+    S.main(["cache", *cache_args(tiny_run, cache)])
+    S.main(tiny_args(tiny_run, run, acts=cache, skip_ce=True, tokens=1024))
+    assert open(cache + ".runs").read() == f"{run}\n"
+    capsys.readouterr()
+    again = ["cache", *[a for a in cache_args(tiny_run, cache) if not a.startswith("--layer")], "--layer=1"]
+    assert f"is the cache of the runs in {run}" in refused(again, capsys)
+    assert S.open_cache(cache)[0]["layer"] == 0  # untouched
+    os.remove(cache + ".runs")  # told to write over it
+    S.main(again)
+    capsys.readouterr()
+    err = refused(["--resume", f"--out={run}", "--tokens=2048"], capsys)
+    assert f"--acts {cache} is not the cache this run began on (its header_sha256, held_out_sha256" in err
+
+
+def test_a_run_folder_another_process_writes_is_refused_naming_the_holder(tiny_run, tmp_path, capsys):
+    """Two runs started into one --out: the second finds the first's lock (held here as another process would
+    hold it) and is refused, naming the holder; once it is freed, the run starts."""
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = S.hold_run_folder(str(out))
+    err = refused(tiny_args(tiny_run, out, tokens=512, skip_ce=True), capsys)
+    assert f"--out {out} is being written by another process (pid {os.getpid()} on" in err
+    assert sorted(os.listdir(out)) == [".lock"]  # nothing of the run was written
+    lock.close()
+    S.main(tiny_args(tiny_run, out, tokens=512, skip_ce=True))
+    assert os.path.isfile(out / "metrics.json")
 
 
 def test_a_new_run_never_writes_over_another_runs_checkpoint(tiny_run, artifacts, tmp_path, capsys):
@@ -2116,6 +2154,62 @@ def test_a_cache_may_be_written_again_and_one_that_runs_out_of_text_leaves_nothi
 
 
 # --- faults mid-run: divergence, non-finite data, signals, a full disk
+
+
+def test_text_of_repeats_says_so_an_interrupted_cache_is_removed_and_a_killed_save_leaves_nothing(
+        tiny_run, tmp_path, capsys, monkeypatch):
+    same = tmp_path / "same.jsonl"  # 400 copies of one document: every context after the first is a repeat
+    same.write_text((json.dumps({"text": " ".join(WORDS[:40])}) + "\n") * 400)
+    err = refused(tiny_args(tiny_run, tmp_path / "run", text=same), capsys)
+    assert "the text ran out" in err and "left out as repeats: " in err
+    real, calls = S.site_activations, []
+
+    def interrupted(*args, **kwargs):  # Ctrl-C during the cache's second LM batch
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(S, "site_activations", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        S.main(["cache", *cache_args(tiny_run, tmp_path / "acts.bin")])
+    assert exit_info.value.code == 130 and "an unfinished cache was removed" in capsys.readouterr().err
+    assert not list(tmp_path.glob("acts.bin*"))
+    monkeypatch.undo()
+    (tmp_path / "run2").mkdir()
+    (tmp_path / "run2" / "sae.safetensors.tmp4242").write_bytes(bytes(1000))  # a save killed mid-write
+    S.main(tiny_args(tiny_run, tmp_path / "run2", tokens=512, skip_ce=True))
+    assert sorted(os.listdir(tmp_path / "run2")) == [".lock", "config.json", "metrics.json", "sae.safetensors"]
+
+
+def test_the_python_api_refuses_bad_tensors_and_devices_naming_what_it_expected(artifacts, tmp_path):
+    sae = S.load_sae(artifacts / "run")
+    d = sae.d_in
+    for x in (torch.zeros(d), torch.zeros(2, 5, d), torch.zeros(3, d, dtype=torch.bfloat16), torch.zeros(3, d + 1)):
+        with pytest.raises(ValueError, match=f"encode's x must be \\(B, {d}\\) torch.float32 on cpu; it is"):
+            sae.encode(x)
+    with pytest.raises(ValueError, match="decode's dense codes must be"):
+        sae.decode(torch.zeros(3, 7))
+    if not torch.cuda.is_available():
+        with pytest.raises(S.UsageError, match="torch sees no CUDA GPU"):
+            S.load_sae(artifacts / "run", "cuda")
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    path = str(artifacts / "run" / "sae.safetensors")
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    for name, change in (("W_dec", lambda t: t.to(torch.int32)), ("W_dec", lambda t: t * 1000),
+                         ("input_scale", lambda t: t * 0), ("input_scale", lambda t: t * float("nan"))):
+        tensors = load_file(path)
+        tensors[name] = change(tensors[name])
+        save_file(tensors, str(tmp_path / "sae.safetensors"), metadata=meta)
+        with pytest.raises(S.UsageError):
+            S.load_sae(tmp_path)
+    with pytest.raises(S.UsageError, match="--experts-per-token 0 is out of range"):
+        S.make_sae("switch", 8, 32, 4, 2, experts_per_token=0)
+    with pytest.raises(S.UsageError, match="--shared-expert 'yes' is not true or false"):
+        S.check_config(S.TrainConfig(shared_expert="yes"))
 
 
 def diverging_from(step, monkeypatch):
@@ -2265,7 +2359,7 @@ def test_a_full_disk_is_found_before_writing_and_a_disk_filling_up_loses_nothing
     monkeypatch.setattr(safetensors.torch, "save_file", filling_up)
     err = refused(tiny_args(tiny_run, tmp_path / "run"), capsys, mid_run=True)
     assert "the disk filled up writing" in err and "sae.safetensors: it needs" in err
-    assert checkpoint_step(tmp_path / "run") == 2 and sorted(os.listdir(tmp_path / "run")) == ["config.json", "sae.safetensors"]
+    assert checkpoint_step(tmp_path / "run") == 2 and sorted(os.listdir(tmp_path / "run")) == [".lock", "config.json", "sae.safetensors"]
     monkeypatch.setattr(safetensors.torch, "save_file", enospc)
     export = copied(str(artifacts / "export"), tmp_path / "export")
     before = snapshot(export)
