@@ -110,7 +110,7 @@ class Router(nn.Module):
     def forward(self, logits_BN):
         B = len(logits_BN)
         probs_BN = F.softmax(logits_BN.float(), dim=-1)
-        scores_BN = self.scores(logits_BN, probs_BN)  # ties (bf16 logits) to the lowest index, as argmax
+        scores_BN = self.scores(logits_BN, probs_BN)  # ties (bf16): argmax takes the lowest index, topk its own
         e = self.experts_per_token
         expert_BE = scores_BN.argmax(1, keepdim=True) if e == 1 else scores_BN.topk(e, dim=1).indices
         heaviside = self.gate == "heaviside"
@@ -2302,12 +2302,25 @@ def lm_losses(model, module, tokens_CL, batch_size, patches, skip_positions=0):
     return {key: total / len(tokens_CL) for key, total in sums.items()}
 
 
+def evaluation_order(sae, x_TD):
+    """The order held-out tokens are routed in: for an SAE whose codes depend on its batch (expert choice), a
+    shuffle, as it was trained, keyed by each token's content (a hash of its projection on a fixed direction),
+    so the held-out set's order changes no batch; for the others, as they are."""
+    if not sae.batch_dependent:
+        return torch.arange(len(x_TD), device=x_TD.device)
+    direction_D = torch.randn(x_TD.shape[1], generator=torch.Generator().manual_seed(0)).to(x_TD.device)
+    bits_T = (x_TD.float() @ direction_D).view(torch.int32).long()
+    return (bits_T * 2654435761 % 2**32).argsort(stable=True)  # Knuth's multiplicative hash of the bits
+
+
 def sae_patch(sae, chunk=1024):
     """A patch for lm_losses: the site's output replaced by the SAE's reconstruction, `chunk` tokens at a time
-    (a batch-dependent SAE routes chunks of its training batch, as trained)."""
+    (a batch-dependent SAE routes shuffled chunks of its training batch, as trained)."""
     def splice(h):
-        x_hat = torch.cat([sae(x).x_hat for x in h.flatten(0, 1).float().split(chunk)])
-        return x_hat.view_as(h).to(h.dtype)
+        x_TD = h.flatten(0, 1).float()
+        order_T, x_hat_TD = evaluation_order(sae, x_TD), torch.empty_like(x_TD)
+        x_hat_TD[order_T] = torch.cat([sae(x).x_hat for x in x_TD[order_T].split(chunk)])
+        return x_hat_TD.view_as(h).to(h.dtype)
     return splice
 
 
@@ -2323,7 +2336,7 @@ def evaluate(sae, cfg, x_BD, model=None, module=None, tokens_CL=None):
     load_N, unrouted = torch.zeros(sae.experts, device=x_BD.device), 0
     # dense baselines hold (batch, width) latents; expert choice routes within its batch: as trained
     chunk = cfg.batch_size if sae.batch_dependent else 1024
-    for x in x_BD.split(chunk):
+    for x in x_BD[evaluation_order(sae, x_BD)].split(chunk):
         out = sae(x)
         resid = x - out.x_hat
         totals["sq_err"] += resid.pow(2).sum()

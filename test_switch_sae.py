@@ -1010,6 +1010,23 @@ def test_skip_ce_on_a_live_run_still_measures_reconstruction(tiny_run, tmp_path)
 # --- evaluation: metrics against independent computations, and mutations they must catch
 
 
+def test_expert_choice_is_evaluated_on_shuffled_batches_whatever_the_held_out_order(tiny_run):
+    """Its codes depend on the batch: evaluate and the LM splice route fixed-seed shuffled batches of the
+    training size, so reordering the held-out tokens (or contexts) changes no metric."""
+    lm, module, tokens, x = tiny_lm_and_activations(tiny_run, contexts=8)
+    torch.manual_seed(0)
+    sae = S.make_sae("switch", x.shape[1], 64, 4, 4, router="expert-choice", capacity=1.0)
+    sae.init_biases_(x)
+    cfg = S.TrainConfig(batch_size=32, lm_batch_size=4, skip_positions=1)
+    flip = torch.arange(len(x) - 1, -1, -1)
+    metrics, flipped = S.evaluate(sae, cfg, x), S.evaluate(sae, cfg, x[flip])
+    for key in ("mse", "fve", "l0", "unrouted_fraction", "dead_fraction"):
+        assert flipped[key] == pytest.approx(metrics[key], rel=1e-5), key
+    h = x.view(8, -1, x.shape[1])
+    patch = S.sae_patch(sae, 32)
+    torch.testing.assert_close(patch(h.flip(0)).flip(0), patch(h), rtol=1e-5, atol=1e-5)
+
+
 class Identity(S.SAE):
     """An 'SAE' whose reconstruction is its input (or zero): what loss recovered must read as 1 (or 0)."""
 
@@ -1361,6 +1378,17 @@ def test_cached_run_on_two_ranks_equals_one_process(tiny_run, tmp_path):
 
 
 # --- notebooks
+
+
+def test_a_verdict_with_a_diverged_seed_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RESULTS", str(tmp_path))
+    monkeypatch.syspath_prepend(os.path.join(HERE, "notebooks"))
+    import common
+
+    arm = lambda *mses: {"seeds": [dict(seed=i, mse_typ=m, mse_half=m * 1.1) for i, m in enumerate(mses)]}
+    results = {"switch": arm(90.0, 91.0, 89.0), "topk": arm(100.0, 101.0, 99.5), "bad": arm(90.0, math.nan, 89.0)}
+    assert common.decide(results, "switch", "topk", -1, True, "claim") == "agrees"
+    assert common.decide(results, "bad", "topk", -1, True, "claim") == "inconclusive (bad seed 1 diverged)"
 
 
 def test_notebooks_refuse_an_unknown_scale_and_write_under_notebooks_wherever_started(tmp_path):

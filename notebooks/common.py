@@ -199,8 +199,12 @@ class Study:
         """Mean over the part's (typical) tokens of sum_d (x - x_hat)^2."""
         split, typical = self.held_out()
         x = split[part][1]
+        x = x.to(self.device)
+        order = S.evaluation_order(sae, x)  # shuffled batches of the training size for expert choice, as trained
+        chunk = self.p["batch_size"] if sae.batch_dependent else 4096
+        err = torch.empty(len(x))
         with torch.no_grad():
-            err = torch.cat([(xb - sae(xb).x_hat).pow(2).sum(1).cpu() for xb in x.to(self.device).split(4096)])
+            err[order.cpu()] = torch.cat([(xb - sae(xb).x_hat).pow(2).sum(1).cpu() for xb in x[order].split(chunk)])
         return err[typical[part]].mean().item() if typical_only else err.mean().item()
 
     def sweep(self, arms, lrs=None, seeds=None, halves=False):
@@ -395,6 +399,10 @@ def decide(results, arm, reference, paper_sign, width_ok, claim):
     said = {paper_sign: "agrees", -paper_sign: "disagrees", 0: "inconclusive (the interval straddles 0)"}[full[2]]
     if full[2] != 0 and not (width_ok and stable):
         said = "inconclusive (" + ("check 1 (width) failed" if not width_ok else "not stable under training length") + ")"
+    diverged = [f"{name} seed {s['seed']}" for name in (arm, reference) for s in results[name]["seeds"]
+                if not math.isfinite(s["mse_typ"])]
+    if diverged:  # a NaN makes every interval NaN: say why, not that it straddles 0
+        said = f"inconclusive ({', '.join(diverged)} diverged)"
     print(f"{claim}: {arm} against {reference}: {full[0]:+.1%} ± {full[1]:.1%} test MSE ({half[0]:+.1%} ± {half[1]:.1%} "
           f"at half the steps; {next_gap:+.1%} extrapolated to twice the steps). Verdict: {said}")
     return said
