@@ -110,7 +110,7 @@ class Router(nn.Module):
     def forward(self, logits_BN):
         B = len(logits_BN)
         probs_BN = F.softmax(logits_BN.float(), dim=-1)
-        scores_BN = self.scores(logits_BN, probs_BN)  # ties (bf16): argmax takes the lowest index, topk its own
+        scores_BN = self.scores(logits_BN, probs_BN)  # ties (bf16): argmax takes the lowest; topk decides
         e = self.experts_per_token
         expert_BE = scores_BN.argmax(1, keepdim=True) if e == 1 else scores_BN.topk(e, dim=1).indices
         heaviside = self.gate == "heaviside"
@@ -915,11 +915,11 @@ from dataclasses import dataclass
 # config
 
 
-def arg(default, help, positional=False, low=None, high=None, choices=None, item=str):
+def arg(default, help, positional=False, low=None, high=None, choices=None, item=str, optional=False):
     """A config field: its default, its help, and what it accepts (low <= value <= high, one of choices;
-    a float must also be finite; a tuple's items are of type `item`, each held to the same rules).
-    check_fields holds every field to this; the CLI's --help shows it."""
-    rule = {"low": low, "high": high, "choices": choices, "item": item}
+    a float must also be finite; a tuple's items are of type `item`, each held to the same rules; None if
+    optional). check_fields holds every field to this; the CLI's --help shows it."""
+    rule = {"low": low, "high": high, "choices": choices, "item": item, "optional": optional}
     return dataclasses.field(default=default, metadata={"help": help, "positional": positional, **rule})
 
 
@@ -986,7 +986,8 @@ class CacheConfig:
                       choices=("resid", "attn", "mlp"))
     text: tuple = arg((), "local .txt, .jsonl or .jsonl.gz files (a 'text' field per line) "
                           "instead of --dataset")
-    dataset: str = arg("Skylion007/openwebtext", "hub dataset streamed when no --text is given")
+    dataset: str = arg("Skylion007/openwebtext", "hub dataset streamed when no --text is given",
+                       optional=True)
     ctx: int = arg(128, "tokens per context (see --windows), at most the model's positions", low=2)
     windows: str = arg("first", "first: each document's first ctx tokens, shorter documents skipped (the "
                                 "paper's); all: every consecutive ctx-token window of each document",
@@ -1054,8 +1055,12 @@ def check_fields(cfg):
     for f in dataclasses.fields(cfg):
         rule, name, values = f.metadata, cli_flag(f.name), getattr(cfg, f.name)
         kind = rule["item"] if f.type is tuple else f.type
-        numbers = {int: (int,), float: (int, float), bool: (bool,)}.get(kind)  # set in code: any type
+        numbers = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}.get(kind)  # set in code
+        if f.type is not tuple and isinstance(values, tuple):  # a tuple field takes one value too
+            raise UsageError(f"{name} {values!r} is a tuple: give one value")
         for value in as_tuple(values):
+            if value is None and rule["optional"]:  # recorded as none: a run on local text or a cache
+                continue
             if numbers and (isinstance(value, bool) != (kind is bool) or not isinstance(value, numbers)):
                 raise UsageError(f"{name} {value!r} is not {KIND_NAMES[kind]}")
             if kind is float and not math.isfinite(value):
@@ -1068,7 +1073,7 @@ def check_fields(cfg):
                 raise UsageError(f"{name} {value} is out of range: it must be {bounds}")
 
 
-KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false"}
+KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
 def compiler_found():
@@ -1176,6 +1181,8 @@ RULES = [
     # the run's folder
     (lambda c: c.command == "train" and not c.resume and os.path.isfile(f"{c.out}/sae.safetensors"),
      "--out {out} holds another run's checkpoint: continue it with --resume, or pick another --out"),
+    (lambda c: c.command == "train" and not c.resume and not is_run_config(f"{c.out}/config.json"),
+     "--out {out} holds a config.json that no run wrote (a model's?): pick another --out"),
     (lambda c: c.tokens < c.trained, "--tokens {tokens} is fewer than the {trained} this run has trained on: "
                                      "give at least that many"),
 ]
@@ -1280,6 +1287,35 @@ def disk_space_for(path, needed):
         raise UsageError(f"the disk filled up writing {path}: it needs {readable(needed)} and "
                          f"{readable(free)} are free (files written before stay whole); make room, then "
                          "give the same command again (with --resume if it trained)") from None
+
+
+def hold_lock(path, what):
+    """Lock the file at path, which names its holder: a second process that would write what this one writes
+    (a run's folder, a cache) is refused in one line. Returns the lock; closing it frees it."""
+    import fcntl
+
+    lock = open(path, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip()
+        lock.close()
+        raise UsageError(f"{what} is being written by another process ({holder}): wait for it to end, "
+                         "or pick another --out") from None
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    lock.flush()
+    return lock
+
+
+def world_size():
+    """The ranks torchrun started (its WORLD_SIZE), checked before any rank waits on another."""
+    ranks = os.environ.get("WORLD_SIZE", "1")
+    if not ranks.isdigit() or int(ranks) < 1 or int(ranks) > 1 and "RANK" not in os.environ:
+        raise UsageError(f"WORLD_SIZE={ranks} is not torchrun's: start with torchrun --nproc-per-node N, or "
+                         "unset WORLD_SIZE")
+    return int(ranks)
 
 
 def pick_device(name):
@@ -1679,57 +1715,84 @@ def write_cache(cfg, given=None):
     writable_place(cfg.out, "cache --out", file=True)
     caches = cache_files(cfg)
     for *_, path in caches:  # a cache is written again in place; any other file or folder stays
-        if os.path.isdir(path) or os.path.exists(path) and not os.path.isfile(path + ".json"):
-            raise UsageError(f"cache --out {cfg.out}: {path} exists and is no cache (no {path}.json beside "
-                             "it), so it is not written over: pick another --out")
+        header_ok = is_cache_header(path + ".json")
+        for part in (path, path + ".json", path + ".tokens"):
+            if os.path.exists(part) and not (os.path.isfile(part) and header_ok):
+                raise UsageError(f"cache --out {cfg.out}: {part} exists and is no cache's, so it is not "
+                                 "written over: pick another --out")
     model, tokenizer = load_lm(cfg, device)
     modules = [hooked_module(model, layer, site) for layer, site, _ in caches]
     n_eval, d = held_out_contexts(cfg), model.config.hidden_size
     n_total = n_eval + contexts_needed(cfg)
     rows = n_total * (cfg.ctx - cfg.skip_positions)
-    parts = [path + end for *_, path in caches for end in ("", ".tokens")]
-    replaced = sum(os.path.getsize(part) for part in parts if os.path.isfile(part))
-    needed = len(caches) * sum(cache_sizes(rows, d, n_total, cfg.ctx))
-    check_room(cfg.out, "cache --out", needed - replaced, file=True)  # before the LM runs
+    new = f".tmp{os.getpid()}"  # the new cache is written beside the old, which stays whole until it is done
+    parts = [path + new + end for *_, path in caches for end in ("", ".tokens")]
+    needed = len(caches) * sum(cache_sizes(rows, d, n_total, cfg.ctx))  # beside the old, until it is whole
+    check_room(cfg.out, "cache --out", needed, file=True)  # before the LM runs
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-    contexts = token_contexts(cfg, tokenizer)
-    held_out_CL = take(contexts, n_eval)
-    dropped = {"equal_to_held_out": 0, "duplicate": 0}
-    contexts = itertools.chain(held_out_CL, distinct_contexts(contexts, held_out_CL, dropped))
-    text = {"text": list(cfg.text), "dataset": None if cfg.text else cfg.dataset}
-    headers = [{"format": CACHE_FORMAT, **text, "model": cfg.model, "layer": layer, "site": site,
-                "ctx": cfg.ctx,
-                "skip_positions": cfg.skip_positions, "d": d, "dtype": "bfloat16", "eval_contexts": n_eval,
-                "contexts": n_total, "rows": rows, "seed": cfg.seed, "windows": cfg.windows,
-                "lm_dtype": str(model.dtype), "complete": False} for layer, site, _ in caches]
+    lock = hold_lock(cfg.out + ".lock", f"cache --out {cfg.out}")  # removed when this command ends
+    try:  # the lock goes with this command, whatever ends it
+        contexts = token_contexts(cfg, tokenizer)
+        held_out_CL = take(contexts, n_eval)
+        dropped = {"equal_to_held_out": 0, "duplicate": 0}
+        contexts = itertools.chain(held_out_CL, distinct_contexts(contexts, held_out_CL, dropped))
+        text = {"text": list(cfg.text), "dataset": None if cfg.text else cfg.dataset}
+        headers = [{"format": CACHE_FORMAT, **text, "model": cfg.model, "layer": layer, "site": site,
+                    "ctx": cfg.ctx, "skip_positions": cfg.skip_positions, "d": d, "dtype": "bfloat16",
+                    "eval_contexts": n_eval, "contexts": n_total, "rows": rows, "seed": cfg.seed,
+                    "windows": cfg.windows,
+                    "lm_dtype": str(model.dtype), "complete": False} for layer, site, _ in caches]
+        try:
+            with disk_space_for(cfg.out, needed), contextlib.ExitStack() as files:
+                opened = [files.enter_context(open(part, "wb")) for part in parts]
+                outputs = list(zip(opened[::2], opened[1::2]))  # (activations, contexts) of each cache
+                for first in tqdm(range(0, n_total, cfg.lm_batch_size), desc="cache", unit="ctx",
+                                  unit_scale=cfg.lm_batch_size):
+                    tokens_CL = take(contexts, min(cfg.lm_batch_size, n_total - first), dropped)
+                    tokens = tokens_CL.to(torch.int32).numpy().tobytes()
+                    acts = site_activations(model, modules, tokens_CL, cfg.lm_batch_size, cfg.skip_positions)
+                    for acts_BD, (acts_file, tokens_file) in zip(acts, outputs):
+                        acts_file.write(acts_BD.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
+                        tokens_file.write(tokens)
+        except (UsageError, OSError, KeyboardInterrupt) as e:  # out of text or disk, Ctrl-C: of no use
+            for part in parts:
+                with contextlib.suppress(OSError):
+                    os.remove(part)
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            why = e if isinstance(e, UsageError) else f"cache --out {cfg.out}: {cause(e)}"
+            raise UsageError(f"{why} (the unfinished cache files were removed)") from None
+        for (layer, site, path), header in zip(caches, headers):
+            header = {**header, **cache_digests(path + new, header), "complete": True,
+                      "dropped_contexts": dropped}
+            os.replace(path + new, path)
+            os.replace(path + new + ".tokens", path + ".tokens")
+            write_json(path + ".json", header)
+            print(f"wrote {rows} activations of {cfg.model} layer {layer} {site} to {path}")
+        print(f"{n_eval} held-out contexts first; left out: {dropped['equal_to_held_out']} training contexts "
+              f"equal to a held-out one, {dropped['duplicate']} repeats")
+    finally:
+        os.remove(lock.name)
+        lock.close()
+
+
+def is_run_config(path):
+    """Whether path is absent or a run's config.json: a new run writes over nothing else."""
     try:
-        for (*_, path), header in zip(caches, headers):
-            write_json(path + ".json", header)  # says "incomplete" until the last row is written
-        with disk_space_for(cfg.out, needed), contextlib.ExitStack() as files:
-            opened = [files.enter_context(open(part, "wb")) for part in parts]
-            outputs = list(zip(opened[::2], opened[1::2]))  # (activations, contexts) of each cache
-            for first in tqdm(range(0, n_total, cfg.lm_batch_size), desc="cache", unit="ctx",
-                              unit_scale=cfg.lm_batch_size):
-                tokens_CL = take(contexts, min(cfg.lm_batch_size, n_total - first), dropped)
-                tokens = tokens_CL.to(torch.int32).numpy().tobytes()
-                acts = site_activations(model, modules, tokens_CL, cfg.lm_batch_size, cfg.skip_positions)
-                for acts_BD, (acts_file, tokens_file) in zip(acts, outputs):
-                    acts_file.write(acts_BD.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
-                    tokens_file.write(tokens)
-    except (UsageError, OSError, KeyboardInterrupt) as e:  # out of text or disk, Ctrl-C: of no use
-        for part in parts + [path + ".json" for *_, path in caches]:
-            with contextlib.suppress(OSError):
-                os.remove(part)
-        if isinstance(e, KeyboardInterrupt):
-            raise
-        why = e if isinstance(e, UsageError) else f"cache --out {cfg.out}: {cause(e)}"
-        raise UsageError(f"{why} (the unfinished cache files were removed)") from None
-    for (layer, site, path), header in zip(caches, headers):
-        write_json(path + ".json", {**header, **cache_digests(path, header), "complete": True,
-                                    "dropped_contexts": dropped})
-        print(f"wrote {rows} activations of {cfg.model} layer {layer} {site} to {path}")
-    print(f"{n_eval} held-out contexts first; left out: {dropped['equal_to_held_out']} training contexts "
-          f"equal to a held-out one, {dropped['duplicate']} repeats")
+        return {"arch", "resumes", "acts"} <= set(json.load(open(path)))
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def is_cache_header(path):
+    """Whether path is a cache's header: the cache command writes over no other file."""
+    try:
+        header = json.load(open(path))
+        return isinstance(header, dict) and {"rows", "contexts"} <= set(header)
+    except (OSError, ValueError):
+        return False
 
 
 def cache_users(path, all_listed=False):
@@ -2054,15 +2117,16 @@ def resumed_config(cfg, given):
     if not os.path.isfile(path):
         raise UsageError(f"--resume: {cfg.out} has no checkpoint yet; drop --resume to start the run afresh")
     info = read_checkpoint(path, weights=False)[0]
-    fixed_now = {key: value for key, value in json.loads(json.dumps(dataclasses.asdict(saved))).items()
-                 if key not in RESUMABLE + ("resume", "out", "device", "compile")}
-    edited = [cli_flag(key) for key, value in fixed_now.items() if info["config"].get(key) != value]
+    history = json.load(open(os.path.join(cfg.out, "config.json"))).get("resumes", [])
+    last_changes = history[-1]["changed"] if history else {}  # a resume may have stopped before it saved
+    edited = [cli_flag(key) for key, value in json.loads(json.dumps(dataclasses.asdict(saved))).items()
+              if key not in ("resume", "out", "device", "compile") and info["config"].get(key) != value
+              and last_changes.get(key, [None, None])[1] != value]
     if edited:  # the checkpoint is the truth: its settings made the weights
         raise UsageError(f"--resume: {cfg.out}/config.json disagrees with the run's checkpoint on "
                          f"{', '.join(edited)} (edited, or another run's): restore it, or start a new run in "
                          "another --out")
     trained = info["step"] * saved.batch_size
-    history = json.load(open(os.path.join(cfg.out, "config.json"))).get("resumes", [])
     resumed = dataclasses.replace(saved, **{name: new for name, (_, new) in changed.items()})
     return resumed, history, changed, {"fixed": fixed, "trained": trained, "began_on": info["cache"]}
 
@@ -2088,26 +2152,6 @@ class Run(NamedTuple):
     lock: object  # the run folder's lock (rank 0), held until the run ends
 
 
-def hold_run_folder(out):
-    """Lock out/.lock, which names its holder: a second process that would write the same run folder, or one
-    started before this one wrote anything, is refused in one line. Returns the lock; closing it frees it."""
-    import fcntl
-
-    lock = open(os.path.join(out, ".lock"), "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.seek(0)
-        holder = lock.read().strip()
-        lock.close()
-        raise UsageError(f"--out {out} is being written by another process ({holder}): wait for it to end, "
-                         "or pick another --out") from None
-    lock.truncate(0)
-    lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
-    lock.flush()
-    return lock
-
-
 def start_run(cfg, given):
     """Every check, then the activation source, the SAE, its optimizer and dead-latent clock (restored on
     --resume) and config.json."""
@@ -2122,7 +2166,7 @@ def start_run(cfg, given):
         header = cache[0]
         known["cache_replaced"] = ", ".join(key for key in DIGESTS
                                             if began_on and began_on[key] != header[key])
-    check_config(cfg, given, ranks=int(os.environ.get("WORLD_SIZE", "1")), **known)  # before torchrun's
+    check_config(cfg, given, ranks=world_size(), **known)  # before torchrun's
     # group starts: a refused run exits on every rank alike
     # what config.json records: the learning rate used, and no dataset where the run read none
     cfg = dataclasses.replace(cfg, lr=base_lr(cfg), dataset=None if cfg.text else cfg.dataset)
@@ -2140,9 +2184,11 @@ def start_run(cfg, given):
 
     def hold():  # the folder, then the rules again under its lock: another process may have written there
         os.makedirs(cfg.out, exist_ok=True)
-        lock = hold_run_folder(cfg.out)
+        lock = hold_lock(os.path.join(cfg.out, ".lock"), f"--out {cfg.out}")
         for leftover in pathlib.Path(cfg.out).glob("*.tmp[0-9]*"):  # of a save killed mid-write
             leftover.unlink()
+        with contextlib.suppress(FileNotFoundError):  # of the run before a restart or an extension
+            os.remove(os.path.join(cfg.out, "metrics.json"))
         if cfg.acts and os.path.abspath(cfg.out) not in cache_users(cfg.acts, all_listed=True):
             with open(cfg.acts + ".runs", "a") as runs:  # so that the cache command will not replace it
                 runs.write(os.path.abspath(cfg.out) + "\n")
@@ -2501,7 +2547,8 @@ def load_config(out_dir):
                          "point --out at the run")
     try:
         fields = json.load(open(path))
-        fields.pop("resumes", None)  # the run's history of --resume changes
+        if not isinstance(fields.pop("resumes", []), list):  # the run's history of --resume changes
+            raise TypeError("its resumes are not a list")
         fields.update(text=tuple(fields["text"]), resume=True, out=out_dir)  # the run may have been moved
         cfg = TrainConfig(**fields)
         check_fields(cfg)
@@ -2645,7 +2692,7 @@ def start_distributed(device):
     device and how to talk to the other ranks."""
     import torch.distributed as dist
 
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if world_size() == 1:
         return device, SINGLE_PROCESS
     if not dist.is_initialized():
         if device.type == "cuda":
@@ -2834,12 +2881,18 @@ def bench_lm_config(cfg):
     """The config of the LM whose capture bench times, checked (--model, --ctx, --layer) before any SAE is."""
     from transformers import AutoConfig
 
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # its warnings would come before our one line
     try:
         from_dir = os.path.isdir(cfg.model)
         config = AutoConfig.from_pretrained(cfg.model) if from_dir else AutoConfig.for_model(cfg.model)
+        if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise ValueError(f"a {config.model_type} is no causal LM")
     except (OSError, ValueError) as e:
-        raise UsageError(f"bench --model {cfg.model} ({cause(e)}): name a config (gpt2, llama, ...) or a "
-                         "model directory") from None
+        raise UsageError(f"bench --model {cfg.model} ({cause(e)}): name a causal LM's config (gpt2, llama, "
+                         "...) or a model directory") from None
     check_positions(config, cfg.ctx)
     check_layer(cfg.layer, config.num_hidden_layers)
     if config.hidden_size != cfg.d_in:  # its time per token is added to the SAE's
@@ -2867,7 +2920,7 @@ def bench_capture(cfg, config, device):
 
 
 def bench(cfg, given=None):
-    check_config(cfg, given, command="bench", ranks=int(os.environ.get("WORLD_SIZE", "1")))
+    check_config(cfg, given, command="bench", ranks=world_size())
     device, comms = start_distributed(pick_device(cfg.device))
     check_memory(cfg, cfg.d_in, device, saes=2)
     lm_config = bench_lm_config(cfg) if cfg.model and not cfg.expert_parallel else None

@@ -1818,7 +1818,8 @@ RULE_CASES = [  # (the config's fields, the facts known, how the message starts)
     (dict(expert_parallel=True), dict(ranks=1), "--expert-parallel splits the experts over torchrun's ranks"),
     (dict(batch_size=4097), dict(ranks=2), "--batch-size 4097 and, with --expert-parallel, --experts 16 must be"),
     (dict(router="expert-choice"), dict(ranks=2), "--router expert-choice ranks the tokens of the whole batch"),
-    (dict(command="train"), {}, "--out"),
+    (dict(out="run"), {}, "--out"),  # holds another run's checkpoint
+    (dict(out="model"), {}, "--out"),  # holds a model's config.json
     (dict(tokens=10**6), dict(trained=2 * 10**6), "--tokens 1000000 is fewer than the 2000000 this run has trained"),
 ]
 
@@ -1834,10 +1835,12 @@ def test_every_rule_between_flags_is_stated_once_and_each_refuses_its_case(tmp_p
     monkeypatch.setattr(shutil, "which", lambda name: None)  # no compiler on PATH
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "sae.safetensors").write_bytes(b"")  # another run's checkpoint
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
     for fields, known, start in RULE_CASES:
         command = fields.pop("command", "train")
-        cfg = S.CacheConfig(out=str(tmp_path)) if command == "cache" else S.TrainConfig(
-            **fields, **({"out": str(tmp_path / "run")} if start == "--out" else {}))
+        fields.update({"out": str(tmp_path / fields["out"])} if "out" in fields else {})
+        cfg = S.CacheConfig(out=str(tmp_path)) if command == "cache" else S.TrainConfig(**fields)
         with pytest.raises(S.UsageError) as refusal:
             S.check_config(cfg, command=command, **known)
         assert str(refusal.value).startswith(start), (str(refusal.value), start)
@@ -2051,6 +2054,10 @@ def broken_run(kind, tmp_path, artifacts):
         edit_json(config, width=-5)
     elif kind == "config_edited_rule":  # valid, and not the rule the weights were trained with
         edit_json(config, gate="heaviside", experts_per_token=2)
+    elif kind == "config_edited_lr":  # a field --resume may change, changed by hand: not recorded anywhere
+        edit_json(config, lr=0.5)
+    elif kind == "config_resumes_not_a_list":
+        edit_json(config, resumes="none")
     else:  # another run's checkpoint (another width) beside this config.json
         edit_json(config, width=128)
     return run
@@ -2070,7 +2077,8 @@ CACHE_FAULTS = ["cut_header", "list_header", "edited_d", "layer_a_string", "inco
 
 
 RUN_FAULTS = ["cut_checkpoint", "zeroed_header", "random_checkpoint", "foreign_checkpoint", "cut_config", "config_a_list",
-              "config_unknown_field", "config_bad_value", "config_edited_rule", "checkpoint_of_another_config"]
+              "config_unknown_field", "config_bad_value", "config_edited_rule", "config_edited_lr",
+              "config_resumes_not_a_list", "checkpoint_of_another_config"]
 
 
 @pytest.mark.parametrize("reader,kind", [("text", k) for k in TEXT_FAULTS] + [("model", k) for k in MODEL_FAULTS]
@@ -2126,7 +2134,7 @@ def test_a_run_folder_another_process_writes_is_refused_naming_the_holder(tiny_r
     hold it) and is refused, naming the holder; once it is freed, the run starts."""
     out = tmp_path / "run"
     out.mkdir()
-    lock = S.hold_run_folder(str(out))
+    lock = S.hold_lock(str(out / ".lock"), f"--out {out}")
     err = refused(tiny_args(tiny_run, out, tokens=512, skip_ce=True), capsys)
     assert f"--out {out} is being written by another process (pid {os.getpid()} on" in err
     assert sorted(os.listdir(out)) == [".lock"]  # nothing of the run was written
@@ -2167,6 +2175,14 @@ def test_a_cache_is_written_over_no_file_that_is_no_cache(tiny_run, tmp_path, ca
     err = refused(["cache", *[a for a in cache_args(tiny_run, tmp_path / "multi.bin") if not a.startswith("--layer")],
                    "--layer", "0", "1", "--site", "resid", "attn"], capsys)
     assert "multi_L1_attn.bin exists and is no cache" in err and snapshot(str(tmp_path)) == before
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"architectures": []}')  # a model's: FILE.json of FILE
+    assert "config.json exists and is no cache" in refused(["cache", *cache_args(tiny_run, tmp_path / "model" / "config")],
+                                                            capsys)
+    lock = S.hold_lock(str(tmp_path / "acts.bin.lock"), "cache --out acts.bin")  # another cache command's
+    err = refused(["cache", *cache_args(tiny_run, tmp_path / "acts.bin")], capsys)
+    assert f"cache --out {tmp_path / 'acts.bin'} is being written by another process (pid {os.getpid()}" in err
+    lock.close()
 
 
 def test_a_cache_may_be_written_again_and_one_that_runs_out_of_text_leaves_nothing(tiny_run, tmp_path, capsys):
@@ -2179,6 +2195,8 @@ def test_a_cache_may_be_written_again_and_one_that_runs_out_of_text_leaves_nothi
     err = refused(["cache", *cache_args(tiny_run, tmp_path / "short.bin", text=short)], capsys, tmp_path / "short.bin",
                   mid_run=True)
     assert "the text ran out" in err and "the unfinished cache files were removed" in err
+    err = refused(["cache", *cache_args(tiny_run, path, text=short)], capsys, mid_run=True)  # over a good cache
+    assert "the text ran out" in err and snapshot(str(tmp_path / "new")) == first  # which stays whole
 
 
 # --- faults mid-run: divergence, non-finite data, signals, a full disk
@@ -2208,6 +2226,21 @@ def test_text_of_repeats_says_so_an_interrupted_cache_is_removed_and_a_killed_sa
     (tmp_path / "run2" / "sae.safetensors.tmp4242").write_bytes(bytes(1000))  # a save killed mid-write
     S.main(tiny_args(tiny_run, tmp_path / "run2", tokens=512, skip_ce=True))
     assert sorted(os.listdir(tmp_path / "run2")) == [".lock", "config.json", "metrics.json", "sae.safetensors"]
+
+
+def test_a_restarted_run_leaves_no_earlier_metrics_and_torchrun_or_bench_misuse_is_one_line(tiny_run, tmp_path,
+                                                                                            capsys):
+    S.main(tiny_args(tiny_run, tmp_path / "run", tokens=512, skip_ce=True))
+    os.remove(tmp_path / "run" / "sae.safetensors")  # a fresh run in its folder, which runs out of text
+    refused(tiny_args(tiny_run, tmp_path / "run", tokens=10**7, skip_ce=True), capsys, mid_run=True)
+    assert not os.path.exists(tmp_path / "run" / "metrics.json")  # the earlier run's went with it
+    for env in ({"WORLD_SIZE": "abc"}, {"WORLD_SIZE": "2"}, {"WORLD_SIZE": "0"}):  # not torchrun's
+        result = run_cli(*tiny_args(tiny_run, tmp_path / "x"), **env)
+        assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+            f"error: WORLD_SIZE={env['WORLD_SIZE']} is not torchrun's: start with torchrun --nproc-per-node N, "
+            "or unset WORLD_SIZE"]
+    err = refused(["bench", "--model=t5", "--d-in=512", "--layer=0", "--ctx=8", "--device=cpu"], capsys)
+    assert "a t5 is no causal LM" in err
 
 
 def test_the_python_api_refuses_bad_tensors_and_devices_naming_what_it_expected(artifacts, tmp_path):
@@ -2415,8 +2448,8 @@ def test_a_full_disk_is_found_before_writing_and_a_disk_filling_up_loses_nothing
             self.f.close()
 
     cache = tmp_path / "acts.bin"
-    monkeypatch.setattr(S, "open", lambda path, *a, **k: Filling(real_open(path, *a, **k)) if str(path) == str(cache)
-                        else real_open(path, *a, **k), raising=False)
+    monkeypatch.setattr(S, "open", lambda path, *a, **k: Filling(real_open(path, *a, **k))  # the new cache's rows
+                        if str(path) == f"{cache}.tmp{os.getpid()}" else real_open(path, *a, **k), raising=False)
     err = refused(["cache", *cache_args(tiny_run, cache)], capsys, mid_run=True)
     assert "the disk filled up writing" in err and "the unfinished cache files were removed" in err
     monkeypatch.undo()
