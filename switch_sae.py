@@ -1236,6 +1236,12 @@ def sae_settings(cfg, d_in):
 
 def make_sae(arch, d_in, width, experts=1, k=32, **routing):
     """An SAE of its kind, its settings held to RULES first; routing: make_router's keywords (Switch)."""
+    unknown = ", ".join(set(routing) - set(ROUTER_FIELDS))
+    if unknown:
+        raise UsageError(f"make_sae has no keyword {unknown}: its routing keywords are "
+                         f"{', '.join(ROUTER_FIELDS)}")
+    if isinstance(d_in, bool) or not isinstance(d_in, int) or d_in < 1:
+        raise UsageError(f"make_sae's d_in {d_in!r} is not a whole number of at least 1")
     check_config(SAEConfig(arch=arch, width=width, experts=experts, k=k, **routing), command="make_sae")
     if arch == "switch":
         return SwitchSAE(d_in, width, experts, k, make_router(experts, **routing))
@@ -2089,8 +2095,11 @@ def diverged(cfg, step, saved_step, loss, x_absmax, weights_finite, x_typical):
             f"reach {x_absmax:.3g}, {x_absmax / x_typical:.2g} times the first batch's median norm"
         return UsageError(f"the activations by step {step} {what}, from {source}: bad data, not a learning "
                           f"rate too high; {kept}")
-    fix = f"start again with a lower --lr than {lr:.2g}" if not saved_step else \
-        f"continue it at a lower learning rate with --resume --out {cfg.out} --lr {lr / 3:.2g}"
+    coefficients = ARCHS[cfg.arch].loss_coefficients(cfg, 0, 1)
+    weights = [cli_flag(name) for name, weight in coefficients.items() if weight]
+    lower = f" (or a lower {' or '.join(weights)}, if set high)" if weights else ""
+    fix = f"start again with a lower --lr than {lr:.2g}{lower}" if not saved_step else \
+        f"continue it at a lower learning rate{lower} with --resume --out {cfg.out} --lr {lr / 3:.2g}"
     what = f"the loss became {loss}" if weights_finite else "the weights became NaN or infinite"
     return Diverged(f"{what} by step {step} (the largest activation so far: {x_absmax:.3g}); {kept}: {fix}")
 
@@ -2536,13 +2545,21 @@ def sae_from(info, tensors, device="cpu"):
 
 def load_sae(path, device="cpu"):
     """A trained SAE (SwitchSAE, or a baseline) from a run directory or its sae.safetensors file."""
-    device = pick_device(device) if device in ("auto", "cuda") else device  # refused without a GPU
+    try:
+        device = pick_device(device) if device == "auto" else torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"load_sae: device {device!r} is none of cpu, cuda, cuda:N, auto") from None
+    if device.type == "cuda":
+        pick_device("cuda")  # refused without a GPU
     return sae_from(*read_checkpoint(path, device), device)
 
 
 def load_config(out_dir):
     path = os.path.join(out_dir, "config.json")
     if not os.path.isfile(path):
+        if os.path.isfile(os.path.join(out_dir, "sae.safetensors")):
+            raise UsageError(f"--resume: {path} is missing beside the run's checkpoint: restore it, or "
+                             "start a new run in another --out")
         raise UsageError(f"--resume: no run to continue in {out_dir} (no config.json); drop --resume or "
                          "point --out at the run")
     try:

@@ -2058,6 +2058,8 @@ def broken_run(kind, tmp_path, artifacts):
         edit_json(config, lr=0.5)
     elif kind == "config_resumes_not_a_list":
         edit_json(config, resumes="none")
+    elif kind == "config_missing":  # the advice is to restore it, not to drop --resume (which would be refused)
+        os.remove(config)
     else:  # another run's checkpoint (another width) beside this config.json
         edit_json(config, width=128)
     return run
@@ -2078,7 +2080,8 @@ CACHE_FAULTS = ["cut_header", "list_header", "edited_d", "layer_a_string", "inco
 
 RUN_FAULTS = ["cut_checkpoint", "zeroed_header", "random_checkpoint", "foreign_checkpoint", "cut_config", "config_a_list",
               "config_unknown_field", "config_bad_value", "config_edited_rule", "config_edited_lr",
-              "config_resumes_not_a_list", "checkpoint_of_another_config"]
+              "config_resumes_not_a_list", "config_missing",
+              "checkpoint_of_another_config"]
 
 
 @pytest.mark.parametrize("reader,kind", [("text", k) for k in TEXT_FAULTS] + [("model", k) for k in MODEL_FAULTS]
@@ -2269,6 +2272,14 @@ def test_the_python_api_refuses_bad_tensors_and_devices_naming_what_it_expected(
             S.load_sae(tmp_path)
     with pytest.raises(S.UsageError, match="--experts-per-token 0 is out of range"):
         S.make_sae("switch", 8, 32, 4, 2, experts_per_token=0)
+    for d_in in (0, -1, 32.5, "32", None):
+        with pytest.raises(S.UsageError, match="make_sae's d_in .* is not a whole number of at least 1"):
+            S.make_sae("switch", d_in, 32, 4, 2)
+    with pytest.raises(S.UsageError, match="make_sae has no keyword lb_alpha: its routing keywords are router"):
+        S.make_sae("switch", 8, 32, 4, 2, lb_alpha=3.0)
+    for device in ("tpu", "bogus"):
+        with pytest.raises(S.UsageError, match=f"load_sae: device '{device}' is none of cpu, cuda, cuda:N, auto"):
+            S.load_sae(artifacts / "run", device)
     with pytest.raises(S.UsageError, match="--shared-expert 'yes' is not true or false"):
         S.check_config(S.TrainConfig(shared_expert="yes"))
 
