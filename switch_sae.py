@@ -1474,8 +1474,8 @@ def take(contexts, n, dropped=None):
         left_out = f" (left out as repeats: {dropped['duplicate']}, as copies of held-out contexts: " \
                    f"{dropped['equal_to_held_out']})" if dropped and any(dropped.values()) else ""
         raise UsageError(f"the text ran out: the next {n} contexts were needed and {len(rows)} were left"
-                         f"{left_out}; give more text or lower --tokens / --eval-tokens (a run that saved a "
-                         "checkpoint can be finished early with --resume --tokens N)")
+                         f"{left_out}; give more text or lower --tokens / --eval-tokens (a training run that "
+                         "saved a checkpoint can be finished early with --resume --tokens N)")
     return torch.stack(rows)
 
 
@@ -1843,7 +1843,8 @@ def open_cache(path):
     held-out rows that are not finite."""
     import numpy as np
 
-    again = f"write it again with 'switch_sae.py cache --out {path}'"
+    again = (f"write it again with 'switch_sae.py cache --out {path}' and the --model, --text, --layer and "
+             "--site it was made from")
     if not os.path.isfile(path + ".json"):
         named = next((path[: -len(end)] for end in (".json", ".tokens") if path.endswith(end)), None)
         if named and os.path.isfile(named + ".json"):
