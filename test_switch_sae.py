@@ -25,6 +25,33 @@ import torch.nn.functional as F
 import switch_sae as S
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+MARKS = {"quick": "part 1, the method: no LM, no files, under a minute on 2 cores (python -m pytest -m quick)",
+         "cuda": "needs a CUDA GPU, skipped without one (python -m pytest -m cuda; .ci/gpu_check.sh runs them)"}
+pytest_plugins = [__name__]  # this file is its own plugin: it registers and applies its marks (the top level holds
+# no pytest config file, and a mark read before it is registered is warned of)
+
+
+def marked(name):
+    """A test decorator: the mark `name`, given at collection, once pytest_configure has registered it."""
+    def mark(test):
+        test.marks = getattr(test, "marks", ()) + (name,)
+        return test
+    return mark
+
+
+quick, cuda = marked("quick"), marked("cuda")
+
+
+def pytest_configure(config):
+    for name, meaning in MARKS.items():
+        config.addinivalue_line("markers", f"{name}: {meaning}")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects by them
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for name in getattr(getattr(item, "function", None), "marks", ()):
+            item.add_marker(name)
 TOL = dict(rtol=1e-4, atol=1e-5)  # float32, sums over a few hundred terms
 
 
@@ -80,7 +107,7 @@ def grads(sae, loss):
 # --- the routed forward against the dense references
 
 
-@pytest.mark.quick
+@quick
 @pytest.mark.parametrize("experts,k", [(1, 5), (4, 5), (1, 3)])  # k = 3: rows of 96 >= 32 k take topk_rows' two stages
 @pytest.mark.parametrize("grouped", [False, True])
 def test_routed_equals_dense_reference(experts, k, grouped, monkeypatch):
@@ -104,7 +131,7 @@ def test_routed_equals_dense_reference(experts, k, grouped, monkeypatch):
     assert got["W_router"].abs().sum() > 0 or experts == 1
 
 
-@pytest.mark.quick
+@quick
 def test_forward_dense_as_the_paper_writes_it_equals_the_routed_forward():
     sae, x = random_sae(experts=4, k=5)
     fast, dense = sae(x), sae.forward_dense(x)
@@ -119,7 +146,7 @@ def test_forward_dense_as_the_paper_writes_it_equals_the_routed_forward():
     torch.testing.assert_close(dense.x_hat, dense_switch(sae, x)[0], **TOL)
 
 
-@pytest.mark.quick
+@quick
 def test_encode_decode_round_trip_equals_forward():
     sae, x = random_sae(experts=4, k=5)
     vals, idx = sae.encode(x)
@@ -135,7 +162,7 @@ def test_encode_decode_round_trip_equals_forward():
     assert sae.W_dec.shape == (sae.width, sae.d_in) and sae.W_dec.dtype == torch.float32 and sae.device.type == "cpu"
 
 
-@pytest.mark.quick
+@quick
 def test_one_expert_is_a_plain_topk_sae():
     sae, x = random_sae(experts=1, width=64, k=6)
     x_hat = sae(x).x_hat
@@ -148,7 +175,7 @@ def test_one_expert_is_a_plain_topk_sae():
         torch.testing.assert_close(got[name], p.grad, **TOL, msg=name)
 
 
-@pytest.mark.quick
+@quick
 def test_auxk_uses_only_dead_latents_of_the_routed_expert():
     sae, x = random_sae(experts=4, width=96, k=3)
     dead = torch.zeros(sae.width, dtype=torch.bool)
@@ -213,7 +240,7 @@ def dense_rule(sae, x_BD, experts_per_token=1, shared_expert=False, gate="softma
     return codes @ sae.W_dec + sae.b_dec, codes, routed * (load * probs.mean(0)).sum()
 
 
-@pytest.mark.quick
+@quick
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("grouped", [False, True])
 def test_every_routing_rule_equals_its_dense_reference_and_forward_dense(rule, grouped, monkeypatch):
@@ -257,7 +284,7 @@ def test_every_routing_rule_equals_its_dense_reference_and_forward_dense(rule, g
 # --- the load-balance loss
 
 
-@pytest.mark.quick
+@quick
 def test_load_balance_is_one_when_uniform_and_n_when_collapsed():
     sae, x = random_sae(experts=4)
     expert = torch.arange(len(x)) % 4
@@ -271,7 +298,7 @@ def test_load_balance_is_one_when_uniform_and_n_when_collapsed():
     assert parts["balance"].item() == pytest.approx(4.0)
 
 
-@pytest.mark.quick
+@quick
 def test_load_balance_alone_trains_the_router():
     sae, x = random_sae(experts=4)
     out = sae(x)
@@ -284,7 +311,7 @@ def test_load_balance_alone_trains_the_router():
 # --- the baselines against their papers
 
 
-@pytest.mark.quick
+@quick
 def test_relu_baseline_matches_the_april_update_recipe():
     torch.manual_seed(0)
     sae, x = S.ReluSAE(24, 96), torch.randn(300, 24) * 2
@@ -303,7 +330,7 @@ def test_relu_baseline_matches_the_april_update_recipe():
         torch.testing.assert_close(got[name], g, **TOL, msg=name)
 
 
-@pytest.mark.quick
+@quick
 def test_gated_baseline_matches_the_paper():
     torch.manual_seed(0)
     sae, x = S.GatedSAE(24, 96), torch.randn(300, 24) * 2
@@ -351,7 +378,7 @@ def train_on(x_all, normalize, steps=60, batch=256, seed=0):
     return sae
 
 
-@pytest.mark.quick
+@quick
 def test_normalized_inputs_by_hand_and_against_the_dense_reference():
     """--normalize-activations: the scale and the balance weight as defined, computed here by hand; the SAE
     reads and returns the LM's units: its output is the dense reference run on s x, divided by s."""
@@ -375,7 +402,7 @@ def test_normalized_inputs_by_hand_and_against_the_dense_reference():
     torch.testing.assert_close(sae.decode(sae.encode(x)), out.x_hat, **TOL)
 
 
-@pytest.mark.quick
+@quick
 @pytest.mark.parametrize("arch", ["switch", "relu", "gated"])
 def test_an_input_scale_is_the_same_sae_on_scaled_data(arch):
     """An SAE with input scale c on x / c is the SAE with scale 1 on x: its loss (AuxK, L1 and the gated aux term
@@ -401,7 +428,7 @@ def test_an_input_scale_is_the_same_sae_on_scaled_data(arch):
         torch.testing.assert_close(grads7[name], grads1[name], rtol=1e-3, atol=1e-4, msg=name)
 
 
-@pytest.mark.quick
+@quick
 def test_normalized_training_is_the_same_at_any_scale():
     """The same data times 100 trains, with --normalize-activations, to the same routing and (divided by 100)
     the same reconstruction; without it the router sees other logits and routes otherwise."""
@@ -417,7 +444,7 @@ def test_normalized_training_is_the_same_at_any_scale():
 # --- the training step: the decoder's unit rows, gradient clipping, compile, the lr rule, the bias init
 
 
-@pytest.mark.quick
+@quick
 def test_decoder_rows_stay_unit_norm_and_grad_is_projected():
     sae, x = random_sae()
     opt = S.make_optimizer(sae)
@@ -433,7 +460,7 @@ def test_decoder_rows_stay_unit_norm_and_grad_is_projected():
     assert (W.grad * W).sum(1).abs().max() < 1e-6
 
 
-@pytest.mark.quick
+@quick
 def test_clip_gradients_equals_torch_clip_grad_norm():
     sae, x = random_sae()
     grads(sae, sae.loss(x, sae(x))[0])
@@ -447,7 +474,7 @@ def test_clip_gradients_equals_torch_clip_grad_norm():
         torch.testing.assert_close(p.grad, copy.grad)
 
 
-@pytest.mark.quick
+@quick
 def test_grad_clip_zero_leaves_the_gradients_alone():
     sae, x = random_sae()
     loss, _ = sae.loss(x, sae(x))
@@ -459,7 +486,7 @@ def test_grad_clip_zero_leaves_the_gradients_alone():
     assert not torch.equal(sae.W_enc.grad, before["W_enc"])
 
 
-@pytest.mark.quick
+@quick
 def test_prepare_gradients_projects_the_decoder_grad_only_for_unit_decoders():
     sae, x = random_sae()
     raw = grads(sae, sae.loss(x, sae(x))[0])
@@ -474,7 +501,7 @@ def test_prepare_gradients_projects_the_decoder_grad_only_for_unit_decoders():
     torch.testing.assert_close(sae.W_enc.grad, raw["W_enc"])
 
 
-@pytest.mark.quick
+@quick
 @pytest.mark.skipif(not S.compiler_found(), reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_step_equals_eager_step(monkeypatch):
     compiled_functions, real_compiled = [], S.compiled
@@ -493,7 +520,7 @@ def test_compiled_step_equals_eager_step(monkeypatch):
         torch.testing.assert_close(params[1][name], p, msg=name)
 
 
-@pytest.mark.quick
+@quick
 def test_lr_schedule_by_hand():
     cfg = S.TrainConfig(width=65536, decay_start=0.8)  # the paper's rule: 2e-4 / sqrt(65536 / 16384) = 1e-4
     assert S.lr_at(cfg, 0, 100) == pytest.approx(1e-4)
@@ -504,7 +531,7 @@ def test_lr_schedule_by_hand():
     assert S.lr_at(gated, 0, 10_000) == pytest.approx(3e-4 / 1000) and S.lr_at(gated, 999, 10_000) == pytest.approx(3e-4)
 
 
-@pytest.mark.quick
+@quick
 def test_geometric_median_of_known_point_sets():
     triangle = torch.tensor([[0.0, 0.0], [2.0, 0.0], [1.0, 3**0.5]])  # equilateral: median is the centroid
     torch.testing.assert_close(S.geometric_median(triangle), triangle.mean(0), atol=1e-4, rtol=0)
@@ -526,13 +553,13 @@ def distinct_rows(rows, n, k):
     return torch.rand(rows, n).argsort(dim=1)[:, :k]
 
 
-@pytest.mark.quick
+@quick
 def test_scatter_rows_equals_index_add():
     idx, coef, vec = distinct_rows(40, 50, 6), torch.randn(40, 6), torch.randn(40, 8)
     torch.testing.assert_close(S.scatter_rows(idx, coef, vec, 50), scatter_rows_by_index_add(idx, coef, vec, 50), **TOL)
 
 
-@pytest.mark.quick
+@quick
 @pytest.mark.parametrize("ties", [False, True])
 def test_topk_rows_equals_torch_topk(ties):
     pre = torch.randint(-20, 20, (64, 512)).float() if ties else torch.randn(64, 512)  # 512 >= 32 k: two stages
@@ -543,7 +570,7 @@ def test_topk_rows_equals_torch_topk(ties):
     assert (idx.sort(dim=1).values.diff(dim=1) > 0).all()  # ... and are distinct
 
 
-@pytest.mark.quick
+@quick
 def test_gathered_dots_equals_gather_then_dot():
     idx, W, vec = distinct_rows(40, 50, 6), torch.randn(50, 8), torch.randn(40, 8)
     torch.testing.assert_close(S.gathered_dots(idx, W, vec), (W[idx] * vec[:, None, :]).sum(-1), **TOL)
@@ -552,7 +579,7 @@ def test_gathered_dots_equals_gather_then_dot():
 # --- FLOPs against FlopCounterMode
 
 
-@pytest.mark.quick
+@quick
 @pytest.mark.parametrize("rule,auxk", [(rule, False) for rule in RULES] + [("switch", True)])
 def test_flop_count_matches_flop_counter_on_equivalent_matmuls(monkeypatch, rule, auxk):
     from torch.utils.flop_counter import FlopCounterMode
@@ -589,7 +616,7 @@ def test_flop_count_matches_flop_counter_on_equivalent_matmuls(monkeypatch, rule
     assert analytic["load_balance"] == (3 * (experts - ("shared" in rule)) if balanced_by_loss else 0)
 
 
-@pytest.mark.quick
+@quick
 @pytest.mark.parametrize("arch", ["relu", "gated"])
 def test_baseline_flop_count_matches_flop_counter(arch):
     from torch.utils.flop_counter import FlopCounterMode
@@ -605,7 +632,7 @@ def test_baseline_flop_count_matches_flop_counter(arch):
 # --- the method lifts out of the file alone
 
 
-@pytest.mark.quick
+@quick
 def test_the_method_lifts_out_alone_and_trains():
     """A reader copies the file down to its machinery (the method, the train step and the kernels they run) and
     nothing else: with only the imports it holds, it builds, trains and matches the whole file's SwitchSAE."""
@@ -1461,7 +1488,7 @@ def test_fractions_recovered_shares_the_lm_passes_and_equals_each_sae_alone(tmp_
 # tie within bf16's precision, so at least 97% of the (token, latent) choices must agree.
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def relative_error(got, want):
@@ -1489,7 +1516,7 @@ def cuda_against_cpu(d, width, experts, k, empty_expert=False, auxk=False):
 
 
 @cuda
-@pytest.mark.cuda
+@gpu_only
 @pytest.mark.parametrize("d,width,experts,k,empty,auxk", [
     (64, 1024, 1, 32, False, False),  # TopK
     (64, 4096, 16, 32, False, False),  # m = 256: the grouped matmul
@@ -1513,7 +1540,7 @@ def test_cuda_switch_sae_matches_cpu(d, width, experts, k, empty, auxk):
 
 
 @cuda
-@pytest.mark.cuda
+@gpu_only
 def test_cuda_uses_the_grouped_matmul_where_aligned(monkeypatch):
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("grouped matmul needs Ampere or newer")
@@ -1527,7 +1554,7 @@ def test_cuda_uses_the_grouped_matmul_where_aligned(monkeypatch):
 
 
 @cuda
-@pytest.mark.cuda
+@gpu_only
 @pytest.mark.skipif(not S.compiler_found(), reason="torch.compile needs a C++ compiler")
 def test_cuda_compiled_step_equals_eager_step():
     params = []
@@ -1545,7 +1572,7 @@ def test_cuda_compiled_step_equals_eager_step():
 
 
 @cuda
-@pytest.mark.cuda
+@gpu_only
 def test_cuda_training_run_writes_metrics_and_its_checkpoint_loads_on_cpu(tiny_run, tmp_path):
     corpus = str(tmp_path / "big.jsonl")
     write_corpus(corpus, docs=8000, seed=1)
