@@ -1181,7 +1181,8 @@ RULES = [
     # the run's folder
     (lambda c: c.command == "train" and not c.resume and os.path.isfile(f"{c.out}/sae.safetensors"),
      "--out {out} holds another run's checkpoint: continue it with --resume, or pick another --out"),
-    (lambda c: c.command == "train" and not c.resume and not is_run_config(f"{c.out}/config.json"),
+    (lambda c: c.command == "train" and not c.resume
+     and holds_other_json(f"{c.out}/config.json", ("arch", "resumes", "acts")),
      "--out {out} holds a config.json that no run wrote (a model's?): pick another --out"),
     (lambda c: c.tokens < c.trained, "--tokens {tokens} is fewer than the {trained} this run has trained on: "
                                      "give at least that many"),
@@ -1715,13 +1716,14 @@ def write_cache(cfg, given=None):
     given: the fields this command sets (by default those that differ from the defaults)."""
     from tqdm import tqdm
 
-    users = [user for *_, path in cache_files(cfg) for user in cache_users(path)]
+    caches = cache_files(cfg)
+    users = [user for *_, path in caches for user in cache_users(path)]
     check_config(cfg, given, command="cache", cache_users=", ".join(users))
     device = pick_device(cfg.device)
     writable_place(cfg.out, "cache --out", file=True)
-    caches = cache_files(cfg)
     for *_, path in caches:  # a cache is written again in place; any other file or folder stays
-        header_ok = is_cache_header(path + ".json")
+        header_path = path + ".json"
+        header_ok = os.path.isfile(header_path) and not holds_other_json(header_path, ("rows", "contexts"))
         for part in (path, path + ".json", path + ".tokens"):
             if os.path.exists(part) and not (os.path.isfile(part) and header_ok):
                 raise UsageError(f"cache --out {cfg.out}: {part} exists and is no cache's, so it is not "
@@ -1782,23 +1784,16 @@ def write_cache(cfg, given=None):
         lock.close()
 
 
-def is_run_config(path):
-    """Whether path is absent or a run's config.json: a new run writes over nothing else."""
+def holds_other_json(path, fields):
+    """Whether the file at path is not a JSON object with these fields: another tool's (a model's
+    config.json), which neither a run nor the cache command writes over. No file there: False."""
     try:
-        return {"arch", "resumes", "acts"} <= set(json.load(open(path)))
+        content = json.load(open(path))
     except (FileNotFoundError, NotADirectoryError):
-        return True
-    except (OSError, ValueError, TypeError):
         return False
-
-
-def is_cache_header(path):
-    """Whether path is a cache's header: the cache command writes over no other file."""
-    try:
-        header = json.load(open(path))
-        return isinstance(header, dict) and {"rows", "contexts"} <= set(header)
     except (OSError, ValueError):
-        return False
+        return True
+    return not (isinstance(content, dict) and set(fields) <= set(content))
 
 
 def cache_users(path, all_listed=False):
@@ -1938,7 +1933,7 @@ class Source(NamedTuple):
     cache: dict | None = None  # the cache's digests, for a run on --acts
 
 
-CACHE_SETTINGS = ("model", "layer", "site", "ctx", "skip_positions", "windows", "text", "dataset")
+CACHE_SETTINGS = ("model", "layer", "site", "ctx", "skip_positions", "windows")  # and its text
 
 
 def cached_config(cfg, given):
@@ -1946,10 +1941,9 @@ def cached_config(cfg, given):
     that disagree with it (for RULES)."""
     cache = open_cache(cfg.acts)
     header = cache[0]
-    cached = dataclasses.replace(cfg, **{key: header[key] for key in CACHE_SETTINGS[:-2]},
+    cached = dataclasses.replace(cfg, **{key: header[key] for key in CACHE_SETTINGS},
                                  text=tuple(header["text"]), dataset=header["dataset"])
-    differ = [cli_flag(key) for key in CACHE_SETTINGS[:6]
-              if key in given and getattr(cfg, key) != header[key]]
+    differ = [cli_flag(key) for key in CACHE_SETTINGS if key in given and getattr(cfg, key) != header[key]]
     differ += [cli_flag(key) for key in ("text", "dataset") if key in given]
     if "eval_tokens" in given and held_out_contexts(cached) != header["eval_contexts"]:
         differ.append("--eval-tokens")
@@ -2116,7 +2110,7 @@ class Stopped(KeyboardInterrupt):
 def resumed_config(cfg, given):
     """The run saved in cfg.out, with this command's --device and --compile and the RESUMABLE fields it
     gives. Returns it, the run's history of such changes with this command's ({field: [saved, new]}), and
-    what RULES reads: the fixed flags given another value, the tokens the run has trained on."""
+    what RULES reads: the fixed flags given another value, the tokens trained, the cache it began on."""
     saved = dataclasses.replace(load_config(cfg.out), device=cfg.device, compile=cfg.compile)
     changed = {name: [getattr(saved, name), getattr(cfg, name)] for name in sorted(given)
                if name not in ("resume", "out", "device", "compile")
@@ -2176,8 +2170,7 @@ def start_run(cfg, given):
         header = cache[0]
         known["cache_replaced"] = ", ".join(key for key in DIGESTS
                                             if began_on and began_on[key] != header[key])
-    check_config(cfg, given, ranks=world_size(), **known)  # before torchrun's
-    # group starts: a refused run exits on every rank alike
+    check_config(cfg, given, ranks=world_size(), **known)  # before torchrun's group starts: all ranks alike
     # what config.json records: the learning rate used, and no dataset where the run read none
     cfg = dataclasses.replace(cfg, lr=base_lr(cfg), dataset=None if cfg.text else cfg.dataset)
     writable_place(cfg.out, "--out")
@@ -2192,9 +2185,10 @@ def start_run(cfg, given):
     steps = cfg.tokens // cfg.batch_size
     start = load_checkpoint(cfg.out, sae, opt, clock_M, comms) if cfg.resume else 0
 
-    def hold():  # the folder, then the rules again under its lock: another process may have written there
+    def hold():  # the folder, and the rules again under its lock (another process may have written there)
         os.makedirs(cfg.out, exist_ok=True)
         lock = hold_lock(os.path.join(cfg.out, ".lock"), f"--out {cfg.out}")
+        check_config(cfg, given, ranks=comms.ranks, **known)
         for leftover in pathlib.Path(cfg.out).glob("*.tmp[0-9]*"):  # of a save killed mid-write
             leftover.unlink()
         with contextlib.suppress(FileNotFoundError):  # of the run before a restart or an extension
@@ -2202,7 +2196,6 @@ def start_run(cfg, given):
         if cfg.acts and os.path.abspath(cfg.out) not in cache_users(cfg.acts, all_listed=True):
             with open(cfg.acts + ".runs", "a") as runs:  # so that the cache command will not replace it
                 runs.write(os.path.abspath(cfg.out) + "\n")
-        check_config(cfg, given, ranks=comms.ranks, **known)
         return lock
 
     lock = refused_together(hold if comms.rank == 0 else lambda: None, comms, device)
@@ -2537,7 +2530,7 @@ def sae_from(info, tensors, device="cpu"):
     if not all(t.isfinite().all() for t in sae.state_dict().values()):
         raise UsageError("the checkpoint's weights are NaN or infinite (saved by a run that diverged): "
                          "train it again")
-    unit_rows = not sae.unit_decoder or torch.allclose(sae.W_dec.norm(dim=1), torch.ones(()), atol=1e-3)
+    unit_rows = not sae.unit_decoder or (sae.W_dec.norm(dim=1) - 1).abs().max() < 1e-3
     if not unit_rows or sae.input_scale <= 0:
         raise UsageError("the checkpoint's decoder rows are not of unit norm, or its input scale is not "
                          "positive: it was edited, or is no checkpoint of this code")

@@ -142,8 +142,7 @@ class Study:
         except S.UsageError:  # missing or left incomplete
             header = None
         if header is not None:
-            keys = ("model", "layer", "site", "ctx", "skip_positions", "windows")
-            if any(S.as_tuple(header[key]) != S.as_tuple(getattr(cfg, key)) for key in keys):  # cfg: tuples
+            if any(S.as_tuple(header[key]) != S.as_tuple(getattr(cfg, key)) for key in S.CACHE_SETTINGS):
                 raise ValueError(f"{self.cache} holds other activations ({header['model']} layer "
                                  f"{header['layer']}): delete it or set CACHE")
             if header["contexts"] - header["eval_contexts"] >= need:
