@@ -231,12 +231,13 @@ class SwitchSAE(SAE):
     def loss_coefficients(cls, cfg, step, steps):
         return {"lb_alpha": cfg.lb_alpha, "auxk_alpha": cfg.auxk_alpha}
 
-    def __init__(self, d_in, width, experts, k, router=None):
+    def __init__(self, d_in, width, experts, k, router=None, feature_scaling=False):
         super().__init__()
         self.d_in, self.width, self.experts, self.k = d_in, width, experts, k
         self.router = router or Router(experts)
         W_enc = nn.Linear(d_in, width, bias=False).weight.detach()
         self.W_enc = nn.Parameter(W_enc.clone())  # (M, D); expert i owns rows [i m, (i+1) m)
+        self.feature_scale = nn.Parameter(torch.zeros(experts)) if feature_scaling else None  # omega (N,)
         self.W_dec = nn.Parameter(W_enc / W_enc.norm(dim=1, keepdim=True))  # unit rows, tied at init only
         routed = self.router.routed  # (N', D): the routed experts'
         self.W_router = nn.Parameter(nn.Linear(d_in, routed, bias=False).weight.detach().clone())
@@ -246,6 +247,16 @@ class SwitchSAE(SAE):
 
     def route(self, x_BD):
         return self.router((x_BD - self.b_router) @ self.W_router.T)
+
+    def encoder_weight(self):
+        """W_enc; with feature scaling (Scale SAE, Xu et al. 2025, arXiv:2511.05745) each expert's rows are
+        pushed away from their mean row, the part all its latents share: W_i + omega_i (W_i - mean W_i),
+        omega_i learnt per expert from 0. Elementwise, once a step, so routing still saves the matmuls."""
+        if self.feature_scale is None:
+            return self.W_enc
+        W_NmD = self.W_enc.view(self.experts, -1, self.d_in)
+        spread_NmD = W_NmD - W_NmD.mean(1, keepdim=True)
+        return (W_NmD + self.feature_scale[:, None, None] * spread_NmD).view_as(self.W_enc)
 
     def forward(self, x_BD, dead_M=None):
         """The routed fast path: each assignment's token copied to its expert, sorted by expert, each
@@ -257,8 +268,9 @@ class SwitchSAE(SAE):
         x_AD = x_BD if self.router.slots == 1 else x_BD[r.token]
         x_TD, expert_T, counts_here, combine = self.dispatch(x_AD, r.expert, r.counts)
         k_aux = self.k_aux if dead_M is not None and dead_M.any() else 0
-        acts_TK, idx_TK = RoutedTopK.apply(x_TD, self.W_enc, self.b_dec, expert_T, counts_here, self.k,
-                                           dead_M, k_aux)
+        W_enc_MD = self.encoder_weight()
+        acts_TK, idx_TK = RoutedTopK.apply(x_TD, W_enc_MD, self.b_dec, expert_T, counts_here, self.k, dead_M,
+                                           k_aux)
         decoded_BD, acts_BK, idx_BK, gates_BK = combine(acts_TK, idx_TK, r)
         aux = (acts_BK[:, self.k :], idx_BK[:, self.k :]) if k_aux else (None, None)
         return SAEOutput((decoded_BD + self.b_dec) / self.input_scale, acts_BK[:, : self.k],
@@ -309,7 +321,7 @@ class SwitchSAE(SAE):
         mine_BN = torch.zeros(B, self.experts, dtype=torch.bool, device=x_BD.device).index_put(
             (r.token, r.expert), torch.tensor(True, device=x_BD.device))
         gate_BM, mine_BM = gate_BN.repeat_interleave(m, 1), mine_BN.repeat_interleave(m, 1)
-        pre_BM = ((x_BD - self.b_dec) @ self.W_enc.T).masked_fill(~mine_BM, -math.inf)
+        pre_BM = ((x_BD - self.b_dec) @ self.encoder_weight().T).masked_fill(~mine_BM, -math.inf)
         idx_BK = (pre_BM.relu() * gate_BM).topk(self.k, dim=1).indices
         acts_BK, gates_BK = pre_BM.gather(1, idx_BK).relu(), gate_BM.gather(1, idx_BK)
         z_BM = torch.zeros_like(pre_BM).scatter(1, idx_BK, acts_BK * gates_BK.to(acts_BK.dtype))
@@ -398,6 +410,8 @@ class SwitchSAE(SAE):
         if k_aux:  # the encoder's pre-activations are shared; the extra work is sparse, k_aux rows a token
             terms.update(auxk_decoder_fwd=2 * k_aux * d, auxk_decoder_bwd=4 * k_aux * d,
                          auxk_encoder_bwd=2 * k_aux * d)
+        if self.feature_scale is not None:  # elementwise on W_enc once a batch: 4 M d forward, 6 M d backward
+            terms["feature_scaling"] = 10 * self.width * d / batch_size
         return totalled(terms, 4 * d * m * per_token)
 
     def latent_activity(self, out):
@@ -409,7 +423,7 @@ class SwitchSAE(SAE):
     def saelens(self):
         """SAELens's architecture, whether its encoder subtracts b_dec, the tensors (in the scaled units) and
         the cfg fields: topk for one expert, else the README's switch class, with its rule's fields."""
-        tensors = {"W_enc": self.W_enc.T, "b_enc": torch.zeros(self.width, device=self.device),
+        tensors = {"W_enc": self.encoder_weight().T, "b_enc": torch.zeros(self.width, device=self.device),
                    "W_dec": self.W_dec, "b_dec": self.b_dec}
         fields = {"k": self.k, "rescale_acts_by_decoder_norm": False}
         if self.experts == 1:
@@ -425,7 +439,8 @@ class SwitchSAE(SAE):
         return "switch", True, tensors, {**fields, "n_experts": self.experts, **rule}
 
     def summary(self):
-        return f"{self.experts} experts x {self.width // self.experts} latents, k={self.k}"
+        scaled = ", feature scaling" if self.feature_scale is not None else ""
+        return f"{self.experts} experts x {self.width // self.experts} latents, k={self.k}{scaled}"
 
 
 def squared_error(x_hat_BD, x_BD):
@@ -964,6 +979,11 @@ class SAEConfig:
                        choices=("loss", "aux-free"))
     balance_rate: float = arg(1e-3, "u, the step of --balance aux-free's bias on probabilities", low=0,
                               high=1)
+    feature_scaling: bool = arg(False, "Scale SAE's feature scaling (Xu et al. 2025): each expert's encoder "
+                                       "rows W_i become W_i + omega_i (W_i - their mean row), omega_i learnt "
+                                       "per expert from 0. The plain reading: the low-frequency part is the "
+                                       "mean row itself (the authors' code also passes it through a learnt "
+                                       "d x d map, left out here); exports fold it into W_enc")
     normalize_activations: bool = arg(False, "scale the SAE's input by one constant fixed on the first "
                                              "batch, so that its typical tokens' mean norm is sqrt(d); the "
                                              "SAE still takes and returns the LM's units")
@@ -1098,7 +1118,7 @@ UNUSED = {"switch": {"l1_coeff": None},
                    "balance_rate": None},
           "baseline": {"experts": 1, "k": None, "lb_alpha": 0, "auxk_alpha": 0, "router": "switch",
                        "capacity": None, "experts_per_token": 1, "shared_expert": False, "gate": "softmax",
-                       "balance": "loss", "balance_rate": None}}
+                       "balance": "loss", "balance_rate": None, "feature_scaling": False}}
 
 
 EXPERT_CHOICE_FIXED = {"lb_alpha", "balance", "balance_rate"}
@@ -1164,8 +1184,9 @@ RULES = [
     (lambda c: c.command == "cache" and os.path.isdir(c.out),
      "cache --out {out} is a directory: name the cache file, e.g. --out {out}/acts.bin"),
     # the ranks
-    (lambda c: c.expert_parallel and (c.arch != "switch" or c.auxk_alpha),
-     "--expert-parallel needs --arch switch and --auxk-alpha 0 (AuxK across ranks is not supported yet)"),
+    (lambda c: c.expert_parallel and (c.arch != "switch" or c.auxk_alpha or c.feature_scaling),
+     "--expert-parallel needs --arch switch, --auxk-alpha 0 and no --feature-scaling (AuxK and the mean "
+     "encoder row across ranks are not supported yet)"),
     (lambda c: c.expert_parallel and (c.experts_per_token + c.shared_expert > 1 or c.router != "switch"),
      "--expert-parallel decodes on each expert's rank, so a TopK over several experts' latents cannot run "
      "there: drop --experts-per-token, --shared-expert and --router expert-choice, or use data parallel"),
@@ -1232,10 +1253,10 @@ def sae_settings(cfg, d_in):
     if cfg.arch != "switch":
         return {"arch": cfg.arch, "d_in": d_in, "width": cfg.width}
     return {"arch": "switch", "d_in": d_in, "width": cfg.width, "experts": cfg.experts, "k": cfg.k,
-            **router_fields(cfg)}
+            "feature_scaling": cfg.feature_scaling, **router_fields(cfg)}
 
 
-def make_sae(arch, d_in, width, experts=1, k=32, **routing):
+def make_sae(arch, d_in, width, experts=1, k=32, feature_scaling=False, **routing):
     """An SAE of its kind, its settings held to RULES first; routing: make_router's keywords (Switch)."""
     unknown = ", ".join(set(routing) - set(ROUTER_FIELDS))
     if unknown:
@@ -1243,9 +1264,10 @@ def make_sae(arch, d_in, width, experts=1, k=32, **routing):
                          f"{', '.join(ROUTER_FIELDS)}")
     if isinstance(d_in, bool) or not isinstance(d_in, int) or d_in < 1:
         raise UsageError(f"make_sae's d_in {d_in!r} is not a whole number of at least 1")
-    check_config(SAEConfig(arch=arch, width=width, experts=experts, k=k, **routing), command="make_sae")
+    check_config(SAEConfig(arch=arch, width=width, experts=experts, k=k, feature_scaling=feature_scaling,
+                           **routing), command="make_sae")
     if arch == "switch":
-        return SwitchSAE(d_in, width, experts, k, make_router(experts, **routing))
+        return SwitchSAE(d_in, width, experts, k, make_router(experts, **routing), feature_scaling)
     return ARCHS[arch](d_in, width)
 
 
@@ -2014,7 +2036,7 @@ def build_sae(cfg, d, comms):
     if cfg.expert_parallel and comms.ranks > 1:
         router = make_router(cfg.experts, **router_fields(cfg))
         return ExpertParallelSwitchSAE(d, cfg.width, cfg.experts, cfg.k, comms, router)
-    return make_sae(cfg.arch, d, cfg.width, cfg.experts, cfg.k, **router_fields(cfg))
+    return make_sae(cfg.arch, d, cfg.width, cfg.experts, cfg.k, cfg.feature_scaling, **router_fields(cfg))
 
 
 def free_memory(device):

@@ -208,16 +208,25 @@ def test_auxk_uses_only_dead_latents_of_the_routed_expert():
 RULES = {"switch": {}, "top-2": dict(experts_per_token=2), "shared": dict(shared_expert=True),
          "top-2 and shared": dict(experts_per_token=2, shared_expert=True), "heaviside": dict(gate="heaviside"),
          "aux-free": dict(balance="aux-free", balance_rate=0.01), "expert choice": dict(router="expert-choice"),
-         "expert choice and shared": dict(router="expert-choice", capacity=1.5, shared_expert=True)}
+         "expert choice and shared": dict(router="expert-choice", capacity=1.5, shared_expert=True),
+         "scale": dict(experts_per_token=2, feature_scaling=True)}  # Scale SAE: top-2 and feature scaling
+
+
+def rule_sae(d, width, experts, k, rule):
+    """A SwitchSAE of one of RULES."""
+    fields = dict(RULES[rule])
+    scaled = fields.pop("feature_scaling", False)
+    return S.SwitchSAE(d, width, experts, k, S.make_router(experts, **fields), scaled)
 
 
 def dense_rule(sae, x_BD, experts_per_token=1, shared_expert=False, gate="softmax", balance="loss", balance_rate=None,
-               router="switch", capacity=1.0):
+               router="switch", capacity=1.0, feature_scaling=False):
     """Each routing rule as its own words say, densely: softmax over the routed experts; the e best by
     probability (by probability + bias under aux-free), or under expert choice each expert's ceil(capacity B / N')
     tokens of highest probability for it; gate p_i (1 when heaviside); the shared expert, the last, with
     gate 1; every latent scaled by its expert's gate (0 elsewhere), one TopK over all; the balance term
-    N' sum f P over the routed experts, f counting assignments."""
+    N' sum f P over the routed experts, f counting assignments. Feature scaling (Scale SAE): each expert's encoder
+    is its mean row plus (1 + omega) times each row's deviation from it."""
     N, m = sae.experts, sae.width // sae.experts
     routed = N - shared_expert
     logits = (x_BD - sae.b_router) @ sae.W_router.T
@@ -233,7 +242,11 @@ def dense_rule(sae, x_BD, experts_per_token=1, shared_expert=False, gate="softma
         gate_BN = torch.zeros(len(x_BD), N).scatter(1, chosen, picked)
     if shared_expert:
         gate_BN = torch.cat([gate_BN[:, :-1], torch.ones(len(x_BD), 1)], 1)
-    gated_BM = torch.relu((x_BD - sae.b_dec) @ sae.W_enc.T) * gate_BN.repeat_interleave(m, 1)
+    W_enc = sae.W_enc
+    if feature_scaling:
+        W_enc = torch.cat([W.mean(0) + (1 + omega) * (W - W.mean(0))
+                           for W, omega in zip(W_enc.split(m), sae.feature_scale)])
+    gated_BM = torch.relu((x_BD - sae.b_dec) @ W_enc.T) * gate_BN.repeat_interleave(m, 1)
     vals, idx = gated_BM.topk(sae.k, dim=1)
     codes = torch.zeros_like(gated_BM).scatter(1, idx, vals)
     load = torch.bincount(chosen.flatten(), minlength=routed).float() / chosen.numel()
@@ -248,16 +261,18 @@ def test_every_routing_rule_equals_its_dense_reference_and_forward_dense(rule, g
     dense formula of the rule, and against SwitchSAE.forward_dense."""
     monkeypatch.setattr(S, "use_grouped_mm", lambda x, m: grouped)
     torch.manual_seed(0)
-    sae = S.SwitchSAE(24, 96, 4, 5, S.make_router(4, **RULES[rule]))
+    sae = rule_sae(24, 96, 4, 5, rule)
     x = torch.randn(300, 24) * 2
     with torch.no_grad():
         sae.b_dec.normal_()
         sae.b_router.normal_()
         if rule == "aux-free":  # a bias that changes the choice of many tokens
             sae.router.selection_bias.copy_(torch.tensor([0.3, -0.3, 0.15, 0.0]))
+        if rule == "scale":  # omega away from its start at 0, where the encoder is plain W_enc
+            sae.feature_scale.copy_(torch.tensor([0.5, -0.3, 1.2, 0.2]))
     fast, dense = sae(x), sae.forward_dense(x)
     ref_hat, ref_codes, ref_balance = dense_rule(sae, x, **RULES[rule])
-    in_loss = rule in ("switch", "top-2", "shared", "top-2 and shared", "heaviside")
+    in_loss = rule in ("switch", "top-2", "shared", "top-2 and shared", "heaviside", "scale")
     ref_loss = (ref_hat - x).pow(2).sum(-1).mean() + 3.0 * 24 * ref_balance * in_loss
     want = grads(sae, ref_loss)
     for out in (fast, dense):
@@ -587,7 +602,7 @@ def test_flop_count_matches_flop_counter_on_equivalent_matmuls(monkeypatch, rule
     monkeypatch.setattr(S, "scatter_rows", scatter_rows_by_index_add)  # FlopCounterMode counts a sparse product as dense
     d, width, experts, k, B = 64, 1024, 8, 16, 512
     torch.manual_seed(0)
-    sae = S.SwitchSAE(d, width, experts, k, S.make_router(experts, **RULES[rule]))
+    sae = rule_sae(d, width, experts, k, rule)
     x = torch.randn(B, d)
     dead = torch.arange(width) % 2 == 0 if auxk else None  # 64 dead latents an expert: k_aux = d / 2 = 32 of them
     # the real forward and backward: FlopCounterMode sees the router and encoder matmuls ...
@@ -609,11 +624,14 @@ def test_flop_count_matches_flop_counter_on_equivalent_matmuls(monkeypatch, rule
         torch.bmm(torch.randn(A, 1, K), torch.randn(A, K, d))  # sparse W_enc grad: same shape
     counted += counter.get_total_flops()
     analytic = sae.flops_per_token(B, k_aux=32 if auxk else 0)
-    matmul_terms = analytic["total"] - analytic["load_balance"]
+    elementwise = analytic["load_balance"] + analytic.get("feature_scaling", 0)  # no matmuls: counted by hand
+    matmul_terms = analytic["total"] - elementwise
     assert counted / B == pytest.approx(matmul_terms, rel=0.02)
     assert analytic["paper_encoder_only"] == pytest.approx(4 * d * width // experts * A / B)
     balanced_by_loss = rule not in ("aux-free", "expert choice", "expert choice and shared")
     assert analytic["load_balance"] == (3 * (experts - ("shared" in rule)) if balanced_by_loss else 0)
+    # feature scaling, once a batch: mean, deviation, scale and add (4 M d); backward: dW and domega (6 M d)
+    assert analytic.get("feature_scaling", 0) == (10 * width * d / B if rule == "scale" else 0)
 
 
 @quick
@@ -638,7 +656,7 @@ def test_the_method_lifts_out_alone_and_trains():
     nothing else: with only the imports it holds, it builds, trains and matches the whole file's SwitchSAE."""
     source = open(os.path.join(HERE, "switch_sae.py")).read()
     method = source[: source.index("# " + "=" * 77 + "\n# machinery")]  # the kernels that it runs included
-    assert len(method[: method.index("# how routing saves time")].splitlines()) <= 750  # the method, train step
+    assert len(method[: method.index("# how routing saves time")].splitlines()) <= 765  # the method, train step
     namespace = {}
     exec(method, namespace)
     assert not {"TrainConfig", "UsageError", "load_lm", "save_checkpoint", "argparse", "os"} & set(namespace)
@@ -1149,7 +1167,8 @@ def test_a_checkpoint_of_another_format_is_refused_in_one_line(tiny_run, tmp_pat
 
 
 @pytest.mark.parametrize("normalize,rule", [(False, "switch"), (True, "switch"), (False, "aux-free"),
-                                            (True, "top-2 and shared"), (False, "expert choice and shared")])
+                                            (True, "top-2 and shared"), (False, "expert choice and shared"),
+                                            (True, "scale")])
 def test_resume_ends_with_the_same_weights(tiny_run, tmp_path, monkeypatch, normalize, rule):
     from safetensors.torch import load_file
 
@@ -1205,7 +1224,8 @@ def saelens_encode(cfg, W, x):
 @pytest.mark.parametrize("arch,experts,normalize,rule", [
     ("switch", 1, False, "switch"), ("switch", 4, False, "switch"), ("relu", 1, False, None), ("gated", 1, False, None),
     ("switch", 4, True, "switch"), ("relu", 1, True, None), ("gated", 1, True, None),
-    ("switch", 4, True, "top-2 and shared"), ("switch", 4, False, "heaviside"), ("switch", 4, True, "aux-free")])
+    ("switch", 4, True, "top-2 and shared"), ("switch", 4, False, "heaviside"), ("switch", 4, True, "aux-free"),
+    ("switch", 4, True, "scale")])
 def test_export_to_saelens_reproduces_the_sae(tiny_run, tmp_path, arch, experts, normalize, rule):
     from safetensors.torch import load_file
 
@@ -1229,6 +1249,9 @@ def test_export_to_saelens_reproduces_the_sae(tiny_run, tmp_path, arch, experts,
         ours = sae.encode(x, dense=True) if arch == "switch" else sae(x).acts
         torch.testing.assert_close(codes, ours, **TOL)
         torch.testing.assert_close(codes @ W["W_dec"] + W["b_dec"], sae(x).x_hat, **TOL)
+    if rule == "scale":  # the export's W_enc is the scaled encoder, not the stored one
+        assert sae.feature_scale.abs().min() > 0
+        assert not torch.allclose(W["W_enc"], sae.W_enc.detach().T * sae.input_scale, atol=1e-6)
 
 
 @pytest.mark.skipif(not __import__("importlib").util.find_spec("sae_lens"), reason="sae-lens is not installed")
@@ -1659,7 +1682,8 @@ BAD_FIELDS = {
     "lb_alpha": ["-1", "nan", "inf", "abc", "1e308"], "auxk_alpha": ["-1", "nan"], "l1_coeff": ["-5", "inf"],
     "experts_per_token": ["0", "-1", "99"], "shared_expert": ["x="], "gate": ["relu"], "balance": ["none"],
     "balance_rate": ["-1", "nan", "1e39"], "router": ["topk"], "capacity": ["0", "-1", "nan", "1e308"],
-    "dead_tokens": ["0", "-1"], "normalize_activations": ["x="], "layer": ["-1", "abc", "7"], "site": ["embed"],
+    "dead_tokens": ["0", "-1"], "normalize_activations": ["x="], "feature_scaling": ["x="],
+    "layer": ["-1", "abc", "7"], "site": ["embed"],
     "text": ["/nonexistent/corpus.jsonl"], "dataset": ["no/such-dataset"], "ctx": ["0", "1", "-3", "65"],
     "windows": ["some"], "skip_positions": ["-1", "16"], "lm_batch_size": ["0", "-1", "10**20"], "lm_dtype": ["fp16", "foo"],
     "buffer_tokens": ["0", "-5"], "tokens": ["0", "-1", "1e15", "100"], "batch_size": ["0", "-256", "10**13"],
