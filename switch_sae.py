@@ -133,8 +133,9 @@ class Router(nn.Module):
         """Assignments a token in a batch of batch_size (their mean where they vary)."""
         return self.per_token
 
-    def after_step_(self, counts_N):
-        """An update after each optimizer step, from the global batch's counts."""
+    def after_step_(self, counts_N, lr_share=1.0):
+        """An update after each optimizer step, from the global batch's counts; lr_share: the step's lr over
+        the run's peak lr."""
 
     def flops(self, d):
         """Its terms of a training step per token: the router's matmuls and the balance term."""
@@ -198,7 +199,7 @@ class SAE(nn.Module):
         if self.unit_decoder:
             self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True))
 
-    def after_step_(self, out):
+    def after_step_(self, out, lr_share=1.0):
         """What changes after each optimizer step besides the weights; out: the step's global output."""
 
     def summary(self):
@@ -390,8 +391,8 @@ class SwitchSAE(SAE):
         """AuxK's latents a token, when some are dead: Gao et al.'s d/2, at most the expert's m."""
         return min(self.d_in // 2, self.width // self.experts)
 
-    def after_step_(self, out):
-        self.router.after_step_(out.expert_counts)
+    def after_step_(self, out, lr_share=1.0):
+        self.router.after_step_(out.expert_counts, lr_share)
 
     @property
     def batch_dependent(self):
@@ -468,7 +469,9 @@ def geometric_median(points_BD, iters=100, tol=1e-5):
 class AuxFreeRouter(Router):
     """Loss-free balancing (Wang et al. 2024, arXiv:2408.15664; DeepSeek-V3): a per-expert bias, added to the
     router probabilities (their gating scores) to pick the experts and nowhere else, moves by
-    rate * sign(mean load - load) after each step; no balance term in the loss."""
+    rate * sign(mean load - load) after each step; no balance term in the loss. The rate follows the lr's
+    schedule (times lr / peak lr), so the bias settles as the weights do: DeepSeek-V3 stops it for the last
+    stretch; at the full rate it kept re-routing tokens while the lr, and so the weights, came to rest."""
 
     balance_in_loss = False
 
@@ -481,9 +484,9 @@ class AuxFreeRouter(Router):
         return probs_BN + self.selection_bias  # Wang et al.'s: on the scores in [0, 1], so u has no units
 
     @torch.no_grad()
-    def after_step_(self, counts_N):
+    def after_step_(self, counts_N, lr_share=1.0):
         load_N = counts_N[: self.routed].float()
-        self.selection_bias.add_(self.balance_rate * (load_N.mean() - load_N).sign())
+        self.selection_bias.add_(self.balance_rate * lr_share * (load_N.mean() - load_N).sign())
 
 
 class ExpertChoiceRouter(Router):
@@ -728,9 +731,11 @@ def batch_fve(x_BD, x_hat_BD):
     return 1 - variance(x_BD - x_hat_BD) / variance(x_BD)
 
 
-def train_step(sae, opt, x_BD, lr, coefs, grad_clip=1.0, comms=SINGLE_PROCESS, dead_M=None, compile=False):
+def train_step(sae, opt, x_BD, lr, coefs, grad_clip=1.0, comms=SINGLE_PROCESS, dead_M=None, compile=False,
+               lr_share=1.0):
     """One optimizer step of any SAE here. coefs: the keyword arguments of sae.loss; dead_M: AuxK's dead
-    latents, or None. Returns the output and the loss parts (tensors, not synced)."""
+    latents, or None; lr_share: lr over the run's peak, for what moves outside the optimizer. Returns the
+    output and the loss parts (tensors, not synced)."""
     out = comms.sum_batch_stats(sae(x_BD) if dead_M is None else sae(x_BD, dead_M))
     loss, parts = sae.loss(x_BD, out, **coefs)
     opt.zero_grad(set_to_none=True)
@@ -742,7 +747,7 @@ def train_step(sae, opt, x_BD, lr, coefs, grad_clip=1.0, comms=SINGLE_PROCESS, d
         group["lr"] = lr
     opt.step()
     maybe_compiled(type(sae).normalize_decoder_)(sae)  # the class's function: one compiled wrapper a class
-    sae.after_step_(out)
+    sae.after_step_(out, lr_share)
     parts.update(loss=loss.detach(), fve=batch_fve(x_BD, out.x_hat.detach()))
     return out, parts
 
@@ -2259,8 +2264,9 @@ def train_loop(run):
                 sae.init_biases_(first_BD)
             dead_M = clock_M > cfg.dead_tokens if cfg.auxk_alpha else None
             coefs = type(sae).loss_coefficients(cfg, step, steps)
-            out, parts = train_step(sae, opt, x_BD, lr_at(cfg, step, steps), coefs, cfg.grad_clip, comms,
-                                    dead_M, cfg.compile)
+            lr = lr_at(cfg, step, steps)
+            out, parts = train_step(sae, opt, x_BD, lr, coefs, cfg.grad_clip, comms, dead_M, cfg.compile,
+                                    lr / base_lr(cfg))
             tick_dead_clock(clock_M, sae, out, comms)
             x_absmax = torch.maximum(x_absmax, x_BD.abs().amax())
             if x_typical is None:  # one sync, at the first step

@@ -1166,6 +1166,19 @@ def test_a_checkpoint_of_another_format_is_refused_in_one_line(tiny_run, tmp_pat
         S.load_sae(tmp_path / "run")
 
 
+def test_the_aux_free_bias_moves_with_the_lr_schedule(tiny_run, tmp_path, monkeypatch):
+    """u sign(mean load - load) times the step's lr over the peak: by hand for one step, and in a run of 16 steps
+    whose lr decays over its last 20% (steps 13-15 at 3/4, 1/2, 1/4 of the peak)."""
+    router = S.AuxFreeRouter(4, balance_rate=0.01)
+    router.after_step_(torch.tensor([10, 0, 5, 5]), 0.5)  # mean load 5
+    assert router.selection_bias.tolist() == pytest.approx([-0.005, 0.005, 0.0, 0.0])
+    shares, real = [], S.AuxFreeRouter.after_step_
+    monkeypatch.setattr(S.AuxFreeRouter, "after_step_", lambda self, counts, share: shares.append(share) or real(
+        self, counts, share))
+    S.main(tiny_args(tiny_run, tmp_path / "run", skip_ce=True, batch_size=128, **RULES["aux-free"]))
+    assert shares == pytest.approx([1.0] * 13 + [0.75, 0.5, 0.25])
+
+
 @pytest.mark.parametrize("normalize,rule", [(False, "switch"), (True, "switch"), (False, "aux-free"),
                                             (True, "top-2 and shared"), (False, "expert choice and shared"),
                                             (True, "scale")])
