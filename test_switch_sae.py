@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -1454,6 +1455,72 @@ def test_a_verdict_with_a_diverged_seed_says_so(tmp_path, monkeypatch, capsys):
     assert common.decide(results, "bad", "topk", -1, True, "claim") == "inconclusive (bad seed 1 diverged)"
 
 
+def test_the_best_setting_is_chosen_on_validation_and_judged_on_test(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESULTS", str(tmp_path))
+    monkeypatch.syspath_prepend(os.path.join(HERE, "notebooks"))
+    import common
+
+    run = lambda val, *tests: {"lr": 1e-3, "val": {1e-3: val}, "seeds": [dict(seed=i, mse_typ=m) for i, m in enumerate(tests)]}
+    runs = {1: run(5.0, 100.0, 102.0, 98.0), 3: run(4.0, 104.0, 106.0, 102.0), 10: run(6.0, 130.0, 131.0, 129.0)}
+    best, near, gaps = common.within_best(runs, 0.05)
+    assert best == 3  # the lowest validation MSE, though alpha 1 has the lowest test MSE
+    assert gaps[1][0] == pytest.approx(np.mean([100 / 104, 102 / 106, 98 / 102]) - 1) and gaps[3][:2] == (0, 0)
+    assert near == [1, 3]
+
+
+def test_probing_measures_against_hand_computations(tmp_path, monkeypatch):
+    """SAEBench's k-sparse probe, the tasks, the chance count of experts, mutual information and the queen test's
+    shares, each on a case worked by hand; pooled codes against a token-by-token loop."""
+    import itertools
+    import types
+
+    monkeypatch.setenv("RESULTS", str(tmp_path))
+    monkeypatch.syspath_prepend(os.path.join(HERE, "notebooks"))
+    import common
+
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(50), np.zeros(50)]
+    X = rng.normal(size=(100, 8))
+    X[:, 3] += 10 * y  # column 3 tells the classes apart; no other does
+    task = (np.arange(0, 100, 2), y[::2], np.arange(1, 100, 2), y[1::2])
+    accuracy, top = common.sparse_probe(X, task, 1)
+    assert list(top) == [3] and accuracy == 1.0
+    allowed = np.arange(8) != 3
+    accuracy, top = common.sparse_probe(X, task, 2, allowed)
+    assert 3 not in top and accuracy < 0.8
+    rows = [dict(task="topics", label=label, split=split, text="a b") for split in ("train", "test")
+            for label, n in (("x", 6), ("y", 4), ("z", 4)) for _ in range(n)]
+    rows += [dict(task="sentiment", label=label, split=split, text="a b") for split in ("train", "test") for label in "np"]
+    tasks = common.binary_tasks(rows)
+    assert sorted(tasks) == ["sentiment: n", "topics: x", "topics: y", "topics: z"]
+    train, y_train, test, y_test = tasks["topics: x"]
+    assert y_train.sum() == 6 and len(y_train) == 12 and {rows[i]["label"] for i in train[y_train == 0]} <= {"y", "z"}
+    for M, N, k in ((8, 2, 2), (12, 3, 4), (12, 4, 5)):  # the mean over every draw of k latents of M
+        draws = list(itertools.combinations(range(M), k))
+        assert common.expected_experts(M, N, k) == pytest.approx(np.mean([len({i // (M // N) for i in d}) for d in draws]))
+    assert common.mutual_information(np.array([[10.0, 0.0], [0.0, 10.0]])) == pytest.approx((1.0, 1.0, 1.0))
+    assert common.mutual_information(np.array([[5.0, 5.0], [5.0, 5.0]]))[0] == pytest.approx(0.0)
+    # the queen test: token 7 four times, on experts 0 0 0 1, its strongest latents 0 0 0 4, rows 0 and 4 equal (a
+    # cross-expert pair); token 9 three times on expert 1, latents 5 5 6, unrelated rows
+    W_dec = torch.eye(8)[[0, 1, 2, 3, 0, 5, 6, 7]]
+    experts, latents = torch.tensor([0, 0, 0, 1, 1, 1, 1]), torch.tensor([0, 0, 0, 4, 5, 5, 6])
+    fake = types.SimpleNamespace(width=8, experts=2, device="cpu", input_scale=1.0, W_dec=W_dec,
+                                 encode=lambda x: (torch.ones(len(x), 1), latents[:, None]),
+                                 route=lambda x: types.SimpleNamespace(expert=experts))
+    shares = common.duplicate_pairs(fake, torch.zeros(7, 8), torch.tensor([7, 7, 7, 7, 9, 9, 9]), 3)
+    assert shares == {7: (4, 0.25, 1.0), 9: (3, 0.0, 0.0)}
+    torch.manual_seed(0)
+    sae = S.make_sae("switch", 16, 64, 4, 4, experts_per_token=2)
+    acts, text_of_row = torch.randn(30, 16), torch.tensor([0] * 10 + [1] * 5 + [2] * 15)
+    pooled, per_expert = common.pooled_codes(sae, acts, text_of_row, chunk=7)
+    with torch.no_grad():
+        dense = torch.stack([sae.encode(acts[i : i + 1], dense=True)[0] for i in range(30)])
+        best2 = F.softmax((acts - sae.b_router) @ sae.W_router.T, dim=-1).topk(2).indices
+    for t in range(3):
+        torch.testing.assert_close(pooled[t], dense[text_of_row == t].mean(0), **TOL)
+        assert per_expert[t].tolist() == torch.bincount(best2[text_of_row == t].flatten(), minlength=4).float().tolist()
+
+
 def test_notebooks_refuse_an_unknown_scale_and_write_under_notebooks_wherever_started(tmp_path):
     """SCALE is checked when common.py loads, naming the scales; runs/ and cache/ are notebooks/'s, even from
     another working directory (nbconvert starts its kernel in the notebook's own)."""
@@ -1470,7 +1537,7 @@ def test_notebooks_refuse_an_unknown_scale_and_write_under_notebooks_wherever_st
 
 
 @pytest.mark.parametrize("name", ["scaling_laws", "pareto", "feature_geometry", "features", "fair_comparison",
-                                  "walkthrough", "sites", "routing"])
+                                  "walkthrough", "sites", "routing", "concepts"])
 def test_notebooks_run_at_smoke_scale(name, tmp_path, monkeypatch):
     """Each notebook runs top to bottom at SCALE=smoke (a random tiny GPT-2 it builds itself), writing only under tmp_path."""
     import nbclient
@@ -1498,6 +1565,22 @@ def test_a_study_reads_its_cache_again_on_a_rerun(tmp_path, monkeypatch):
     written = os.path.getmtime(tmp_path / "smoke.bin")
     common.Study("smoke")
     assert os.path.getmtime(tmp_path / "smoke.bin") == written
+
+
+def test_a_study_measures_fve_on_the_test_half_alone(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(HERE, "notebooks"))
+    monkeypatch.setenv("CACHE", str(tmp_path / "smoke.bin"))
+    monkeypatch.setenv("RESULTS", str(tmp_path / "runs"))
+    import common
+
+    study = common.Study("smoke")
+    torch.manual_seed(0)
+    sae = S.make_sae("switch", 32, 64, 4, 4)
+    x = study.held_out()[0]["test"][1]
+    with torch.no_grad():
+        error = (x - sae(x).x_hat).pow(2).sum(1).mean()
+    assert study.fve(sae) == pytest.approx((1 - error / (x - x.mean(0)).pow(2).sum(1).mean()).item(), rel=1e-5)
+    assert study.fve(sae, "val") != study.fve(sae)
 
 
 def test_fractions_recovered_shares_the_lm_passes_and_equals_each_sae_alone(tmp_path, monkeypatch):

@@ -11,6 +11,8 @@ TQDM_MININTERVAL, which tqdm reads when it is first imported.
 """
 import contextlib
 import dataclasses
+import gzip
+import hashlib
 import io
 import json
 import math
@@ -34,13 +36,14 @@ import switch_sae as S  # noqa: E402
 # started in another directory (nbconvert runs it in the notebook's own) still writes to notebooks/runs
 os.environ.setdefault("RESULTS", os.path.join(NOTEBOOKS, "runs"))
 TEXT = os.environ.get("TEXT", os.path.join(REPO, "..", "shared", "data", "corpus.jsonl.gz"))
+PROBE_DATA = os.environ.get("PROBE_DATA", os.path.join(REPO, "..", "shared", "data", "probing.jsonl.gz"))
 CACHES = (os.path.dirname(os.path.abspath(os.environ["CACHE"])) if "CACHE" in os.environ
           else os.path.join(NOTEBOOKS, "cache"))
 SCALES = {
     # seconds on a CPU: a random tiny GPT-2 built here; checks that the code runs, says nothing about the method
     "smoke": dict(lm=dict(model="tiny", layer=1, ctx=16, lm_batch_size=16, eval_tokens=512),
                   cache_file="smoke.bin", cache_tokens=2304, buffer_tokens=1024, batch_size=256, tokens=2048,
-                  lrs=[1e-3, 3e-3], seeds=[0, 1], log_every=2, ce_contexts=8),
+                  lrs=[1e-3, 3e-3], seeds=[0, 1], log_every=2, ce_contexts=8, probe={"synthetic": (40, 20)}),
     # SmolLM2-135M layer 15 on 2 CPU cores: every 128-token window of the text (--windows all) captured once in
     # bf16 (~25 min), 2.6M training tokens; each SAE trains 2,048 steps of 1,152 tokens (about a minute), so an
     # SAE of 2,304 latents sees 1,024 training tokens per latent
@@ -48,12 +51,15 @@ SCALES = {
                           ctx=128, lm_batch_size=16, eval_tokens=32768, windows="all", text=(TEXT,)),
                   cache_file="smollm2_l15_all.bin", cache_tokens=2_600_000, buffer_tokens=130_000,
                   batch_size=1152, tokens=2_359_296, lrs=[1e-3, 3e-3, 1e-2], seeds=[0, 1, 2],
-                  log_every=20, ce_contexts=64),
+                  log_every=20, ce_contexts=64,
+                  # labelled texts a class and split (train, test) for the probes: ~420k tokens, ~7 min to capture
+                  probe={"newsgroups": (80, 30), "movies": (300, 100), "polarity": (500, 150)}),
     # the paper on a GPU: GPT-2 small layer 8, OpenWebText streamed live, 100k steps of 2,048 tokens (its
     # FLOP-matched script)
     "paper": dict(lm=dict(model="gpt2", layer=8, ctx=128, skip_positions=0, lm_batch_size=128, eval_tokens=65536),
                   cache_file="", batch_size=2048, tokens=204_800_000, lrs=[5e-5, 1.6e-4, 5e-4], seeds=[0, 1, 2],
-                  log_every=200, ce_contexts=256),
+                  log_every=200, ce_contexts=256,
+                  probe={"newsgroups": (400, 150), "movies": (780, 219), "polarity": (4211, 1120)}),
 }
 
 
@@ -206,6 +212,11 @@ class Study:
             err[order.cpu()] = torch.cat([(xb - sae(xb).x_hat).pow(2).sum(1).cpu() for xb in x[order].split(chunk)])
         return err[typical[part]].mean().item() if typical_only else err.mean().item()
 
+    def fve(self, sae, part="test"):
+        """Fraction of variance explained over all the part's tokens: 1 - MSE / mean |x - mean x|^2."""
+        x = self.held_out()[0][part][1]
+        return 1 - self.mse(sae, part, typical_only=False) / (x - x.mean(0)).pow(2).sum(1).mean().item()
+
     def sweep(self, arms, lrs=None, seeds=None, halves=False):
         """The fair comparison: every arm at every lr with the first seed; the lr with the lowest validation MSE
         (typical tokens) wins; the other seeds train at it. With halves, each seed also trains on half the tokens
@@ -313,15 +324,18 @@ def held_out_activations(lm, cache):
     return tokens, S.lm_activations(model, module, tokens, cfg.lm_batch_size, cfg.skip_positions).cpu()
 
 
+TINY_WORDS = ("the of and to in is that it was for on are as with his they at be this from have or by one had not but what "
+              "all were when we there can an your which their said if do will each about how up out them then she "
+              "many").split()
+
+
 def make_tiny_lm(folder):
     """Smoke scale: a random 2-layer GPT-2 (n_embd 32), a word-level tokenizer trained here, a synthetic corpus, so
     the notebooks run in seconds with nothing downloaded. Returns (model_dir, (corpus,))."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    words = ("the of and to in is that it was for on are as with his they at be this from have or by one had not "
-             "but what all were when we there can an your which their said if do will each about how up out them "
-             "then she many").split()
+    words = TINY_WORDS
     rng, corpus, model_dir = random.Random(0), os.path.join(folder, "corpus.jsonl"), os.path.join(folder, "gpt2-tiny")
     os.makedirs(folder, exist_ok=True)
     with open(corpus, "w") as f:
@@ -365,6 +379,15 @@ def loss_change(metrics):
     steps, loss = np.array(metrics["loss_curve"], dtype=float).T
     tenths = [loss[(steps > lo * steps[-1]) & (steps <= (lo + 0.1) * steps[-1])] for lo in (0.8, 0.9)]
     return np.median(tenths[1]) / np.median(tenths[0]) - 1 if all(len(t) for t in tenths) else math.nan
+
+
+def within_best(runs, robust):
+    """Of one arm trained at several settings ({setting: a sweep's result}): the setting whose first seed has the
+    lowest validation MSE (the test half chooses nothing), each setting's paired test-MSE gap to it (compare's), and
+    the settings whose gap's upper bound is at most `robust`. Returns (best, near, gaps)."""
+    best = min(runs, key=lambda setting: runs[setting]["val"][runs[setting]["lr"]])
+    gaps = {setting: compare(test_mse(r), test_mse(runs[best])) for setting, r in runs.items()}
+    return best, [setting for setting in runs if gaps[setting][0] + gaps[setting][1] <= robust], gaps
 
 
 def width_check(results, narrow, wide):
@@ -448,3 +471,180 @@ def nearest_other(W_MD, groups, chunk=2048):
 def test_mse(result, typical_only=True):
     """An arm's test MSE per seed, in seed order."""
     return [s["mse_typ" if typical_only else "mse"] for s in result["seeds"]]
+
+
+# -----------------------------------------------------------------------------
+# sparse probing (SAEBench's k-sparse probes) and how a concept spreads over experts
+
+PROBE_KS = (1, 2, 5, 10, 20, 50)
+
+
+def probe_rows(scale, source=PROBE_DATA, seed=0):
+    """Labelled texts: dicts with task, label, split (train or test) and text, at most the scale's number a class and
+    split of each of its tasks, drawn with a fixed seed; texts of fewer than 2 words are left out. source: a
+    .jsonl(.gz) file of such rows, or a Hugging Face dataset id (read as --dataset is); at smoke, a synthetic task
+    of two classes, each drawing most of its words from its own half of the tiny LM's vocabulary."""
+    caps = SCALES[check_scale(scale)]["probe"]
+    if scale == "smoke":
+        rng, halves = random.Random(0), (TINY_WORDS[::2], TINY_WORDS[1::2])
+        rows = [dict(task="synthetic", label=label, split=split,
+                     text=" ".join(rng.choice(halves[label] if rng.random() < 0.7 else TINY_WORDS) for _ in range(20)))
+                for split, n in (("train", 40), ("test", 20)) for label in (0, 1) for _ in range(n)]
+    elif os.path.isfile(source):
+        with (gzip.open if source.endswith(".gz") else open)(source, "rt", encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    elif S.hub_reachable():
+        rows = list(S.hub_dataset(source))
+    else:
+        raise ValueError(f"PROBE_DATA={source} is no file, and the Hugging Face hub is unreachable: set PROBE_DATA to "
+                         "a .jsonl(.gz) file with task, label, split and text in each line")
+    missing = {"task", "label", "split", "text"} - set(rows[0] if rows else ())
+    if missing:
+        raise ValueError(f"PROBE_DATA={source}: each row needs task, label, split and text; missing "
+                         f"{', '.join(sorted(missing))}")
+    groups, rng = {}, random.Random(seed)
+    for row in rows:
+        if row["task"] in caps and len(row["text"].split()) >= 2:
+            groups.setdefault((row["task"], str(row["label"]), row["split"]), []).append(row)
+    chosen = []
+    for (task, _, split), group in sorted(groups.items()):
+        rng.shuffle(group)
+        chosen += group[: caps[task][split == "test"]]
+    return chosen
+
+
+@torch.no_grad()
+def probe_activations(study, rows):
+    """The texts' activations at the study's site, each text cut at ctx tokens, position 0 left out (an attention
+    sink, as SAEBench leaves out BOS): (rows, D) bf16 and each row's text. Captured once per LM, site and set of
+    texts, and kept beside the activation cache."""
+    from tqdm.auto import tqdm
+
+    lm = {**study.lm, "text": ()}
+    key = json.dumps([lm["model"], lm["layer"], lm.get("site", "resid"), lm["ctx"], [r["text"] for r in rows]])
+    path = os.path.join(CACHES, f"probe_{study.scale}_{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt")
+    if os.path.isfile(path):
+        return torch.load(path)
+    cfg = S.TrainConfig(**lm, device="auto")
+    model, tokenizer = S.load_lm(cfg, study.device)
+    module = S.hooked_module(model, cfg.layer, cfg.site)
+    ids = tokenizer([r["text"] for r in rows], truncation=True, max_length=cfg.ctx)["input_ids"]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: little padding
+    acts = [None] * len(ids)
+    for start in tqdm(range(0, len(order), cfg.lm_batch_size), desc="probe texts", mininterval=30):
+        batch = order[start : start + cfg.lm_batch_size]
+        L = max(len(ids[i]) for i in batch)
+        # padded at the end: a causal LM's earlier positions never see what follows them
+        tokens = torch.tensor([ids[i] + [ids[i][-1]] * (L - len(ids[i])) for i in batch])
+        x = S.lm_activations(model, module, tokens, len(batch), skip_positions=1).view(len(batch), L - 1, -1)
+        for row, i in enumerate(batch):
+            acts[i] = x[row, : len(ids[i]) - 1].to(torch.bfloat16).cpu()
+    text_of_row = torch.cat([torch.full((len(a),), i) for i, a in enumerate(acts)])
+    result = torch.cat(acts), text_of_row
+    os.makedirs(CACHES, exist_ok=True)
+    torch.save(result, path)
+    return result
+
+
+@torch.no_grad()
+def pooled_codes(sae, acts, text_of_row, chunk=4096):
+    """Each text's latents averaged over its tokens (texts, M), as SAEBench pools them, and how many of its tokens'
+    assignments each expert took (texts, N): one at a token, e at top-e routing (a TopK SAE: one expert)."""
+    texts, device = int(text_of_row.max()) + 1, sae.device
+    pooled, per_expert = torch.zeros(texts, sae.width), torch.zeros(texts, sae.experts)
+    for x, text in zip(acts.split(chunk), text_of_row.split(chunk)):
+        x = x.float().to(device)
+        vals, idx = sae.encode(x)
+        pooled.index_put_((text[:, None].expand(idx.shape), idx.cpu()), vals.float().cpu(), accumulate=True)
+        routing = sae.route(x * sae.input_scale)
+        per_expert.index_put_((text[routing.token.cpu()], routing.expert.cpu()), torch.ones(len(routing.token)),
+                              accumulate=True)
+    return pooled / torch.bincount(text_of_row, minlength=texts)[:, None], per_expert
+
+
+def mean_pooled(acts, text_of_row):
+    """Each text's raw LM activations averaged over its tokens (texts, D): the probes' ceiling."""
+    texts = int(text_of_row.max()) + 1
+    sums = torch.zeros(texts, acts.shape[1]).index_add_(0, text_of_row, acts.float())
+    return sums / torch.bincount(text_of_row, minlength=texts)[:, None]
+
+
+def binary_tasks(rows, seed=0):
+    """SAEBench's binary tasks: each label of a task against the rest of that task (two labels: the first against
+    the second), with as many negatives drawn as there are positives, in train and in test. Returns {name: (train
+    rows, train labels, test rows, test labels)} as numpy arrays."""
+    rng, tasks = np.random.default_rng(seed), {}
+    for task in sorted({r["task"] for r in rows}):
+        labels = sorted({str(r["label"]) for r in rows if r["task"] == task})
+        for label in labels[:1] if len(labels) == 2 else labels:
+            parts = []
+            for split in ("train", "test"):
+                mine = [i for i, r in enumerate(rows) if r["task"] == task and r["split"] == split]
+                pos = [i for i in mine if str(rows[i]["label"]) == label]
+                neg = [i for i in mine if str(rows[i]["label"]) != label]
+                n = min(len(pos), len(neg))
+                pos, neg = rng.choice(pos, n, replace=False), rng.choice(neg, n, replace=False)
+                parts += [np.r_[pos, neg], np.r_[np.ones(n), np.zeros(n)]]
+            tasks[f"{task}: {label}"] = tuple(parts)
+    return tasks
+
+
+def sparse_probe(X, task, k, allowed=None):
+    """SAEBench's k-sparse probe: the k columns of X (texts, features) with the largest absolute difference of class
+    means on the train split (among the `allowed` columns, a bool mask, if given), a logistic regression on them
+    (standardised), its accuracy on the test split. Returns (accuracy, the k columns)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    train, y_train, test, y_test = task
+    X_train = X[train]
+    diff = np.abs(X_train[y_train == 1].mean(0) - X_train[y_train == 0].mean(0))
+    columns = np.arange(X.shape[1]) if allowed is None else np.flatnonzero(allowed)
+    top = columns[np.argsort(-diff[columns], kind="stable")[:k]]
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    return probe.fit(X_train[:, top], y_train).score(X[test][:, top], y_test), top
+
+
+def expected_experts(M, N, k):
+    """Distinct experts among k latents drawn at random without replacement from N experts of M / N latents each:
+    N (1 - C(M - m, k) / C(M, k)), the count a probe's latents would span by chance."""
+    m = M // N
+    return N * (1 - math.exp(math.lgamma(M - m + 1) - math.lgamma(M - m - k + 1) - math.lgamma(M + 1)
+                             + math.lgamma(M - k + 1))) if k <= M - m else float(N)
+
+
+def mutual_information(joint):
+    """I(row; column) in bits of a table of counts, and the entropies of its rows' and columns' marginals."""
+    p = joint / joint.sum()
+    pr, pc = p.sum(1, keepdims=True), p.sum(0, keepdims=True)
+    nz = p > 0
+    entropy = lambda q: -(q[q > 0] * np.log2(q[q > 0])).sum()
+    return (p[nz] * np.log2(p[nz] / (pr @ pc)[nz])).sum(), entropy(pr), entropy(pc)
+
+
+def duplicate_pairs(sae, x, token_ids, min_count, cosine=0.9):
+    """The queen test, token by token, on held-out activations x with their token ids: for each token seen at least
+    min_count times, the share of its occurrences routed off its most frequent expert (by the router's first choice),
+    and the share whose strongest latent has a near-duplicate (decoder cosine > `cosine`) in another expert that is
+    the strongest latent of another occurrence of the same token: the token written by a pair of latents, not one.
+    Returns {token: (occurrences, share routed off, share by a duplicate pair)}."""
+    with torch.no_grad():
+        vals, idx = sae.encode(x.to(sae.device))
+        routing = sae.route(x.to(sae.device) * sae.input_scale)
+        first = routing.expert.view(len(x), -1)[:, 0].cpu()  # top-e routing: the token's best expert
+        top = idx.gather(1, vals.argmax(1, keepdim=True))[:, 0].cpu()
+        unit = torch.nn.functional.normalize(sae.W_dec.float(), dim=1).cpu()
+    m, out = sae.width // sae.experts, {}
+    ids, counts = token_ids.unique(return_counts=True)
+    for token in ids[counts >= min_count].tolist():
+        where = token_ids == token
+        experts, latents = first[where], top[where]
+        modal = experts.mode().values
+        used = latents.unique()
+        cos = unit[used] @ unit[used].T
+        other_expert = (used[:, None] // m) != (used[None, :] // m)
+        paired = used[((cos > cosine) & other_expert).any(1)]
+        out[token] = (int(where.sum()), (experts != modal).float().mean().item(),
+                      torch.isin(latents, paired).float().mean().item())
+    return out
