@@ -171,8 +171,16 @@ class SAE(nn.Module):
         if isinstance(t_BX, torch.Tensor) and t_BX.dim() == 2 and t_BX.shape[1] == width \
                 and (t_BX.dtype, t_BX.device) == (W.dtype, W.device):
             return t_BX
-        got = f"{tuple(t_BX.shape)} {t_BX.dtype} on {t_BX.device}" if isinstance(t_BX, torch.Tensor) else t_BX
-        raise ValueError(f"{what} must be (B, {width}) {W.dtype} on {W.device}; it is {got}")
+        raise ValueError(f"{what} must be (B, {width}) {W.dtype} on {W.device}; it is {describe(t_BX)}")
+
+    def encode(self, x_BD):
+        """Codes of x (B, M), which decode is linear in: a baseline's latents."""
+        return self(self.expect(x_BD, self.d_in, "encode's x")).acts
+
+    def decode(self, codes_BM):
+        """x_hat from dense codes (B, M)."""
+        codes_BM = self.expect(codes_BM, self.width, "decode's dense codes")
+        return (codes_BM @ self.W_dec + self.b_dec) / self.input_scale
 
     def init_biases_(self, x_BD):
         """Data-dependent initialisation from the first training batch."""
@@ -342,10 +350,15 @@ class SwitchSAE(SAE):
     def decode(self, codes):
         """x_hat from codes as encode gives them: (values, indices), or a dense (B, M) tensor."""
         if isinstance(codes, torch.Tensor):
-            codes_BM = self.expect(codes, self.width, "decode's dense codes")
-            return (codes_BM @ self.W_dec + self.b_dec) / self.input_scale
+            return super().decode(codes)
         vals_BK, idx_BK = codes
         self.expect(vals_BK, self.k, "decode's values")
+        fits = isinstance(idx_BK, torch.Tensor) and (idx_BK.shape, idx_BK.dtype, idx_BK.device) == (
+            vals_BK.shape, torch.long, vals_BK.device)
+        if not fits or idx_BK.numel() and not 0 <= idx_BK.min() <= idx_BK.max() < self.width:
+            raise ValueError(f"decode's indices must be {tuple(vals_BK.shape)} torch.int64 latents 0.."
+                             f"{self.width - 1} on {vals_BK.device}, as encode gives them; they are "
+                             f"{describe(idx_BK)}")
         return (SparseDecode.apply(vals_BK, idx_BK, self.W_dec) + self.b_dec) / self.input_scale
 
     def loss(self, x_BD, out, lb_alpha=3.0, auxk_alpha=0.0):
@@ -442,6 +455,14 @@ class SwitchSAE(SAE):
     def summary(self):
         scaled = ", feature scaling" if self.feature_scale is not None else ""
         return f"{self.experts} experts x {self.width // self.experts} latents, k={self.k}{scaled}"
+
+
+def describe(t):
+    """A tensor's shape, dtype and device (and range, if it holds integers), or what else it is."""
+    if not isinstance(t, torch.Tensor):
+        return repr(t)
+    held = f" holding {t.min()}..{t.max()}" if t.numel() and not t.is_floating_point() else ""
+    return f"{tuple(t.shape)} {t.dtype} on {t.device}{held}"
 
 
 def squared_error(x_hat_BD, x_BD):
@@ -1003,6 +1024,12 @@ class SAEConfig:
 class CacheConfig:
     """Capture activations once: at sites of a causal LM on text cut into contexts, enough for a run of
     --tokens, the held-out contexts first (what a run on --acts reads, and, at one site, captures live)."""
+
+    def __post_init__(self):  # a tuple field given one value from Python (text="a.jsonl") holds that value
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type is tuple and not isinstance(value, tuple):
+                setattr(self, f.name, tuple(value) if isinstance(value, list) else (value,))
 
     model: str = arg("gpt2", "Hugging Face causal LM: a hub id, a local directory or a .gguf file")
     layer: tuple = arg((8,), "blocks whose sites are hooked, 0-based: one cache per layer and site, all "

@@ -657,7 +657,7 @@ def test_the_method_lifts_out_alone_and_trains():
     nothing else: with only the imports it holds, it builds, trains and matches the whole file's SwitchSAE."""
     source = open(os.path.join(HERE, "switch_sae.py")).read()
     method = source[: source.index("# " + "=" * 77 + "\n# machinery")]  # the kernels that it runs included
-    assert len(method[: method.index("# how routing saves time")].splitlines()) <= 765  # the method, train step
+    assert len(method[: method.index("# how routing saves time")].splitlines()) <= 785  # the method, train step
     namespace = {}
     exec(method, namespace)
     assert not {"TrainConfig", "UsageError", "load_lm", "save_checkpoint", "argparse", "os"} & set(namespace)
@@ -2401,6 +2401,18 @@ def test_the_python_api_refuses_bad_tensors_and_devices_naming_what_it_expected(
             sae.encode(x)
     with pytest.raises(ValueError, match="decode's dense codes must be"):
         sae.decode(torch.zeros(3, 7))
+    vals, idx = sae.encode(torch.zeros(3, d))
+    for bad in (idx + sae.width, -idx - 1, idx.int(), idx[:, :1], "idx"):  # out of range, int32, too few, no tensor
+        with pytest.raises(ValueError, match=f"decode's indices must be \\(3, {sae.k}\\) torch.int64 latents 0..{sae.width - 1}"):
+            sae.decode((vals, bad))
+    x = torch.randn(5, 16)
+    for arch in ("relu", "gated"):  # the baselines encode and decode too: dense codes
+        base = S.make_sae(arch, 16, 32)
+        torch.testing.assert_close(base.decode(base.encode(x)), base(x).x_hat)
+        with pytest.raises(ValueError, match="encode's x must be \\(B, 16\\)"):
+            base.encode(torch.zeros(16))
+    assert S.TrainConfig(text="corpus.jsonl").text == ("corpus.jsonl",)  # one file, not its characters
+    assert S.CacheConfig(layer=[3, 5], site="mlp").layer == (3, 5) and S.CacheConfig(site="mlp").site == ("mlp",)
     if not torch.cuda.is_available():
         with pytest.raises(S.UsageError, match="torch sees no CUDA GPU"):
             S.load_sae(artifacts / "run", "cuda")
