@@ -1898,6 +1898,9 @@ def open_cache(path):
         named = next((path[: -len(end)] for end in (".json", ".tokens") if path.endswith(end)), None)
         if named and os.path.isfile(named + ".json"):
             raise UsageError(f"--acts {path} is a part of the cache {named}: name the cache, --acts {named}")
+        if os.path.isdir(path):
+            raise UsageError(f"--acts {path} is a directory: name the cache file in it, e.g. --acts "
+                             f"{os.path.join(path, 'acts.bin')} (the --out of 'switch_sae.py cache')")
         raise UsageError(f"--acts {path}: no cache there (no {path}.json); write one with "
                          f"'switch_sae.py cache --out {path}'")
     try:

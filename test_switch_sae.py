@@ -1861,6 +1861,7 @@ BAD = [
     (dict(site="embed"), "unknown --site"),
     (dict(arch="dense"), "unknown --arch"),
     (dict(text="/nonexistent/corpus.jsonl"), "no such file"),
+    (dict(acts=HERE), "is a directory: name the cache file in it, e.g. --acts"),
     (dict(lr=-1), "--lr -1.0 is out of range: it must be at least 0"),
     (dict(batch_size=0), "--batch-size 0 is out of range: it must be at least 1"),
     (dict(eval_tokens=8), "--eval-tokens 8 is less than one context"),
