@@ -2893,7 +2893,7 @@ def bench_sae_steps(cfg, device, dtype):
     runs = {}
     for name, arch, experts in (("sae", cfg.arch, cfg.experts), ("topk", "switch", 1)):
         torch.manual_seed(0)
-        routing = router_fields(cfg) if name == "sae" else {}
+        routing = dict(router_fields(cfg), feature_scaling=cfg.feature_scaling) if name == "sae" else {}
         sae = make_sae(arch, cfg.d_in, cfg.width, experts, cfg.k, **routing).to(device, dtype)
         sae.init_biases_(x_BD)
         step = bench_step(dataclasses.replace(cfg, arch=arch), sae, x_BD)

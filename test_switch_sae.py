@@ -1314,6 +1314,10 @@ def test_bench_times_both_saes_and_reports_their_own_flops(capsys):
     assert result["flop_ratio"] == flops["topk"] / flops["sae"] and result["expert_matmul"] == "loop"
     assert result["speedup"] == result["topk_step_ms"] / result["sae_step_ms"] > 0
     assert result["peak_mem_mb"] > 0 and result["device"].startswith("cpu")
+    S.main(["bench", "--experts=4", "--width=1024", "--k=8", "--d-in=64", "--batch-size=256", "--steps=1",
+            "--device=cpu", "--json", "--feature-scaling", "--experts-per-token=2"])  # the Scale SAE's rule is timed
+    scaled = S.make_sae("switch", 64, 1024, 4, 8, feature_scaling=True, experts_per_token=2).flops_per_token(256)
+    assert json.loads(capsys.readouterr().out)["sae_flops_per_token"] == scaled["total"] and scaled["feature_scaling"]
 
 
 # --- distributed: two gloo processes on this machine, and torchrun
