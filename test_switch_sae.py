@@ -1494,7 +1494,9 @@ def test_probing_measures_against_hand_computations(tmp_path, monkeypatch):
     assert 3 not in top and accuracy < 0.8
     rows = [dict(task="topics", label=label, split=split, text="a b") for split in ("train", "test")
             for label, n in (("x", 6), ("y", 4), ("z", 4)) for _ in range(n)]
-    rows += [dict(task="sentiment", label=label, split=split, text="a b") for split in ("train", "test") for label in "np"]
+    rows += [dict(task="sentiment", label=label, split=split, text="a b") for split in ("train", "test") for label in "np"
+             for _ in range(4)]
+    rows += [dict(task="topics", label="stray", split="test", text="a b")]  # in one split only: no task
     tasks = common.binary_tasks(rows)
     assert sorted(tasks) == ["sentiment: n", "topics: x", "topics: y", "topics: z"]
     train, y_train, test, y_test = tasks["topics: x"]

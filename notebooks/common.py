@@ -569,10 +569,11 @@ def mean_pooled(acts, text_of_row):
     return sums / torch.bincount(text_of_row, minlength=texts)[:, None]
 
 
-def binary_tasks(rows, seed=0):
+def binary_tasks(rows, seed=0, min_texts=4):
     """SAEBench's binary tasks: each label of a task against the rest of that task (two labels: the first against
-    the second), with as many negatives drawn as there are positives, in train and in test. Returns {name: (train
-    rows, train labels, test rows, test labels)} as numpy arrays."""
+    the second), with as many negatives drawn as there are positives, in train and in test; a label with fewer than
+    min_texts texts in either split makes no task. Returns {name: (train rows, train labels, test rows, test
+    labels)} as numpy arrays."""
     rng, tasks = np.random.default_rng(seed), {}
     for task in sorted({r["task"] for r in rows}):
         labels = sorted({str(r["label"]) for r in rows if r["task"] == task})
@@ -584,8 +585,9 @@ def binary_tasks(rows, seed=0):
                 neg = [i for i in mine if str(rows[i]["label"]) != label]
                 n = min(len(pos), len(neg))
                 pos, neg = rng.choice(pos, n, replace=False), rng.choice(neg, n, replace=False)
-                parts += [np.r_[pos, neg], np.r_[np.ones(n), np.zeros(n)]]
-            tasks[f"{task}: {label}"] = tuple(parts)
+                parts += [np.r_[pos, neg].astype(int), np.r_[np.ones(n), np.zeros(n)]]
+            if min(len(parts[1]), len(parts[3])) >= 2 * min_texts:
+                tasks[f"{task}: {label}"] = tuple(parts)
     return tasks
 
 
