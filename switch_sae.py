@@ -2616,8 +2616,10 @@ def load_config(out_dir):
                          "point --out at the run")
     try:
         fields = json.load(open(path))
-        if not isinstance(fields.pop("resumes", []), list):  # the run's history of --resume changes
-            raise TypeError("its resumes are not a list")
+        resumes = fields.pop("resumes", [])  # the run's history of --resume changes
+        if not isinstance(resumes, list) or not all(isinstance(r, dict) and isinstance(r.get("changed"), dict)
+                                                    for r in resumes):
+            raise TypeError("its resumes are not a list of {step, changed} records")
         fields.update(text=tuple(fields["text"]), resume=True, out=out_dir)  # the run may have been moved
         cfg = TrainConfig(**fields)
         check_fields(cfg)

@@ -297,6 +297,15 @@ def test_every_routing_rule_equals_its_dense_reference_and_forward_dense(rule, g
         torch.testing.assert_close(sae.encode(x[:1], dense=True), lone.detach(), **TOL)
 
 
+@quick
+def test_tied_router_probabilities_go_to_the_lowest_expert_at_one_a_token():
+    """The comment on ties made true: argmax takes the lowest index (top-e leaves the order to torch.topk)."""
+    sae = S.SwitchSAE(8, 32, 4, 2)
+    with torch.no_grad():
+        sae.W_router.zero_()  # every token's probabilities tie
+    assert sae(torch.randn(50, 8)).expert.eq(0).all()
+
+
 # --- the load-balance loss
 
 
@@ -1540,6 +1549,9 @@ def test_notebooks_refuse_an_unknown_scale_and_write_under_notebooks_wherever_st
         assert result.returncode == 1 and "is not a scale: use one of smoke, small, paper" in result.stderr
     result = run("smoke")
     assert result.stdout.split() == [os.path.join(HERE, "notebooks", name) for name in ("runs", "cache")]
+    result = subprocess.run([sys.executable, "-c", "import common; common.Study('smoke')"], cwd=tmp_path, text=True,
+                            capture_output=True, env={**env, "CACHE": str(tmp_path)}, timeout=300)
+    assert f"CACHE={tmp_path} is a directory: set CACHE to a cache file in it, e.g. {tmp_path}/smoke.bin" in result.stderr
 
 
 @pytest.mark.parametrize("name", ["scaling_laws", "pareto", "feature_geometry", "features", "fair_comparison",
@@ -2212,6 +2224,8 @@ def broken_run(kind, tmp_path, artifacts):
         edit_json(config, lr=0.5)
     elif kind == "config_resumes_not_a_list":
         edit_json(config, resumes="none")
+    elif kind == "config_resumes_not_records":
+        edit_json(config, resumes=[1, 2])
     elif kind == "config_missing":  # the advice is to restore it, not to drop --resume (which would be refused)
         os.remove(config)
     else:  # another run's checkpoint (another width) beside this config.json
@@ -2234,7 +2248,7 @@ CACHE_FAULTS = ["cut_header", "list_header", "edited_d", "layer_a_string", "inco
 
 RUN_FAULTS = ["cut_checkpoint", "zeroed_header", "random_checkpoint", "foreign_checkpoint", "cut_config", "config_a_list",
               "config_unknown_field", "config_bad_value", "config_edited_rule", "config_edited_lr",
-              "config_resumes_not_a_list", "config_missing",
+              "config_resumes_not_a_list", "config_resumes_not_records", "config_missing",
               "checkpoint_of_another_config"]
 
 

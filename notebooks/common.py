@@ -102,6 +102,9 @@ class Study:
         self.runs = os.path.join(results, scale)  # one folder per SAE inside: config.json, sae.safetensors, metrics
         cache_file = self.p["cache_file"]
         self.cache = self.p.get("cache") or cache_file and os.environ.get("CACHE", os.path.join(CACHES, cache_file))
+        if self.cache and os.path.isdir(self.cache):
+            raise ValueError(f"CACHE={self.cache} is a directory: set CACHE to a cache file in it, e.g. "
+                             f"{os.path.join(self.cache, cache_file or 'acts.bin')}")
         self.device = S.pick_device("auto")
         self.lm = dict(self.p["lm"])
         if self.lm["model"] == "tiny":  # deterministic, so rebuilding it beside its cache gives the same model
