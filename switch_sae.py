@@ -461,7 +461,7 @@ def describe(t):
     """A tensor's shape, dtype and device (and range, if it holds integers), or what else it is."""
     if not isinstance(t, torch.Tensor):
         return repr(t)
-    held = f" holding {t.min()}..{t.max()}" if t.numel() and not t.is_floating_point() else ""
+    held = f" holding {t.min().item()}..{t.max().item()}" if t.numel() and not t.is_floating_point() else ""
     return f"{tuple(t.shape)} {t.dtype} on {t.device}{held}"
 
 
@@ -1029,7 +1029,8 @@ class CacheConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.type is tuple and not isinstance(value, tuple):
-                setattr(self, f.name, tuple(value) if isinstance(value, list) else (value,))
+                one = () if value == "" else (value,)  # text="": none, as on the command line
+                setattr(self, f.name, tuple(value) if isinstance(value, list) else one)
 
     model: str = arg("gpt2", "Hugging Face causal LM: a hub id, a local directory or a .gguf file")
     layer: tuple = arg((8,), "blocks whose sites are hooked, 0-based: one cache per layer and site, all "
@@ -2180,8 +2181,10 @@ def resumed_config(cfg, given):
     info = read_checkpoint(path, weights=False)[0]
     history = json.load(open(os.path.join(cfg.out, "config.json"))).get("resumes", [])
     last_changes = history[-1]["changed"] if history else {}  # a resume may have stopped before it saved
-    edited = [cli_flag(key) for key, value in json.loads(json.dumps(dataclasses.asdict(saved))).items()
-              if key not in ("resume", "out", "device", "compile") and info["config"].get(key) != value
+    as_json = lambda cfg: json.loads(json.dumps(dataclasses.asdict(cfg)))
+    recorded = {**as_json(TrainConfig()), **info["config"]}  # a field added since the run began: its default
+    edited = [cli_flag(key) for key, value in as_json(saved).items()
+              if key not in ("resume", "out", "device", "compile") and recorded[key] != value
               and last_changes.get(key, [None, None])[1] != value]
     if edited:  # the checkpoint is the truth: its settings made the weights
         raise UsageError(f"--resume: {cfg.out}/config.json disagrees with the run's checkpoint on "

@@ -1219,6 +1219,26 @@ def test_resume_ends_with_the_same_weights(tiny_run, tmp_path, monkeypatch, norm
     assert json.load(open(tmp_path / "cut" / "metrics.json"))["mse"] == json.load(open(tmp_path / "whole" / "metrics.json"))["mse"]
 
 
+def test_a_run_begun_before_a_field_existed_resumes_with_its_default(tiny_run, tmp_path):
+    """A checkpoint and config.json written before --feature-scaling was added resume as runs without it."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    S.main(tiny_args(tiny_run, run, tokens=1024, skip_ce=True))
+    path = str(run / "sae.safetensors")
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    config = json.loads(meta["config"])
+    del config["feature_scaling"]
+    save_file(load_file(path), path, metadata={**meta, "config": json.dumps(config)})
+    saved = json.load(open(run / "config.json"))
+    del saved["feature_scaling"]
+    json.dump(saved, open(run / "config.json", "w"))
+    S.main(["--resume", f"--out={run}", "--tokens=2048"])
+    assert json.load(open(run / "metrics.json"))["train_tokens"] == 2048
+
+
 # --- export to SAELens's layout, read back by plain torch as SAELens's formulas say
 
 
@@ -1519,15 +1539,19 @@ def test_probing_measures_against_hand_computations(tmp_path, monkeypatch):
     # cross-expert pair); token 9 three times on expert 1, latents 5 5 6, unrelated rows
     W_dec = torch.eye(8)[[0, 1, 2, 3, 0, 5, 6, 7]]
     experts, latents = torch.tensor([0, 0, 0, 1, 1, 1, 1]), torch.tensor([0, 0, 0, 4, 5, 5, 6])
-    fake = types.SimpleNamespace(width=8, experts=2, device="cpu", input_scale=1.0, W_dec=W_dec,
-                                 encode=lambda x: (torch.ones(len(x), 1), latents[:, None]),
-                                 route=lambda x: types.SimpleNamespace(expert=experts))
+    fake = S.SwitchSAE(8, 8, 2, 1)  # its routing and codes replaced by the case's
+    with torch.no_grad():
+        fake.W_dec.copy_(W_dec)
+    fake.encode = lambda x: (torch.ones(len(x), 1), latents[:, None])
+    fake.route = lambda x: types.SimpleNamespace(expert=experts)
     shares = common.duplicate_pairs(fake, torch.zeros(7, 8), torch.tensor([7, 7, 7, 7, 9, 9, 9]), 3)
     assert shares == {7: (4, 0.25, 1.0), 9: (3, 0.0, 0.0)}
     torch.manual_seed(0)
     sae = S.make_sae("switch", 16, 64, 4, 4, experts_per_token=2)
     acts, text_of_row = torch.randn(30, 16), torch.tensor([0] * 10 + [1] * 5 + [2] * 15)
     pooled, per_expert = common.pooled_codes(sae, acts, text_of_row, chunk=7)
+    with pytest.raises(ValueError, match="pooled_codes takes a Switch SAE"):
+        common.pooled_codes(S.make_sae("relu", 16, 32), acts, text_of_row)
     with torch.no_grad():
         dense = torch.stack([sae.encode(acts[i : i + 1], dense=True)[0] for i in range(30)])
         best2 = F.softmax((acts - sae.b_router) @ sae.W_router.T, dim=-1).topk(2).indices
@@ -2433,6 +2457,7 @@ def test_the_python_api_refuses_bad_tensors_and_devices_naming_what_it_expected(
         with pytest.raises(ValueError, match="encode's x must be \\(B, 16\\)"):
             base.encode(torch.zeros(16))
     assert S.TrainConfig(text="corpus.jsonl").text == ("corpus.jsonl",)  # one file, not its characters
+    assert S.TrainConfig(text="").text == ()
     assert S.CacheConfig(layer=[3, 5], site="mlp").layer == (3, 5) and S.CacheConfig(site="mlp").site == ("mlp",)
     if not torch.cuda.is_available():
         with pytest.raises(S.UsageError, match="torch sees no CUDA GPU"):

@@ -501,13 +501,13 @@ def probe_rows(scale, source=PROBE_DATA, seed=0):
     else:
         raise ValueError(f"PROBE_DATA={source} is no file, and the Hugging Face hub is unreachable: set PROBE_DATA to "
                          "a .jsonl(.gz) file with task, label, split and text in each line")
-    missing = {"task", "label", "split", "text"} - set(rows[0] if rows else ())
+    missing = {"task", "label", "split", "text"} - set.intersection(*(set(row) for row in rows or [{}]))
     if missing:
-        raise ValueError(f"PROBE_DATA={source}: each row needs task, label, split and text; missing "
+        raise ValueError(f"PROBE_DATA={source}: each row needs task, label, split and text; some lack "
                          f"{', '.join(sorted(missing))}")
     groups, rng = {}, random.Random(seed)
     for row in rows:
-        if row["task"] in caps and len(row["text"].split()) >= 2:
+        if row["task"] in caps and row["split"] in ("train", "test") and len(row["text"].split()) >= 2:
             groups.setdefault((row["task"], str(row["label"]), row["split"]), []).append(row)
     chosen = []
     for (task, _, split), group in sorted(groups.items()):
@@ -532,6 +532,9 @@ def probe_activations(study, rows):
     model, tokenizer = S.load_lm(cfg, study.device)
     module = S.hooked_module(model, cfg.layer, cfg.site)
     ids = tokenizer([r["text"] for r in rows], truncation=True, max_length=cfg.ctx)["input_ids"]
+    short = [r["text"] for r, i in zip(rows, ids) if len(i) < 2]
+    if short:  # position 0 is left out: such a text has no activation to pool
+        raise ValueError(f"{len(short)} probing texts are shorter than 2 tokens, e.g. {short[0]!r}: leave them out")
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: little padding
     acts = [None] * len(ids)
     for start in tqdm(range(0, len(order), cfg.lm_batch_size), desc="probe texts", mininterval=30):
@@ -553,6 +556,8 @@ def probe_activations(study, rows):
 def pooled_codes(sae, acts, text_of_row, chunk=4096):
     """Each text's latents averaged over its tokens (texts, M), as SAEBench pools them, and how many of its tokens'
     assignments each expert took (texts, N): one at a token, e at top-e routing (a TopK SAE: one expert)."""
+    if not isinstance(sae, S.SwitchSAE):
+        raise ValueError(f"pooled_codes takes a Switch SAE (TopK: --experts 1), not {type(sae).__name__}")
     texts, device = int(text_of_row.max()) + 1, sae.device
     pooled, per_expert = torch.zeros(texts, sae.width), torch.zeros(texts, sae.experts)
     for x, text in zip(acts.split(chunk), text_of_row.split(chunk)):
@@ -634,6 +639,8 @@ def duplicate_pairs(sae, x, token_ids, min_count, cosine=0.9):
     and the share whose strongest latent has a near-duplicate (decoder cosine > `cosine`) in another expert that is
     the strongest latent of another occurrence of the same token: the token written by a pair of latents, not one.
     Returns {token: (occurrences, share routed off, share by a duplicate pair)}."""
+    if not isinstance(sae, S.SwitchSAE):
+        raise ValueError(f"duplicate_pairs takes a Switch SAE, not {type(sae).__name__}")
     with torch.no_grad():
         vals, idx = sae.encode(x.to(sae.device))
         routing = sae.route(x.to(sae.device) * sae.input_scale)
