@@ -2072,7 +2072,7 @@ def build_sae(cfg, d, comms):
     if cfg.expert_parallel and comms.ranks > 1:
         router = make_router(cfg.experts, **router_fields(cfg))
         return ExpertParallelSwitchSAE(d, cfg.width, cfg.experts, cfg.k, comms, router)
-    return make_sae(cfg.arch, d, cfg.width, cfg.experts, cfg.k, cfg.feature_scaling, **router_fields(cfg))
+    return make_sae(**sae_settings(cfg, d))
 
 
 def free_memory(device):
@@ -2896,12 +2896,12 @@ def bench_sae_steps(cfg, device, dtype):
     alike."""
     x_BD = torch.randn(cfg.batch_size, cfg.d_in, device=device, dtype=dtype)
     runs = {}
-    for name, arch, experts in (("sae", cfg.arch, cfg.experts), ("topk", "switch", 1)):
+    topk = dict(arch="switch", d_in=cfg.d_in, width=cfg.width, experts=1, k=cfg.k)
+    for name, settings in (("sae", sae_settings(cfg, cfg.d_in)), ("topk", topk)):
         torch.manual_seed(0)
-        routing = dict(router_fields(cfg), feature_scaling=cfg.feature_scaling) if name == "sae" else {}
-        sae = make_sae(arch, cfg.d_in, cfg.width, experts, cfg.k, **routing).to(device, dtype)
+        sae = make_sae(**settings).to(device, dtype)
         sae.init_biases_(x_BD)
-        step = bench_step(dataclasses.replace(cfg, arch=arch), sae, x_BD)
+        step = bench_step(dataclasses.replace(cfg, arch=settings["arch"]), sae, x_BD)
         step()
         peak_memory_mb(device, reset=True)
         step()

@@ -213,13 +213,6 @@ RULES = {"switch": {}, "top-2": dict(experts_per_token=2), "shared": dict(shared
          "scale": dict(experts_per_token=2, feature_scaling=True)}  # Scale SAE: top-2 and feature scaling
 
 
-def rule_sae(d, width, experts, k, rule):
-    """A SwitchSAE of one of RULES."""
-    fields = dict(RULES[rule])
-    scaled = fields.pop("feature_scaling", False)
-    return S.SwitchSAE(d, width, experts, k, S.make_router(experts, **fields), scaled)
-
-
 def dense_rule(sae, x_BD, experts_per_token=1, shared_expert=False, gate="softmax", balance="loss", balance_rate=None,
                router="switch", capacity=1.0, feature_scaling=False):
     """Each routing rule as its own words say, densely: softmax over the routed experts; the e best by
@@ -262,7 +255,7 @@ def test_every_routing_rule_equals_its_dense_reference_and_forward_dense(rule, g
     dense formula of the rule, and against SwitchSAE.forward_dense."""
     monkeypatch.setattr(S, "use_grouped_mm", lambda x, m: grouped)
     torch.manual_seed(0)
-    sae = rule_sae(24, 96, 4, 5, rule)
+    sae = S.make_sae("switch", 24, 96, 4, 5, **RULES[rule])
     x = torch.randn(300, 24) * 2
     with torch.no_grad():
         sae.b_dec.normal_()
@@ -612,7 +605,7 @@ def test_flop_count_matches_flop_counter_on_equivalent_matmuls(monkeypatch, rule
     monkeypatch.setattr(S, "scatter_rows", scatter_rows_by_index_add)  # FlopCounterMode counts a sparse product as dense
     d, width, experts, k, B = 64, 1024, 8, 16, 512
     torch.manual_seed(0)
-    sae = rule_sae(d, width, experts, k, rule)
+    sae = S.make_sae("switch", d, width, experts, k, **RULES[rule])
     x = torch.randn(B, d)
     dead = torch.arange(width) % 2 == 0 if auxk else None  # 64 dead latents an expert: k_aux = d / 2 = 32 of them
     # the real forward and backward: FlopCounterMode sees the router and encoder matmuls ...
