@@ -327,9 +327,9 @@ def held_out_activations(lm, cache):
     return tokens, S.lm_activations(model, module, tokens, cfg.lm_batch_size, cfg.skip_positions).cpu()
 
 
-TINY_WORDS = ("the of and to in is that it was for on are as with his they at be this from have or by one had not but what "
-              "all were when we there can an your which their said if do will each about how up out them then she "
-              "many").split()
+TINY_WORDS = ("the of and to in is that it was for on are as with his they at be this from have or by one had not but "
+              "what all were when we there can an your which their said if do will each about how up out them then "
+              "she many").split()
 
 
 def make_tiny_lm(folder):
@@ -338,15 +338,14 @@ def make_tiny_lm(folder):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    words = TINY_WORDS
     rng, corpus, model_dir = random.Random(0), os.path.join(folder, "corpus.jsonl"), os.path.join(folder, "gpt2-tiny")
     os.makedirs(folder, exist_ok=True)
     with open(corpus, "w") as f:
         for _ in range(600):
-            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(8, 60)))}) + "\n")
+            f.write(json.dumps({"text": " ".join(rng.choice(TINY_WORDS) for _ in range(rng.randint(8, 60)))}) + "\n")
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([" ".join(words)], trainers.WordLevelTrainer(special_tokens=["[UNK]"]))
+    tok.train_from_iterator([" ".join(TINY_WORDS)], trainers.WordLevelTrainer(special_tokens=["[UNK]"]))
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(model_dir)
     torch.manual_seed(0)
     config = GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=tok.get_vocab_size())
