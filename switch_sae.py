@@ -11,12 +11,9 @@ router. For one language-model activation x:
     x_hat = p_i W_dec[i]^T z + b_dec                the gate p_i: the router's only reconstruction gradient
     L     = |x - x_hat|^2 + alpha d N sum_n f_n P_n  f_n: share of the batch routed to n, P_n: mean p_n
 
-With normalized activations (Gao et al.; SAELens) the SAE works on s x, s fixed so that the first batch's
-typical tokens (norm at most 4x the median) have mean norm sqrt(d), and alpha d becomes alpha V / 30, V
-their scaled total variance (d for centred data): the loss and the routing then do not depend on the
-activations' units, and alpha = 3 weighs the balance at twice the reconstruction loss of an SAE that explains
-95% of the variance, the proportion of the paper's GPT-2 setting (measured best: notebooks/routing.ipynb).
-Outputs are in the LM's.
+With normalized activations the SAE works on s x, s fixed on the first batch, and alpha d becomes alpha V
+/ 30 (V: the scaled data's total variance), so neither the loss nor the routing depends on the activations'
+units (SAE.normalize_inputs_, SwitchSAE.normalize_inputs_). Outputs are in the LM's.
 
 The decoder rows are kept at unit norm. N = 1 is exactly a TopK SAE (Gao et al. 2024), same code. The
 routing is real, unlike the authors' code (dense encoder, then mask): tokens are sorted by expert, each
@@ -55,17 +52,14 @@ import torch.nn.functional as F
 
 
 class SAEOutput(NamedTuple):
-    """What every SAE's forward returns; a field an architecture does not have is None. acts: Switch's k
-    active latents before the gate (ExpertParallelSwitchSAE: of the tokens this rank's experts received, with
-    shard-local idx); a baseline's M latents. expert_counts: f = counts / counts.sum() in the load balance,
-    summed over ranks in data-parallel training, so every rank balances the global load."""
+    """What every SAE's forward returns; a field an architecture does not have is None."""
 
     x_hat: torch.Tensor  # (B, D) the reconstruction
-    acts: torch.Tensor  # (B, k) or (B, M)
+    acts: torch.Tensor  # (B, k) Switch's active latents before the gate, or (B, M) a baseline's latents
     idx: torch.Tensor | None = None  # (B, k) global latent indices of acts (Switch)
     probs: torch.Tensor | None = None  # (B, N') float32 router probabilities over the routed experts
     expert: torch.Tensor | None = None  # (A,) each assignment's expert, in token order: (B,) at one a token
-    expert_counts: torch.Tensor | None = None  # (N,) assignments to each expert
+    expert_counts: torch.Tensor | None = None  # (N,) assignments to each expert, summed over ranks
     gates: torch.Tensor | None = None  # (B, k) float32, each active latent's gate: codes are acts * gates
     gate_pre: torch.Tensor | None = None  # (B, M) the Gated baseline's gate pre-activations
     aux_acts: torch.Tensor | None = None  # (B, k_aux) AuxK's dead latents before the gate, when asked for
@@ -74,14 +68,13 @@ class SAEOutput(NamedTuple):
 
 class Routing(NamedTuple):
     """A batch's A assignments, in token order: assignment a sends token[a] to expert[a], whose decoded
-    latents it scales by gate[a] (float32); probs (B, N'): the router's over the routed experts, float32;
-    counts (N,): assignments per expert."""
+    latents it scales by gate[a]."""
 
-    probs: torch.Tensor
-    token: torch.Tensor
-    expert: torch.Tensor
-    gate: torch.Tensor
-    counts: torch.Tensor
+    probs: torch.Tensor  # (B, N') float32, the router's over the routed experts
+    token: torch.Tensor  # (A,)
+    expert: torch.Tensor  # (A,)
+    gate: torch.Tensor  # (A,) float32
+    counts: torch.Tensor  # (N,) assignments per expert
 
 
 class Router(nn.Module):
@@ -232,9 +225,7 @@ class SwitchSAE(SAE):
 
     arch = "switch"
 
-    @staticmethod
-    def default_lr(width):
-        return 2e-4 / math.sqrt(width / 2**14)  # the paper's, after Gao et al.
+    default_lr = staticmethod(lambda width: 2e-4 / math.sqrt(width / 2**14))  # the paper's, after Gao et al.
 
     @classmethod
     def loss_coefficients(cls, cfg, step, steps):
@@ -400,8 +391,7 @@ class SwitchSAE(SAE):
         return typical_BD
 
     @property
-    def k_aux(self):
-        """AuxK's latents a token, when some are dead: Gao et al.'s d/2, at most the expert's m."""
+    def k_aux(self):  # AuxK's latents a token, when some are dead: Gao et al.'s d/2, at most the expert's m
         return min(self.d_in // 2, self.width // self.experts)
 
     def after_step_(self, out, lr_share=1.0):
@@ -640,13 +630,10 @@ ARCHS = {"switch": SwitchSAE, "relu": ReluSAE, "gated": GatedSAE}
 
 
 # -----------------------------------------------------------------------------
-# FLOPs
-
-
-# Each SAE class counts its own training FLOPs a token (flops_per_token), term by term as this code runs
-# them: forward and backward of encoder, decoder and router, at the batch size (b_dec's gradient and expert
-# choice's capacity depend on it). The paper counts the encoder alone, 2 d m forward + 2 d m backward: its
-# figure is kept beside ours. Tests hold every term against torch's FlopCounterMode.
+# FLOPs: each SAE class counts its own training FLOPs a token (flops_per_token), term by term as this code
+# runs them: forward and backward of encoder, decoder and router, at the batch size (b_dec's gradient and
+# expert choice's capacity depend on it). The paper counts the encoder alone, 2 d m forward + 2 d m
+# backward: its figure is kept beside ours. Tests hold every term against torch's FlopCounterMode.
 
 
 def totalled(terms, paper_encoder_only):
@@ -664,29 +651,21 @@ def training_flops(sae, batch_size, steps, auxk_steps):
 
 
 class SingleProcess:
-    """How training talks to other ranks: here there are none. TorchDistributed (in the distributed
-    section) is the same small interface over torch.distributed, passed in where this is the default."""
+    """How training talks to other ranks, here none (TorchDistributed, in the distributed section, is the same
+    interface over torch.distributed): all_reduce(t) sums t over ranks in place; gather_rows(t) joins every
+    rank's rows of t; shard_rows(t) is this rank's block of rows of t; sum_batch_stats(out) sums the expert
+    counts over all ranks' batches; average_gradients(sae) makes the gradients those of the mean loss over
+    all ranks' tokens."""
 
     rank, ranks = 0, 1
 
     def all_reduce(self, t):
-        """Sum over ranks, in place."""
         return t
 
-    def gather_rows(self, t):
-        """Every rank's t concatenated along dim 0 (a whole tensor from its row shards)."""
-        return t
-
-    def shard_rows(self, t):
-        """This rank's block of rows of a whole tensor."""
-        return t
-
-    def sum_batch_stats(self, out):
-        """out with its batch statistics (the expert counts) summed over all ranks' batches."""
-        return out
+    gather_rows = shard_rows = sum_batch_stats = all_reduce
 
     def average_gradients(self, sae):
-        """Make each rank's gradients those of the mean loss over all ranks' tokens."""
+        pass
 
 
 SINGLE_PROCESS = SingleProcess()
