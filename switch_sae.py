@@ -2137,11 +2137,8 @@ def diverged(cfg, step, saved_step, loss, x_absmax, weights_finite, x_typical):
 
 
 class Stopped(KeyboardInterrupt):
-    """A run stopped by SIGINT or SIGTERM once its checkpoint was saved: main() exits with 128 + signum."""
-
-    def __init__(self, signum):
-        super().__init__(signum)
-        self.signum = signum
+    """A run stopped by a signal (its one argument) once its checkpoint was saved: main() exits with 128 +
+    the signal's number."""
 
 
 def resumed_config(cfg, given):
@@ -3076,7 +3073,7 @@ def main(argv=None):
         print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
         sys.exit(2)
     except Stopped as e:  # the checkpoint is saved; a scheduler or a following && still sees the stop
-        sys.exit(128 + e.signum)
+        sys.exit(128 + e.args[0])
     except KeyboardInterrupt as e:  # a second signal, or Ctrl-C outside training: at once, without a save
         print("error: interrupted; a run's last checkpoint stays whole and continues with --resume, an "
               "unfinished cache was removed", file=sys.stderr)
