@@ -2064,27 +2064,22 @@ def free_memory(device):
         return math.inf
 
 
-def check_memory(cfg, d, device, saes=1, shards=1):
-    """Refuse SAEs that cannot fit, before they are built: the two (M, D) matrices (this rank's 1/shards of
-    them) with their gradients and Adam's two moments, and a step's (B, m) encoder pre-activations twice
-    over, in float32."""
+def check_resources(cfg, d, device, saes=1, shards=1, out=None):
+    """Refuse SAEs that cannot fit, before they are built: in memory, the two (M, D) matrices (this rank's
+    1/shards of them) with their gradients and Adam's two moments, and a step's (B, m) encoder
+    pre-activations twice over, in float32; with out, on its disk, a checkpoint (weights and Adam's two
+    moments, the old file and the new side by side)."""
     m = cfg.width // cfg.experts if cfg.arch == "switch" else cfg.width
     needed = saes * 4 * (8 * cfg.width // shards * d + 2 * cfg.batch_size * m)
     free = free_memory(device)
     if needed > free:
         raise UsageError(f"training needs about {readable(needed)} and {device} has {readable(free)} free: "
                          "lower --width or --batch-size")
-
-
-def check_resources(cfg, d, device, comms=SINGLE_PROCESS):
-    """Memory for this rank's share of the SAE and, on rank 0, disk room for its checkpoint (weights and
-    Adam's two moments, the old file and the new side by side)."""
-    check_memory(cfg, d, device, shards=comms.ranks if cfg.expert_parallel else 1)
-    if comms.rank == 0:  # the only rank that writes
+    if out is not None:
         checkpoint = 3 * 4 * (2 * cfg.width * d + cfg.width + (cfg.experts + 2) * d) + 8 * cfg.width
-        saved = os.path.join(cfg.out, "sae.safetensors")
+        saved = os.path.join(out, "sae.safetensors")
         old = os.path.getsize(saved) if os.path.isfile(saved) else 0
-        check_room(cfg.out, "--out", 2 * checkpoint - old)
+        check_room(out, "--out", 2 * checkpoint - old)
 
 
 def refused_together(check, comms, device):
@@ -2214,7 +2209,9 @@ def start_run(cfg, given):
     dropped = {"equal_to_held_out": 0, "duplicate": 0}
     source = activation_source(cfg, cache, device, comms, dropped)
     share = rank_share(cfg, comms.ranks)
-    refused_together(lambda: check_resources(share, source.d, device, comms), comms, device)
+    shards = comms.ranks if cfg.expert_parallel else 1
+    out = cfg.out if comms.rank == 0 else None  # the only rank that writes
+    refused_together(lambda: check_resources(share, source.d, device, shards=shards, out=out), comms, device)
     sae = build_sae(cfg, source.d, comms).to(device)
     opt = make_optimizer(sae)
     clock_M = torch.zeros(len(sae.W_dec), dtype=torch.long, device=device)
@@ -2972,7 +2969,7 @@ def bench_capture(cfg, config, device):
 def bench(cfg, given=None):
     check_config(cfg, given, command="bench", ranks=world_size())
     device, comms = start_distributed(pick_device(cfg.device))
-    check_memory(cfg, cfg.d_in, device, saes=2)
+    check_resources(cfg, cfg.d_in, device, saes=2)
     lm_config = bench_lm_config(cfg) if cfg.model and not cfg.expert_parallel else None
     dtype = getattr(torch, cfg.dtype)
     if cfg.expert_parallel:
