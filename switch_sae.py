@@ -2151,12 +2151,12 @@ def resumed_config(cfg, given):
         raise UsageError(f"--resume: {cfg.out} has no checkpoint yet; drop --resume to start the run afresh")
     info = read_checkpoint(path, weights=False)[0]
     history = json.load(open(os.path.join(cfg.out, "config.json"))).get("resumes", [])
-    last_changes = history[-1]["changed"] if history else {}  # a resume may have stopped before it saved
+    latest = {key: new for r in history for key, (_, new) in r["changed"].items()}  # some may not have saved
     as_json = lambda cfg: json.loads(json.dumps(dataclasses.asdict(cfg)))
     recorded = {**as_json(TrainConfig()), **info["config"]}  # a field added since the run began: its default
     edited = [cli_flag(key) for key, value in as_json(saved).items()
               if key not in ("resume", "out", "device", "compile") and recorded[key] != value
-              and last_changes.get(key, [None, None])[1] != value]
+              and (key not in RESUMABLE or latest.get(key) != value)]
     if edited:  # the checkpoint is the truth: its settings made the weights
         raise UsageError(f"--resume: {cfg.out}/config.json disagrees with the run's checkpoint on "
                          f"{', '.join(edited)} (edited, or another run's): restore it, or start a new run in "
@@ -2540,8 +2540,9 @@ def read_checkpoint(path, device="cpu", train_state=False, weights=True):
             tensors = {key: f.get_tensor(key) for key in f.keys()
                        if weights and (train_state or not key.startswith("train."))}
     except (OSError, SafetensorError, KeyError, ValueError, TypeError) as e:
-        raise UsageError(f"{path} is no readable checkpoint of this code ({cause(e)}): it is cut "
-                         "short, corrupt, or another tool's file (an export?)") from None
+        raise UsageError(f"{path} is no readable checkpoint of this code ({cause(e)}): it is cut short, "
+                         "corrupt, or another tool's file (an export?); restore it, or remove it and train "
+                         "again") from None
     if info["format"] != str(CHECKPOINT_FORMAT):
         old = info["format"] or "none recorded (an earlier one)"
         raise UsageError(f"{path} is of checkpoint format {old}, and this code reads format "
@@ -2593,10 +2594,11 @@ def load_config(out_dir):
     try:
         fields = json.load(open(path))
         resumes = fields.pop("resumes", [])  # the run's history of --resume changes
-        if not isinstance(resumes, list) or not all(isinstance(r, dict) and isinstance(r.get("changed"), dict)
-                                                    for r in resumes):
-            raise TypeError("its resumes are not a list of {step, changed} records")
-        fields.update(text=tuple(fields["text"]), resume=True, out=out_dir)  # the run may have been moved
+        record = lambda r: isinstance(r, dict) and isinstance(r.get("changed"), dict) and all(
+            isinstance(change, list) and len(change) == 2 for change in r["changed"].values())
+        if not isinstance(resumes, list) or not all(map(record, resumes)):
+            raise TypeError("its resumes are not a list of {step, changed: {field: [old, new]}} records")
+        fields.update(text=tuple(fields["text"]), resume=True, out=str(out_dir))  # the run may have moved
         cfg = TrainConfig(**fields)
         check_fields(cfg)
         return cfg
@@ -2606,26 +2608,36 @@ def load_config(out_dir):
 
 
 def load_checkpoint(out_dir, sae, opt, tokens_since_fired_M, comms=SINGLE_PROCESS):
-    """Restore weights, Adam state and the dead-latent clock (this rank's shard of each); returns the step
-    to continue from."""
+    """Restore weights, Adam state and the dead-latent clock (this rank's shard of each), held to what a run
+    saves: every tensor there, none else, finite, of its shape, the counts not negative. Returns the step to
+    continue from."""
     path = os.path.join(out_dir, "sae.safetensors")
     info, tensors = read_checkpoint(path, train_state=True)  # on the CPU: copied or sharded onto the device
-    params = dict(sae.named_parameters())
-    names = list(params)
     mine = lambda p, t: comms.shard_rows(t) if is_sharded(p) else t
+    adam = {f"train.adam.{i}.{field}": p for i, p in enumerate(sae.parameters())
+            for field in ("step", "exp_avg", "exp_avg_sq")}  # numbered as Adam numbers them
+    expected = {*sae.state_dict(), *adam, "train.tokens_since_fired"}
+    counts = [t for key, t in tensors.items() if key.endswith(("step", "exp_avg_sq", "tokens_since_fired"))]
     try:
+        if set(tensors) != expected:
+            raise KeyError(f"{', '.join(sorted(set(tensors) ^ expected))} missing or unknown")
+        if info["step"] < 1 or not all(t.isfinite().all() for t in tensors.values()) \
+                or any((t < 0).any() for t in counts):
+            raise ValueError("a value is NaN, infinite or a negative count")
+        params = dict(sae.named_parameters())
         sae.load_state_dict({name: mine(params.get(name), tensors[name]) for name in sae.state_dict()})
         state = {}
-        for key, value in tensors.items():
-            if key.startswith("train.adam."):
-                _, _, i, field = key.split(".")
-                value = mine(params[names[int(i)]], value) if value.dim() else value
-                state.setdefault(int(i), {})[field] = value
+        for key, p in adam.items():
+            i, field = key.split(".")[2:]
+            value = tensors[key] if field == "step" else mine(p, tensors[key])
+            if value.shape != (() if field == "step" else p.shape):
+                raise ValueError(f"{key} is {tuple(value.shape)}")
+            state.setdefault(int(i), {})[field] = value
         tokens_since_fired_M.copy_(mine(sae.W_dec, tensors["train.tokens_since_fired"]))
         opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
     except (KeyError, ValueError, RuntimeError, IndexError) as e:
-        raise UsageError(f"--resume: {path} does not fit the run's config.json ({cause(e)}); "
-                         "restore the pair, or start a new run in another --out") from None
+        raise UsageError(f"--resume: {path} is not what a run of its config.json saves ({cause(e)}): restore "
+                         "the pair, or start a new run in another --out") from None
     return info["step"]
 
 

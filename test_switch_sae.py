@@ -1232,6 +1232,17 @@ def test_a_run_begun_before_a_field_existed_resumes_with_its_default(tiny_run, t
     assert json.load(open(run / "metrics.json"))["train_tokens"] == 2048
 
 
+def test_a_resume_that_diverged_before_saving_leaves_a_run_that_resumes(tiny_run, tmp_path, capsys):
+    """A resume that changed --tokens, then one that changed --lr, both diverged before they saved: config.json
+    records both changes, the checkpoint neither, and the advised lower --lr continues the run."""
+    run = tmp_path / "run"
+    S.main(tiny_args(tiny_run, run, tokens=1024, skip_ce=True))
+    for flags in (["--tokens=2048", "--lr=1e30"], ["--lr=1e29"]):
+        assert "by step" in refused(["--resume", f"--out={run}", *flags], capsys, mid_run=True)
+    S.main(["--resume", f"--out={run}", "--lr=1e-3"])
+    assert json.load(open(run / "metrics.json"))["train_tokens"] == 2048
+
+
 # --- export to SAELens's layout, read back by plain torch as SAELens's formulas say
 
 
@@ -2245,9 +2256,31 @@ def broken_run(kind, tmp_path, artifacts):
         edit_json(config, resumes=[1, 2])
     elif kind == "config_missing":  # the advice is to restore it, not to drop --resume (which would be refused)
         os.remove(config)
+    elif kind == "config_change_not_a_pair":
+        edit_json(config, resumes=[{"step": 4, "changed": {"lr": 0.5}}])
+    elif kind in TRAIN_STATE_EDITS:  # the training state --resume continues from, edited
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+        with safe_open(weights, "pt") as f:
+            tensors, meta = {key: f.get_tensor(key) for key in f.keys()}, f.metadata()
+        meta["step"] = "0" if kind == "step_zero" else meta["step"]
+        TRAIN_STATE_EDITS[kind](tensors)
+        save_file(tensors, weights, metadata=meta)
     else:  # another run's checkpoint (another width) beside this config.json
         edit_json(config, width=128)
     return run
+
+
+TRAIN_STATE_EDITS = {
+    "adam_missing": lambda t: [t.pop(key) for key in list(t) if key.startswith("train.adam.")],
+    "adam_one_missing": lambda t: [t.pop(key) for key in list(t) if key.startswith("train.adam.0.")],
+    "adam_nan": lambda t: t["train.adam.1.exp_avg"].fill_(math.nan),
+    "adam_negative": lambda t: t["train.adam.1.exp_avg_sq"].fill_(-1),
+    "adam_wrong_shape": lambda t: t.update({"train.adam.1.exp_avg": t["train.adam.1.exp_avg"][:1]}),
+    "clock_negative": lambda t: t["train.tokens_since_fired"].fill_(-5),
+    "extra_tensor": lambda t: t.update(junk=torch.zeros(2)),
+    "step_zero": lambda t: None,
+}
 
 
 TEXT_FAULTS = ["number", "null", "list", "no_key", "not_json", "latin1", "cut_gz", "random_gz", "csv_ending",
@@ -2266,7 +2299,7 @@ CACHE_FAULTS = ["cut_header", "list_header", "edited_d", "layer_a_string", "inco
 RUN_FAULTS = ["cut_checkpoint", "zeroed_header", "random_checkpoint", "foreign_checkpoint", "cut_config", "config_a_list",
               "config_unknown_field", "config_bad_value", "config_edited_rule", "config_edited_lr",
               "config_resumes_not_a_list", "config_resumes_not_records", "config_missing",
-              "checkpoint_of_another_config"]
+              "checkpoint_of_another_config", "config_change_not_a_pair", *TRAIN_STATE_EDITS]
 
 
 @pytest.mark.parametrize("reader,kind", [("text", k) for k in TEXT_FAULTS] + [("model", k) for k in MODEL_FAULTS]
