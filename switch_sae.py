@@ -909,6 +909,7 @@ import argparse
 import contextlib
 import dataclasses
 import errno
+import glob
 import gzip
 import hashlib
 import itertools
@@ -1774,6 +1775,9 @@ def write_cache(cfg, given=None):
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     lock = hold_lock(cfg.out + ".lock", f"cache --out {cfg.out}")  # removed when this command ends
     try:  # the lock goes with this command, whatever ends it
+        for *_, path in caches:  # the parts of a cache command killed mid-write
+            for leftover in glob.glob(glob.escape(path) + ".tmp[0-9]*"):
+                os.remove(leftover)
         contexts = token_contexts(cfg, tokenizer)
         held_out_CL = take(contexts, n_eval)
         dropped = {"equal_to_held_out": 0, "duplicate": 0}
@@ -1785,11 +1789,13 @@ def write_cache(cfg, given=None):
                     "windows": cfg.windows,
                     "lm_dtype": str(model.dtype), "complete": False} for layer, site, _ in caches]
         try:
-            with disk_space_for(cfg.out, needed), contextlib.ExitStack() as files:
+            with disk_space_for(cfg.out, needed), contextlib.ExitStack() as files, stop_on_signals() as stop:
                 opened = [files.enter_context(open(part, "wb")) for part in parts]
                 outputs = list(zip(opened[::2], opened[1::2]))  # (activations, contexts) of each cache
                 for first in tqdm(range(0, n_total, cfg.lm_batch_size), desc="cache", unit="ctx",
                                   unit_scale=cfg.lm_batch_size):
+                    if stop.item():  # SIGTERM as Ctrl-C: the unfinished files are removed
+                        raise KeyboardInterrupt(int(stop.item()))
                     tokens_CL = take(contexts, min(cfg.lm_batch_size, n_total - first), dropped)
                     tokens = tokens_CL.to(torch.int32).numpy().tobytes()
                     acts = site_activations(model, modules, tokens_CL, cfg.lm_batch_size, cfg.skip_positions)

@@ -15,6 +15,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -1430,7 +1431,6 @@ def torchrun(*args, **kwargs):
 
 
 def test_expert_parallel_run_survives_sigterm_and_resumes_to_the_same_weights(tiny_run, tmp_path):
-    import signal
     import time
 
     from safetensors.torch import load_file
@@ -2441,6 +2441,20 @@ def test_text_of_repeats_says_so_an_interrupted_cache_is_removed_and_a_killed_sa
     with pytest.raises(SystemExit) as exit_info:
         S.main(["cache", *cache_args(tiny_run, tmp_path / "acts.bin")])
     assert exit_info.value.code == 130 and "an unfinished cache was removed" in capsys.readouterr().err
+    assert not list(tmp_path.glob("acts.bin*"))
+    calls.clear()
+
+    def terminated(*args, **kwargs):  # SIGTERM (a scheduler's) during the second LM batch: as Ctrl-C
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    (tmp_path / "acts.bin.tmp4242").write_bytes(bytes(1000))  # of a cache command killed mid-write
+    monkeypatch.setattr(S, "site_activations", terminated)
+    with pytest.raises(SystemExit) as exit_info:
+        S.main(["cache", *cache_args(tiny_run, tmp_path / "acts.bin")])
+    assert exit_info.value.code == 143 and "an unfinished cache was removed" in capsys.readouterr().err
     assert not list(tmp_path.glob("acts.bin*"))
     monkeypatch.undo()
     (tmp_path / "run2").mkdir()
