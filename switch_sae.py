@@ -166,9 +166,9 @@ class SAE(nn.Module):
             return t_BX
         raise ValueError(f"{what} must be (B, {width}) {W.dtype} on {W.device}; it is {describe(t_BX)}")
 
-    def encode(self, x_BD):
-        """Codes of x (B, M), which decode is linear in: a baseline's latents."""
-        return self(self.expect(x_BD, self.d_in, "encode's x")).acts
+    def encode(self, x_BD, dense=True):
+        """Codes of x (B, M), which decode is linear in: a baseline's latents, always dense."""
+        return self(x_BD).acts
 
     def decode(self, codes_BM):
         """x_hat from dense codes (B, M)."""
@@ -263,7 +263,7 @@ class SwitchSAE(SAE):
         expert's TopK on its own tokens, then each token's k best over its experts. With dead_M (M,) bool
         (one expert a token), each token also gets the top k_aux = min(d/2, m) dead latents of its expert
         (AuxK), in aux_acts and aux_idx."""
-        x_BD = x_BD * self.input_scale
+        x_BD = self.expect(x_BD, self.d_in, "x") * self.input_scale
         r = self.route(x_BD)
         x_AD = x_BD if self.router.slots == 1 else x_BD[r.token]
         x_TD, expert_T, counts_here, combine = self.dispatch(x_AD, r.expert, r.counts)
@@ -314,7 +314,7 @@ class SwitchSAE(SAE):
         """The method as written (and as the authors' code runs it): every expert's encoder on every token,
         each latent gated by its expert's gate (0 off the token's experts), TopK over them. O(M d) a token;
         forward is tested against it."""
-        x_BD = x_BD * self.input_scale
+        x_BD = self.expect(x_BD, self.d_in, "x") * self.input_scale
         r = self.route(x_BD)
         B, m = len(x_BD), self.width // self.experts
         gate_BN = r.gate.new_zeros(B, self.experts).index_put((r.token, r.expert), r.gate)
@@ -332,7 +332,7 @@ class SwitchSAE(SAE):
     def encode(self, x_BD, dense=False):
         """Codes of x: (values, global latent indices), each (B, k), or with dense=True one (B, M) tensor.
         The values carry the router's gate, so decode is linear in them: decode(encode(x)) = x_hat."""
-        out = self(self.expect(x_BD, self.d_in, "encode's x"))
+        out = self(x_BD)
         vals_BK = out.acts * out.gates.to(out.acts.dtype)
         if dense:
             return vals_BK.new_zeros(len(x_BD), self.width).scatter_(1, out.idx, vals_BK)
@@ -342,6 +342,9 @@ class SwitchSAE(SAE):
         """x_hat from codes as encode gives them: (values, indices), or a dense (B, M) tensor."""
         if isinstance(codes, torch.Tensor):
             return super().decode(codes)
+        if not isinstance(codes, (tuple, list)) or len(codes) != 2:
+            raise ValueError(f"decode takes codes as encode gives them, (values, indices) or a dense (B, "
+                             f"{self.width}) tensor; it got {describe(codes)}")
         vals_BK, idx_BK = codes
         self.expect(vals_BK, self.k, "decode's values")
         fits = isinstance(idx_BK, torch.Tensor) and (idx_BK.shape, idx_BK.dtype, idx_BK.device) == (
@@ -569,7 +572,7 @@ class ReluSAE(SAE):
         self.b_dec = nn.Parameter(torch.zeros(d_in))
 
     def forward(self, x_BD):
-        f_BM = F.relu(x_BD * self.input_scale @ self.W_enc.T + self.b_enc)
+        f_BM = F.relu(self.expect(x_BD, self.d_in, "x") * self.input_scale @ self.W_enc.T + self.b_enc)
         return SAEOutput((f_BM @ self.W_dec + self.b_dec) / self.input_scale, f_BM)
 
     def loss(self, x_BD, out, l1_coeff=5.0):
@@ -601,7 +604,7 @@ class GatedSAE(SAE):
         self.b_dec = nn.Parameter(torch.zeros(d_in))
 
     def forward(self, x_BD):
-        pre_BM = (x_BD * self.input_scale - self.b_dec) @ self.W_gate.T
+        pre_BM = (self.expect(x_BD, self.d_in, "x") * self.input_scale - self.b_dec) @ self.W_gate.T
         gate_pre_BM = pre_BM + self.b_gate
         f_BM = (gate_pre_BM > 0) * F.relu(pre_BM * self.r_mag.exp() + self.b_mag)
         return SAEOutput((f_BM @ self.W_dec + self.b_dec) / self.input_scale, f_BM, gate_pre=gate_pre_BM)
@@ -1042,6 +1045,9 @@ class CacheConfig:
     out: str = arg("acts.bin", "the cache file; beside it FILE.tokens (its contexts) and FILE.json")
 
 
+RUN_FILES = ("sae.safetensors", "config.json", "metrics.json", ".lock")  # what a run writes in its --out
+
+
 # what --resume may change mid-run (besides --device and --compile, which are always this command's)
 RESUMABLE = ("lr", "grad_clip", "tokens", "save_every", "log_every", "skip_ce")
 
@@ -1194,6 +1200,8 @@ RULES = [
     (lambda c: c.skip_positions >= c.ctx, "--skip-positions {skip_positions} must be below --ctx {ctx}"),
     (lambda c: c.tokens < c.batch_size, "--tokens {tokens} is less than one batch of --batch-size "
                                         "{batch_size}: raise --tokens"),
+    (lambda c: c.command == "cache" and not (c.layer and c.site),
+     "cache captures at each --layer and --site given, and was given none of one: give at least one of each"),
     (lambda c: c.command == "cache" and os.path.isdir(c.out),
      "cache --out {out} is a directory: name the cache file, e.g. --out {out}/acts.bin"),
     # the ranks
@@ -1218,6 +1226,15 @@ RULES = [
     (lambda c: c.command == "train" and not c.resume
      and holds_other_json(f"{c.out}/config.json", ("arch", "resumes", "acts")),
      "--out {out} holds a config.json that no run wrote (a model's?): pick another --out"),
+    (lambda c: c.command == "train" and any(os.path.isdir(os.path.join(c.out, f)) for f in RUN_FILES),
+     "--out {out} holds a folder named as a file a run writes (" + ", ".join(RUN_FILES) + "): pick another "
+     "--out"),
+    (lambda c: c.command == "train" and not c.resume and os.path.isfile(f"{c.out}/sae_weights.safetensors"),
+     "--out {out} holds an exported SAE, whose files a run's would mix with: pick another --out"),
+    (lambda c: c.command == "export" and (os.path.exists(f"{c.dest}/sae.safetensors") or any(
+        os.path.isdir(os.path.join(c.dest, name)) for name in ("cfg.json", "sae_weights.safetensors"))),
+     "export {dest} holds a run, or folders named cfg.json or sae_weights.safetensors: export to a folder "
+     "of its own"),
     (lambda c: c.tokens < c.trained, "--tokens {tokens} is fewer than the {trained} this run has trained on: "
                                      "give at least that many"),
 ]
@@ -1887,6 +1904,9 @@ def open_cache(path):
         if os.path.isdir(path):
             raise UsageError(f"--acts {path} is a directory: name the cache file in it, e.g. --acts "
                              f"{os.path.join(path, 'acts.bin')} (the --out of 'switch_sae.py cache')")
+        if os.path.exists(path):
+            raise UsageError(f"--acts {path} is no cache (it has no header {path}.json): name the --out of a "
+                             "'switch_sae.py cache' command")
         raise UsageError(f"--acts {path}: no cache there (no {path}.json); write one with "
                          f"'switch_sae.py cache --out {path}'")
     try:
@@ -2079,8 +2099,8 @@ def check_resources(cfg, d, device, saes=1, shards=1, out=None):
     needed = saes * 4 * (8 * cfg.width // shards * d + 2 * cfg.batch_size * m)
     free = free_memory(device)
     if needed > free:
-        raise UsageError(f"training needs about {readable(needed)} and {device} has {readable(free)} free: "
-                         "lower --width or --batch-size")
+        raise UsageError(f"training {cfg.width} latents of d = {d} needs about {readable(needed)} and "
+                         f"{device} has {readable(free)} free: lower --width or --batch-size")
     if out is not None:
         checkpoint = 3 * 4 * (2 * cfg.width * d + cfg.width + (cfg.experts + 2) * d) + 8 * cfg.width
         saved = os.path.join(out, "sae.safetensors")
@@ -2580,10 +2600,13 @@ def sae_from(info, tensors, device="cpu"):
 
 def load_sae(path, device="cpu"):
     """A trained SAE (SwitchSAE, or a baseline) from a run directory or its sae.safetensors file."""
-    try:
+    asked = device
+    with contextlib.suppress(RuntimeError, TypeError):  # no device: refused below
         device = pick_device(device) if device == "auto" else torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"load_sae: device {device!r} is none of cpu, cuda, cuda:N, auto") from None
+    if not isinstance(device, torch.device) or device.type not in ("cpu", "cuda"):
+        raise UsageError(f"load_sae: device {str(asked)!r} is none of cpu, cuda, cuda:N, auto")
+    if not isinstance(path, (str, os.PathLike)):
+        raise UsageError(f"load_sae: path {path!r} is no path: name a run directory or its sae.safetensors")
     if device.type == "cuda":
         pick_device("cuda")  # refused without a GPU
     return sae_from(*read_checkpoint(path, device), device)

@@ -660,7 +660,7 @@ def test_the_method_lifts_out_alone_and_trains():
     nothing else: with only the imports it holds, it builds, trains and matches the whole file's SwitchSAE."""
     source = open(os.path.join(HERE, "switch_sae.py")).read()
     method = source[: source.index("# " + "=" * 77 + "\n# machinery")]  # the kernels that it runs included
-    assert len(method[: method.index("# how routing saves time")].splitlines()) <= 763  # the method, train step
+    assert len(method[: method.index("# how routing saves time")].splitlines()) <= 766  # the method, train step
     namespace = {}
     exec(method, namespace)
     assert not {"TrainConfig", "UsageError", "load_lm", "save_checkpoint", "argparse", "os"} & set(namespace)
@@ -1577,6 +1577,14 @@ def test_notebooks_refuse_an_unknown_scale_and_write_under_notebooks_wherever_st
         assert result.returncode == 1 and "is not a scale: use one of smoke, small, paper" in result.stderr
     result = run("smoke")
     assert result.stdout.split() == [os.path.join(HERE, "notebooks", name) for name in ("runs", "cache")]
+    for name in ("routing", "sites", "walkthrough"):  # no paper scale: refused by its first cell, in one line
+        first = next(c for c in json.load(open(os.path.join(HERE, "notebooks", f"{name}.ipynb")))["cells"]
+                     if c["cell_type"] == "code")
+        source = "".join(first["source"])
+        script = source[: source.index("\n", source.index("SCALE = "))]  # down to where it reads SCALE
+        result = subprocess.run([sys.executable, "-c", script], cwd=os.path.join(HERE, "notebooks"), env={
+            **env, "SCALE": "paper"}, capture_output=True, text=True, timeout=300)
+        assert "SCALE='paper' is not a scale of this notebook: use one of smoke, small" in result.stderr, name
     result = subprocess.run([sys.executable, "-c", "import common; common.Study('smoke')"], cwd=tmp_path, text=True,
                             capture_output=True, env={**env, "CACHE": str(tmp_path)}, timeout=300)
     assert f"CACHE={tmp_path} is a directory: set CACHE to a cache file in it, e.g. {tmp_path}/smoke.bin" in result.stderr
@@ -2006,6 +2014,7 @@ RULE_CASES = [  # (the config's fields, the facts known, how the message starts)
     (dict(eval_tokens=8, ctx=16), {}, "--eval-tokens 8 is less than one context of --ctx 16"),
     (dict(skip_positions=16, ctx=16), {}, "--skip-positions 16 must be below --ctx 16"),
     (dict(tokens=100, batch_size=200), {}, "--tokens 100 is less than one batch of --batch-size 200"),
+    (dict(command="cache", layer=()), {}, "cache captures at each --layer and --site given"),
     (dict(command="cache"), {}, "cache --out"),
     (dict(expert_parallel=True, arch="relu"), dict(ranks=2), "--expert-parallel needs --arch switch"),
     (dict(expert_parallel=True, shared_expert=True), dict(ranks=2), "--expert-parallel decodes on each expert's"),
@@ -2014,6 +2023,9 @@ RULE_CASES = [  # (the config's fields, the facts known, how the message starts)
     (dict(router="expert-choice"), dict(ranks=2), "--router expert-choice ranks the tokens of the whole batch"),
     (dict(out="run"), {}, "--out"),  # holds another run's checkpoint
     (dict(out="model"), {}, "--out"),  # holds a model's config.json
+    (dict(out="folders"), {}, "--out"),  # holds a folder named metrics.json
+    (dict(out="export"), {}, "--out"),  # holds an export
+    (dict(command="export", dest="run"), {}, "export"),  # into a run's folder
     (dict(tokens=10**6), dict(trained=2 * 10**6), "--tokens 1000000 is fewer than the 2000000 this run has trained"),
 ]
 
@@ -2031,10 +2043,15 @@ def test_every_rule_between_flags_is_stated_once_and_each_refuses_its_case(tmp_p
     (tmp_path / "run" / "sae.safetensors").write_bytes(b"")  # another run's checkpoint
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
+    (tmp_path / "folders" / "metrics.json").mkdir(parents=True)
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "sae_weights.safetensors").write_bytes(b"")
     for fields, known, start in RULE_CASES:
+        fields = {**fields}
         command = fields.pop("command", "train")
-        fields.update({"out": str(tmp_path / fields["out"])} if "out" in fields else {})
-        cfg = S.CacheConfig(out=str(tmp_path)) if command == "cache" else S.TrainConfig(**fields)
+        fields.update({key: str(tmp_path / fields[key]) for key in ("out", "dest") if key in fields})
+        config = {"cache": S.CacheConfig, "export": S.ExportConfig}.get(command, S.TrainConfig)
+        cfg = config(**{"out": str(tmp_path), **fields}) if command == "cache" else config(**fields)
         with pytest.raises(S.UsageError) as refusal:
             S.check_config(cfg, command=command, **known)
         assert str(refusal.value).startswith(start), (str(refusal.value), start)
@@ -2194,6 +2211,8 @@ def broken_model(kind, tmp_path, model_dir):
 
 def broken_cache(kind, tmp_path, artifacts):
     cache = copied(str(artifacts / "acts.bin"), tmp_path / "acts.bin")
+    if kind == "a_text_file":  # no cache: the advice must not be to write one over it
+        return write_text(tmp_path / "corpus.jsonl", '{"text": "the of and"}\n')
     if kind == "cut_header":
         truncate(cache + ".json")
     elif kind == "list_header":
@@ -2291,7 +2310,7 @@ MODEL_FAULTS = ["cut_weights", "cut_config", "no_config", "gguf_bytes", "no_toke
                 "unknown_type", "config_mismatch"]
 
 
-CACHE_FAULTS = ["cut_header", "list_header", "edited_d", "layer_a_string", "incomplete", "no_bin", "cut_bin", "no_tokens",
+CACHE_FAULTS = ["a_text_file", "cut_header", "list_header", "edited_d", "layer_a_string", "incomplete", "no_bin", "cut_bin", "no_tokens",
                 "cut_tokens", "tokens_of_another_seed", "bin_of_another_layer", "nan_held_out", "edited_layer",
                 "edited_dtype", "named_by_its_header", "another_format"]
 
@@ -2326,7 +2345,8 @@ def test_every_reader_refuses_a_broken_file_in_one_line(tiny_run, artifacts, tmp
         run = {"an_export": artifacts / "export", "export_weights": artifacts / "export" / "sae_weights.safetensors"}
         run = run[kind] if kind in run else broken_run(kind, tmp_path, artifacts)
         argv = ["export", run, out]
-    refused(argv, capsys, out)
+    err = refused(argv, capsys, out)
+    assert "write one with" not in err or kind != "a_text_file", err  # advice that would be refused in turn
 
 
 # --- what is written over: never another run's checkpoint, nor a file that is no cache
@@ -2476,14 +2496,20 @@ def test_a_restarted_run_leaves_no_earlier_metrics_and_torchrun_or_bench_misuse_
             "or unset WORLD_SIZE"]
     err = refused(["bench", "--model=t5", "--d-in=512", "--layer=0", "--ctx=8", "--device=cpu"], capsys)
     assert "a t5 is no causal LM" in err
+    err = refused(["bench", "--d-in=10000000000", "--width=64", "--experts=4", "--k=4", "--device=cpu"], capsys)
+    assert "training 64 latents of d = 10000000000 needs about" in err  # memory: what it is that is too big
 
 
 def test_the_python_api_refuses_bad_tensors_and_devices_naming_what_it_expected(artifacts, tmp_path):
     sae = S.load_sae(artifacts / "run")
     d = sae.d_in
     for x in (torch.zeros(d), torch.zeros(2, 5, d), torch.zeros(3, d, dtype=torch.bfloat16), torch.zeros(3, d + 1)):
-        with pytest.raises(ValueError, match=f"encode's x must be \\(B, {d}\\) torch.float32 on cpu; it is"):
-            sae.encode(x)
+        for call in (sae.encode, sae, sae.forward_dense):  # forward checks its input too
+            with pytest.raises(ValueError, match=f"x must be \\(B, {d}\\) torch.float32 on cpu; it is"):
+                call(x)
+    for codes in (None, 5, (torch.zeros(3, 4),)):
+        with pytest.raises(ValueError, match="decode takes codes as encode gives them"):
+            sae.decode(codes)
     with pytest.raises(ValueError, match="decode's dense codes must be"):
         sae.decode(torch.zeros(3, 7))
     vals, idx = sae.encode(torch.zeros(3, d))
@@ -2493,9 +2519,10 @@ def test_the_python_api_refuses_bad_tensors_and_devices_naming_what_it_expected(
     x = torch.randn(5, 16)
     for arch in ("relu", "gated"):  # the baselines encode and decode too: dense codes
         base = S.make_sae(arch, 16, 32)
-        torch.testing.assert_close(base.decode(base.encode(x)), base(x).x_hat)
-        with pytest.raises(ValueError, match="encode's x must be \\(B, 16\\)"):
-            base.encode(torch.zeros(16))
+        torch.testing.assert_close(base.decode(base.encode(x, dense=True)), base(x).x_hat)  # as Switch's
+        for call in (base.encode, base):
+            with pytest.raises(ValueError, match="x must be \\(B, 16\\)"):
+                call(torch.zeros(16))
     assert S.TrainConfig(text="corpus.jsonl").text == ("corpus.jsonl",)  # one file, not its characters
     assert S.TrainConfig(text="").text == ()
     assert S.CacheConfig(layer=[3, 5], site="mlp").layer == (3, 5) and S.CacheConfig(site="mlp").site == ("mlp",)
@@ -2522,9 +2549,12 @@ def test_the_python_api_refuses_bad_tensors_and_devices_naming_what_it_expected(
             S.make_sae("switch", d_in, 32, 4, 2)
     with pytest.raises(S.UsageError, match="make_sae has no keyword lb_alpha: its routing keywords are router"):
         S.make_sae("switch", 8, 32, 4, 2, lb_alpha=3.0)
-    for device in ("tpu", "bogus"):
+    for device in ("tpu", "bogus", "meta", "mps", None):
         with pytest.raises(S.UsageError, match=f"load_sae: device '{device}' is none of cpu, cuda, cuda:N, auto"):
             S.load_sae(artifacts / "run", device)
+    for path in (None, b"run", 5):
+        with pytest.raises(S.UsageError, match="is no path: name a run directory"):
+            S.load_sae(path)
     with pytest.raises(S.UsageError, match="--shared-expert 'yes' is not true or false"):
         S.check_config(S.TrainConfig(shared_expert="yes"))
 
