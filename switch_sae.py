@@ -1993,7 +1993,7 @@ class Source(NamedTuple):
     eval_x: torch.Tensor | None  # their activations, when read from a cache
     model: object  # the LM (None: a cached run that skips loss recovered)
     module: object  # its hooked module
-    cache: dict | None = None  # the cache's digests, for a run on --acts
+    digests: dict | None = None  # what --resume holds the data to: the cache's, or the held-out tokens'
 
 
 CACHE_SETTINGS = ("model", "layer", "site", "ctx", "skip_positions", "windows")  # and its text
@@ -2038,7 +2038,8 @@ def activation_source(cfg, cache, device, comms, dropped):
     contexts = distinct_contexts(contexts, eval_tokens_CL, dropped)  # every rank filters the whole stream
     contexts = itertools.islice(contexts, comms.rank, None, comms.ranks)
     read_contexts = live_reader(cfg, model, module, contexts, dropped, show=comms.rank == 0)
-    return Source(model.config.hidden_size, read_contexts, eval_tokens_CL, None, model, module)
+    digests = {"held_out_tokens_sha256": hashlib.sha256(eval_tokens_CL.numpy().tobytes()).hexdigest()}
+    return Source(model.config.hidden_size, read_contexts, eval_tokens_CL, None, model, module, digests)
 
 
 def lm_for_evaluation(cfg, device):
@@ -2189,7 +2190,7 @@ def resumed_config(cfg, given):
                          "another --out")
     trained = info["step"] * saved.batch_size
     resumed = dataclasses.replace(saved, **{name: new for name, (_, new) in changed.items()})
-    return resumed, history, changed, {"fixed": fixed, "trained": trained, "began_on": info["cache"]}
+    return resumed, history, changed, {"fixed": fixed, "trained": trained, "began_on": info["data"]}
 
 
 def rank_share(cfg, ranks):
@@ -2234,6 +2235,10 @@ def start_run(cfg, given):
     device, comms = start_distributed(pick_device(cfg.device))
     dropped = {"equal_to_held_out": 0, "duplicate": 0}
     source = activation_source(cfg, cache, device, comms, dropped)
+    if began_on and not cfg.acts and began_on != source.digests:  # on every rank alike
+        raise UsageError(f"--resume: the held-out contexts of {' '.join(cfg.text) or cfg.dataset} are not "
+                         "those this run began on (its text or tokenizer changed): restore them, or start a "
+                         "new run in another --out")
     share = rank_share(cfg, comms.ranks)
     shards = comms.ranks if cfg.expert_parallel else 1
     out = cfg.out if comms.rank == 0 else None  # the only rank that writes
@@ -2321,7 +2326,7 @@ def train_loop(run):
                             tok_s=f"{(bar.format_dict['rate'] or 0) * cfg.batch_size:.0f}",
                             pflop=f"{flops['total'] * (step + 1) * cfg.batch_size / 1e15:.4f}")
             if saving or stopping:
-                save_checkpoint(cfg.out, sae, cfg, step + 1, opt, clock_M, comms, run.source.cache)
+                save_checkpoint(cfg.out, sae, cfg, step + 1, opt, clock_M, comms, run.source.digests)
                 saved_step = step + 1
             if stopping:
                 bar.close()  # before the message
@@ -2522,9 +2527,9 @@ def atomic_write(path, write, size):
 
 
 def save_checkpoint(out_dir, sae, cfg, step, opt=None, tokens_since_fired_M=None, comms=SINGLE_PROCESS,
-                    cache=None):
+                    digests=None):
     """Every rank calls this; expert shards are gathered, so the file is the same for any number of ranks.
-    cache: the digests of the cache the run trains on, which --resume holds the cache to."""
+    digests: of the data the run trains on (Source.digests), which --resume holds the data to."""
     from safetensors.torch import save_file
 
     params = dict(sae.named_parameters())
@@ -2538,7 +2543,7 @@ def save_checkpoint(out_dir, sae, cfg, step, opt=None, tokens_since_fired_M=None
                             for key, v in state.items()})
         tensors["train.tokens_since_fired"] = whole(sae.W_dec, tokens_since_fired_M)
     meta = {"format": str(CHECKPOINT_FORMAT), "sae": json.dumps(sae_settings(cfg, sae.d_in)),
-            "config": json.dumps(dataclasses.asdict(cfg)), "step": str(step), "cache": json.dumps(cache)}
+            "config": json.dumps(dataclasses.asdict(cfg)), "step": str(step), "data": json.dumps(digests)}
     if comms.rank == 0:
         write = lambda tmp: save_file(tensors, tmp, metadata=meta)
         atomic_write(os.path.join(out_dir, "sae.safetensors"), write, sum(t.nbytes for t in tensors.values()))
@@ -2562,7 +2567,7 @@ def read_checkpoint(path, device="cpu", train_state=False, weights=True):
             meta = f.metadata() or {}
             info = {"sae": json.loads(meta["sae"]), "config": json.loads(meta["config"]),
                     "step": int(meta["step"]), "format": meta.get("format"),
-                    "cache": json.loads(meta.get("cache", "null"))}
+                    "data": json.loads(meta.get("data", "null"))}
             tensors = {key: f.get_tensor(key) for key in f.keys()
                        if weights and (train_state or not key.startswith("train."))}
     except (OSError, SafetensorError, KeyError, ValueError, TypeError) as e:

@@ -2370,6 +2370,20 @@ def test_a_cache_a_run_trains_on_is_not_replaced_and_a_replaced_one_is_found_on_
     assert f"--acts {cache} is not the cache this run began on (its header_sha256, held_out_sha256" in err
 
 
+def test_a_live_run_resumed_on_other_text_is_refused(tiny_run, tmp_path, capsys):
+    """A live run pins its held-out contexts' tokens: text rewritten under it is found on --resume."""
+    text, run = tmp_path / "text.jsonl", tmp_path / "run"
+    shutil.copy(tiny_run[1], text)
+    S.main(tiny_args(tiny_run, run, text=text, tokens=1024, skip_ce=True))
+    write_corpus(str(text), seed=7)  # other documents under the same name
+    capsys.readouterr()
+    err = refused(["--resume", f"--out={run}", "--tokens=2048"], capsys)
+    assert f"--resume: the held-out contexts of {text} are not those this run began on" in err
+    shutil.copy(tiny_run[1], text)  # restored: the run goes on
+    S.main(["--resume", f"--out={run}", "--tokens=2048"])
+    assert json.load(open(run / "metrics.json"))["train_tokens"] == 2048
+
+
 def test_a_run_folder_another_process_writes_is_refused_naming_the_holder(tiny_run, tmp_path, capsys):
     """Two runs started into one --out: the second finds the first's lock (held here as another process would
     hold it) and is refused, naming the holder; once it is freed, the run starts."""
