@@ -1535,9 +1535,10 @@ def take(contexts, n, dropped=None):
 def model_source(model):
     """from_pretrained's arguments for --model: a hub id or directory as it is; a .gguf file as its folder
     and file name (transformers reads and dequantises GGUF with the gguf and accelerate packages)."""
-    if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "config.json")):
-        raise UsageError(f"--model {model} holds no config.json, so it is no Hugging Face model "
-                         "directory: point --model at one (or at a hub id or a .gguf file)")
+    config = os.path.join(model, "config.json")
+    if os.path.isdir(model) and (not os.path.isfile(config) or holds_other_json(config, ("model_type",))):
+        raise UsageError(f"--model {model} holds no config.json of a model (a run's?), so it is no Hugging "
+                         "Face model directory: point --model at one (or at a hub id or a .gguf file)")
     if not model.endswith(".gguf"):
         if not os.path.isdir(model):
             hub_reachable()  # when it is not, offline mode makes a model missing from the cache fail at once
@@ -2258,7 +2259,8 @@ def start_run(cfg, given):
         with contextlib.suppress(FileNotFoundError):  # of the run before a restart or an extension
             os.remove(os.path.join(cfg.out, "metrics.json"))
         if cfg.acts and os.path.abspath(cfg.out) not in cache_users(cfg.acts, all_listed=True):
-            with open(cfg.acts + ".runs", "a") as runs:  # so that the cache command will not replace it
+            # so that the cache command will not replace it (a cache in a read-only folder cannot be replaced)
+            with contextlib.suppress(PermissionError), open(cfg.acts + ".runs", "a") as runs:
                 runs.write(os.path.abspath(cfg.out) + "\n")
         return lock
 

@@ -1490,6 +1490,8 @@ def test_a_verdict_with_a_diverged_seed_says_so(tmp_path, monkeypatch, capsys):
     results = {"switch": arm(90.0, 91.0, 89.0), "topk": arm(100.0, 101.0, 99.5), "bad": arm(90.0, math.nan, 89.0)}
     assert common.decide(results, "switch", "topk", -1, True, "claim") == "agrees"
     assert common.decide(results, "bad", "topk", -1, True, "claim") == "inconclusive (bad seed 1 diverged)"
+    results.update(one=arm(80.0), one_topk=arm(100.0))  # far lower, but one seed each gives no interval
+    assert common.decide(results, "one", "one_topk", -1, True, "claim") == "inconclusive (one seed: no interval)"
 
 
 def test_the_best_setting_is_chosen_on_validation_and_judged_on_test(tmp_path, monkeypatch):
@@ -1575,8 +1577,10 @@ def test_notebooks_refuse_an_unknown_scale_and_write_under_notebooks_wherever_st
     for scale in ("bogus", "", "Small"):
         result = run(scale)
         assert result.returncode == 1 and "is not a scale: use one of smoke, small, paper" in result.stderr
-    result = run("smoke")
-    assert result.stdout.split() == [os.path.join(HERE, "notebooks", name) for name in ("runs", "cache")]
+    for empty in ({}, {"RESULTS": "", "CACHE": ""}):  # set but empty: as if unset, not the working directory
+        result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                                env={**env, "SCALE": "smoke", **empty}, timeout=300)
+        assert result.stdout.split() == [os.path.join(HERE, "notebooks", name) for name in ("runs", "cache")]
     for name in ("routing", "sites", "walkthrough"):  # no paper scale: refused by its first cell, in one line
         first = next(c for c in json.load(open(os.path.join(HERE, "notebooks", f"{name}.ipynb")))["cells"]
                      if c["cell_type"] == "code")
@@ -2183,6 +2187,11 @@ def broken_text(kind, tmp_path, corpus):
 
 
 def broken_model(kind, tmp_path, model_dir):
+    if kind == "a_run_folder":  # its config.json is a run's, not a model's
+        run = tmp_path / "run"
+        run.mkdir()
+        write_text(run / "config.json", json.dumps(dataclasses.asdict(S.TrainConfig())))
+        return str(run)
     if kind == "gguf_bytes":
         return write_text(tmp_path / "model.gguf", b"GGUF" + os.urandom(4096))
     model = copied(model_dir, tmp_path / "model")
@@ -2306,7 +2315,7 @@ TEXT_FAULTS = ["number", "null", "list", "no_key", "not_json", "latin1", "cut_gz
                "json_ending"]
 
 
-MODEL_FAULTS = ["cut_weights", "cut_config", "no_config", "gguf_bytes", "no_tokenizer", "tokenizer_too_big",
+MODEL_FAULTS = ["a_run_folder", "cut_weights", "cut_config", "no_config", "gguf_bytes", "no_tokenizer", "tokenizer_too_big",
                 "unknown_type", "config_mismatch"]
 
 
@@ -2346,7 +2355,8 @@ def test_every_reader_refuses_a_broken_file_in_one_line(tiny_run, artifacts, tmp
         run = run[kind] if kind in run else broken_run(kind, tmp_path, artifacts)
         argv = ["export", run, out]
     err = refused(argv, capsys, out)
-    assert "write one with" not in err or kind != "a_text_file", err  # advice that would be refused in turn
+    wrong = {"a_text_file": "write one with", "a_run_folder": "cut short"}  # advice that would not help
+    assert wrong.get(kind, "\0") not in err, err
 
 
 # --- what is written over: never another run's checkpoint, nor a file that is no cache
@@ -2368,6 +2378,21 @@ def test_a_cache_a_run_trains_on_is_not_replaced_and_a_replaced_one_is_found_on_
     capsys.readouterr()
     err = refused(["--resume", f"--out={run}", "--tokens=2048"], capsys)
     assert f"--acts {cache} is not the cache this run began on (its header_sha256, held_out_sha256" in err
+
+
+def test_a_cache_in_a_read_only_folder_is_trained_on(tiny_run, artifacts, tmp_path, monkeypatch):
+    """Shared read-only: the run cannot list itself in FILE.runs, and need not (nothing can replace the cache)."""
+    import builtins
+
+    def read_only(path, mode="r", *args, **kwargs):
+        if str(path).endswith(".runs") and mode != "r":
+            raise PermissionError(13, "Permission denied", str(path))
+        return builtins.open(path, mode, *args, **kwargs)
+
+    cache = copied(str(artifacts / "acts.bin"), tmp_path / "acts.bin")
+    monkeypatch.setattr(S, "open", read_only, raising=False)
+    S.main(tiny_args(tiny_run, tmp_path / "run", acts=cache, skip_ce=True, tokens=512))
+    assert os.path.isfile(tmp_path / "run" / "metrics.json") and not os.path.exists(cache + ".runs")
 
 
 def test_a_live_run_resumed_on_other_text_is_refused(tiny_run, tmp_path, capsys):

@@ -34,6 +34,9 @@ import switch_sae as S  # noqa: E402
 
 # the notebooks read RESULTS too (walkthrough builds its tiny LM under it): an absolute default, so that a kernel
 # started in another directory (nbconvert runs it in the notebook's own) still writes to notebooks/runs
+for name in ("RESULTS", "CACHE", "TEXT", "PROBE_DATA", "MODEL_DIR"):  # set but empty: as if unset
+    if not os.environ.get(name, "x"):
+        del os.environ[name]
 os.environ.setdefault("RESULTS", os.path.join(NOTEBOOKS, "runs"))
 TEXT = os.environ.get("TEXT", os.path.join(REPO, "..", "shared", "data", "corpus.jsonl.gz"))
 PROBE_DATA = os.environ.get("PROBE_DATA", os.path.join(REPO, "..", "shared", "data", "probing.jsonl.gz"))
@@ -100,7 +103,7 @@ class Study:
 
     def __init__(self, scale, **overrides):
         self.scale, self.p = check_scale(scale), {**SCALES[scale], **overrides}
-        results = os.environ.get("RESULTS", os.path.join(NOTEBOOKS, "runs"))
+        results = os.environ.get("RESULTS") or os.path.join(NOTEBOOKS, "runs")
         self.runs = os.path.join(results, scale)  # one folder per SAE inside: config.json, sae.safetensors, metrics
         cache_file = self.p["cache_file"]
         self.cache = self.p.get("cache") or cache_file and os.environ.get("CACHE", os.path.join(CACHES, cache_file))
@@ -429,6 +432,8 @@ def decide(results, arm, reference, paper_sign, width_ok, claim):
                 if not math.isfinite(s["mse_typ"])]
     if diverged:  # a NaN makes every interval NaN: say why, not that it straddles 0
         said = f"inconclusive ({', '.join(diverged)} diverged)"
+    elif min(len(results[name]["seeds"]) for name in (arm, reference)) < 2:
+        said = "inconclusive (one seed: no interval)"
     print(f"{claim}: {arm} against {reference}: {full[0]:+.1%} ± {full[1]:.1%} test MSE ({half[0]:+.1%} ± {half[1]:.1%} "
           f"at half the steps; {next_gap:+.1%} extrapolated to twice the steps). Verdict: {said}")
     return said
