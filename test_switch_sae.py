@@ -1492,6 +1492,9 @@ def test_a_verdict_with_a_diverged_seed_says_so(tmp_path, monkeypatch, capsys):
     assert common.decide(results, "bad", "topk", -1, True, "claim") == "inconclusive (bad seed 1 diverged)"
     results.update(one=arm(80.0), one_topk=arm(100.0))  # far lower, but one seed each gives no interval
     assert common.decide(results, "one", "one_topk", -1, True, "claim") == "inconclusive (one seed: no interval)"
+    results["no_half"] = {"seeds": [dict(seed=i, mse_typ=90.0) for i in range(3)]}  # swept without halves
+    with pytest.raises(ValueError, match="decide checks stability on half-length runs"):
+        common.decide(results, "no_half", "topk", -1, True, "claim")
 
 
 def test_the_best_setting_is_chosen_on_validation_and_judged_on_test(tmp_path, monkeypatch):
@@ -1505,6 +1508,27 @@ def test_the_best_setting_is_chosen_on_validation_and_judged_on_test(tmp_path, m
     assert best == 3  # the lowest validation MSE, though alpha 1 has the lowest test MSE
     assert gaps[1][0] == pytest.approx(np.mean([100 / 104, 102 / 106, 98 / 102]) - 1) and gaps[3][:2] == (0, 0)
     assert near == [1, 3]
+
+
+def test_probe_data_is_read_capped_and_refused_in_one_line_when_it_cannot_serve(tmp_path, monkeypatch):
+    import gzip
+
+    monkeypatch.setenv("RESULTS", str(tmp_path))
+    monkeypatch.syspath_prepend(os.path.join(HERE, "notebooks"))
+    import common
+
+    rows = [dict(task="movies", label=label, split=split, text=f"a b {i}") for split in ("train", "test")
+            for label in (0, 1) for i in range(400)] + [dict(task="other", label=0, split="test", text="a b")]
+    write = lambda rows, name="probe.jsonl": write_text(tmp_path / name, "".join(json.dumps(r) + "\n" for r in rows))
+    chosen = common.probe_rows("small", write(rows))  # capped at small's 300 a class for train, 100 for test
+    assert len(chosen) == 2 * 300 + 2 * 100 and {r["task"] for r in chosen} == {"movies"}
+    data = gzip.compress(open(tmp_path / "probe.jsonl", "rb").read())
+    for source, message in ((write([{**rows[0], "split": "Train"}], "a"), "rows need splits train or test"),
+                            (write([dict(task="x", label=0, split="test", text="a b")], "b"), "tasks among newsgroups"),
+                            (write([{**rows[0], "text": 5}], "c"), "some lack a string text"),
+                            (write_text(tmp_path / "cut.jsonl.gz", data[: len(data) // 2]), "is unreadable")):
+        with pytest.raises(ValueError, match=message):
+            common.probe_rows("small", source)
 
 
 def test_probing_measures_against_hand_computations(tmp_path, monkeypatch):

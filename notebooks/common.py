@@ -421,6 +421,9 @@ def decide(results, arm, reference, paper_sign, width_ok, claim):
     the paired interval at full length decides ('agrees' / 'disagrees' wholly on one side of 0, else
     'inconclusive'); it stands only if (check 2, stability) the half-length runs give the same verdict and the gap,
     extrapolated one more doubling of steps from half to full, keeps its sign; and check 1 (width) held."""
+    if not all("mse_half" in s for name in (arm, reference) for s in results[name]["seeds"]):
+        raise ValueError(f"decide checks stability on half-length runs, and {arm} or {reference} has none: "
+                         "sweep them with halves=True")
     full = compare(test_mse(results[arm]), test_mse(results[reference]))
     half = compare([s["mse_half"] for s in results[arm]["seeds"]], [s["mse_half"] for s in results[reference]["seeds"]])
     next_gap = 2 * full[0] - half[0]  # the gap one more doubling on, if it moves as it did from half to full
@@ -500,20 +503,28 @@ def probe_rows(scale, source=PROBE_DATA, seed=0):
                      text=" ".join(rng.choice(halves[label] if rng.random() < 0.7 else TINY_WORDS) for _ in range(20)))
                 for split, n in (("train", 40), ("test", 20)) for label in (0, 1) for _ in range(n)]
     elif os.path.isfile(source):
-        with (gzip.open if source.endswith(".gz") else open)(source, "rt", encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+        try:
+            with (gzip.open if source.endswith(".gz") else open)(source, "rt", encoding="utf-8") as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+        except (ValueError, OSError, EOFError) as e:  # bad JSON or UTF-8, a gzip file cut short or not one
+            raise ValueError(f"PROBE_DATA={source} is unreadable ({S.cause(e)}): give UTF-8 .jsonl(.gz)") from None
     elif S.hub_reachable():
         rows = list(S.hub_dataset(source))
     else:
         raise ValueError(f"PROBE_DATA={source} is no file, and the Hugging Face hub is unreachable: set PROBE_DATA to "
                          "a .jsonl(.gz) file with task, label, split and text in each line")
     missing = {"task", "label", "split", "text"} - set.intersection(*(set(row) for row in rows or [{}]))
-    if missing:
-        raise ValueError(f"PROBE_DATA={source}: each row needs task, label, split and text; some lack "
-                         f"{', '.join(sorted(missing))}")
+    if missing or not all(isinstance(row["text"], str) for row in rows):
+        raise ValueError(f"PROBE_DATA={source}: each row needs task, label, split and a text string; some lack "
+                         f"{', '.join(sorted(missing)) or 'a string text'}")
+    tasks, splits = {row["task"] for row in rows}, {row["split"] for row in rows}
+    if not tasks & set(caps) or splits - {"train", "test"}:  # a typo would leave out rows without a word
+        found = f"splits {', '.join(sorted(map(str, splits)))} and tasks {', '.join(sorted(map(str, tasks)))}"
+        raise ValueError(f"PROBE_DATA={source}: rows need splits train or test, and tasks among {', '.join(caps)}; "
+                         f"it has {found}")
     groups, rng = {}, random.Random(seed)
     for row in rows:
-        if row["task"] in caps and row["split"] in ("train", "test") and len(row["text"].split()) >= 2:
+        if row["task"] in caps and len(row["text"].split()) >= 2:
             groups.setdefault((row["task"], str(row["label"]), row["split"]), []).append(row)
     chosen = []
     for (task, _, split), group in sorted(groups.items()):
