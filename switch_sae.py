@@ -233,6 +233,9 @@ class SwitchSAE(SAE):
 
     def __init__(self, d_in, width, experts, k, router=None, feature_scaling=False):
         super().__init__()
+        if width % experts or not 0 < k <= width // experts:  # built alone; make_sae holds these to RULES
+            raise ValueError(f"SwitchSAE: width {width} must be a multiple of experts {experts}, and 0 < k "
+                             f"{k} <= width / experts")
         self.d_in, self.width, self.experts, self.k = d_in, width, experts, k
         self.router = router or Router(experts)
         W_enc = nn.Linear(d_in, width, bias=False).weight.detach()
@@ -2445,6 +2448,8 @@ def evaluate(sae, cfg, x_BD, model=None, module=None, tokens_CL=None):
     """Metrics on held-out activations x_BD; with the LM, its held-out contexts and the hooked module also
     the cross-entropy ones. dead_fraction counts latents that never fire on x_BD, dense_fraction those
     that fire on more than 10% of its tokens."""
+    if not len(x_BD):
+        raise ValueError("evaluate: x_BD holds no held-out activations")
     x_BD = x_BD.to(sae.device)
     n, totals = len(x_BD), dict.fromkeys(["sq_err", "cos", "norm_ratio", "l0"], 0.0)
     resid_sum, resid_sq = 0.0, 0.0

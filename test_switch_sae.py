@@ -660,7 +660,7 @@ def test_the_method_lifts_out_alone_and_trains():
     nothing else: with only the imports it holds, it builds, trains and matches the whole file's SwitchSAE."""
     source = open(os.path.join(HERE, "switch_sae.py")).read()
     method = source[: source.index("# " + "=" * 77 + "\n# machinery")]  # the kernels that it runs included
-    assert len(method[: method.index("# how routing saves time")].splitlines()) <= 766  # the method, train step
+    assert len(method[: method.index("# how routing saves time")].splitlines()) <= 769  # the method, train step
     namespace = {}
     exec(method, namespace)
     assert not {"TrainConfig", "UsageError", "load_lm", "save_checkpoint", "argparse", "os"} & set(namespace)
@@ -1492,6 +1492,8 @@ def test_a_verdict_with_a_diverged_seed_says_so(tmp_path, monkeypatch, capsys):
     assert common.decide(results, "bad", "topk", -1, True, "claim") == "inconclusive (bad seed 1 diverged)"
     results.update(one=arm(80.0), one_topk=arm(100.0))  # far lower, but one seed each gives no interval
     assert common.decide(results, "one", "one_topk", -1, True, "claim") == "inconclusive (one seed: no interval)"
+    assert not common.width_check(results, "topk", "bad")
+    assert "(NOT lower: a seed diverged)" in capsys.readouterr().out  # not that the runs are too short
     results["no_half"] = {"seeds": [dict(seed=i, mse_typ=90.0) for i in range(3)]}  # swept without halves
     with pytest.raises(ValueError, match="decide checks stability on half-length runs"):
         common.decide(results, "no_half", "topk", -1, True, "claim")
@@ -2570,6 +2572,11 @@ def test_the_python_api_refuses_bad_tensors_and_devices_naming_what_it_expected(
         for call in (sae.encode, sae, sae.forward_dense):  # forward checks its input too
             with pytest.raises(ValueError, match=f"x must be \\(B, {d}\\) torch.float32 on cpu; it is"):
                 call(x)
+    for width, k in ((65, 4), (64, 100), (64, 0)):  # the class alone, as a reader lifts it out
+        with pytest.raises(ValueError, match=f"SwitchSAE: width {width} must be a multiple of experts 4, and 0 < k"):
+            S.SwitchSAE(32, width, 4, k)
+    with pytest.raises(ValueError, match="evaluate: x_BD holds no held-out activations"):
+        S.evaluate(sae, S.TrainConfig(), torch.zeros(0, d))
     for codes in (None, 5, (torch.zeros(3, 4),)):
         with pytest.raises(ValueError, match="decode takes codes as encode gives them"):
             sae.decode(codes)

@@ -401,8 +401,9 @@ def width_check(results, narrow, wide):
     """Convergence check 1, printed: the wider TopK arm must beat the narrower one (paired interval below 0); runs
     too short for their latents fail it. Returns True if it holds."""
     mean, half, sign = compare(test_mse(results[wide]), test_mse(results[narrow]))
+    why = "the runs are too short" if math.isfinite(mean) else "a seed diverged"
     print(f"- width: {wide} against {narrow}: {mean:+.1%} ± {half:.1%} test MSE "
-          + ("(lower: the wider SAE is better, as it must be)" if sign < 0 else "(NOT lower: the runs are too short)"))
+          + ("(lower: the wider SAE is better, as it must be)" if sign < 0 else f"(NOT lower: {why})"))
     return sign < 0
 
 
