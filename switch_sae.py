@@ -127,8 +127,7 @@ class Router(nn.Module):
         return self.per_token
 
     def after_step_(self, counts_N, lr_share=1.0):
-        """An update after each optimizer step, from the global batch's counts; lr_share: the step's lr over
-        the run's peak lr."""
+        """An update after each optimizer step, from the global batch's counts; lr_share: lr / peak lr."""
 
     def flops(self, d):
         """Its terms of a training step per token: the router's matmuls and the balance term."""
@@ -168,6 +167,9 @@ class SAE(nn.Module):
 
     def encode(self, x_BD, dense=True):
         """Codes of x (B, M), which decode is linear in: a baseline's latents, always dense."""
+        if not dense:
+            raise ValueError(f"a {self.arch} SAE's codes are its dense latents: encode(x, dense=False) is "
+                             "Switch's")
         return self(x_BD).acts
 
     def decode(self, codes_BM):
@@ -207,9 +209,8 @@ class SAE(nn.Module):
         return f"a {self.arch} SAE of {self.width} latents"
 
     def flops_per_token(self, batch_size, k_aux=0):
-        """Training FLOPs a token, term by term, as this code runs them, with their total; paper_encoder_only
-        is the authors' count, 2 d m forward + 2 d m backward of the encoder. Here, a dense SAE's: every
-        latent of every token, forward and backward."""
+        """Training FLOPs a token, term by term (see FLOPs), with their total and the paper's count
+        (paper_encoder_only). Here, a dense SAE's: every latent of every token, forward and backward."""
         dM = self.d_in * self.width
         return totalled({"encoder_fwd": 2 * dM, "encoder_bwd": 2 * dM, "decoder_fwd": 2 * dM,
                          "decoder_bwd": 4 * dM}, 4 * dM)
@@ -1767,6 +1768,10 @@ def cache_files(cfg):
     return [(layer, site, name(layer, site)) for layer, site in pairs]
 
 
+def interrupt(signum, frame):
+    raise KeyboardInterrupt(signum)
+
+
 def write_cache(cfg, given=None):
     """One cache per (layer, site) of cfg, all from one LM pass: the same contexts, held out alike.
     given: the fields this command sets (by default those that differ from the defaults)."""
@@ -1794,11 +1799,13 @@ def write_cache(cfg, given=None):
     needed = len(caches) * sum(cache_sizes(rows, d, n_total, cfg.ctx))  # beside the old, until it is whole
     check_room(cfg.out, "cache --out", needed, file=True)  # before the LM runs
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-    lock = hold_lock(cfg.out + ".lock", f"cache --out {cfg.out}")  # removed when this command ends
-    try:  # the lock goes with this command, whatever ends it
-        for *_, path in caches:  # the parts of a cache command killed mid-write
-            for leftover in glob.glob(glob.escape(path) + ".tmp[0-9]*"):
+    locks, on_sigterm = [], signal.getsignal(signal.SIGTERM)
+    try:  # the locks go with this command, whatever ends it
+        for *_, path in caches:  # one a cache, so no other command writes it meanwhile
+            locks.append(hold_lock(path + ".lock", f"cache --out {path}"))
+            for leftover in glob.glob(glob.escape(path) + ".tmp[0-9]*"):  # of a command killed mid-write
                 os.remove(leftover)
+        signal.signal(signal.SIGTERM, interrupt)  # a scheduler's stop, as Ctrl-C: the new files are removed
         contexts = token_contexts(cfg, tokenizer)
         held_out_CL = take(contexts, n_eval)
         dropped = {"equal_to_held_out": 0, "duplicate": 0}
@@ -1810,13 +1817,11 @@ def write_cache(cfg, given=None):
                     "windows": cfg.windows,
                     "lm_dtype": str(model.dtype), "complete": False} for layer, site, _ in caches]
         try:
-            with disk_space_for(cfg.out, needed), contextlib.ExitStack() as files, stop_on_signals() as stop:
+            with disk_space_for(cfg.out, needed), contextlib.ExitStack() as files:
                 opened = [files.enter_context(open(part, "wb")) for part in parts]
                 outputs = list(zip(opened[::2], opened[1::2]))  # (activations, contexts) of each cache
                 for first in tqdm(range(0, n_total, cfg.lm_batch_size), desc="cache", unit="ctx",
                                   unit_scale=cfg.lm_batch_size):
-                    if stop.item():  # SIGTERM as Ctrl-C: the unfinished files are removed
-                        raise KeyboardInterrupt(int(stop.item()))
                     tokens_CL = take(contexts, min(cfg.lm_batch_size, n_total - first), dropped)
                     tokens = tokens_CL.to(torch.int32).numpy().tobytes()
                     acts = site_activations(model, modules, tokens_CL, cfg.lm_batch_size, cfg.skip_positions)
@@ -1841,9 +1846,10 @@ def write_cache(cfg, given=None):
         print(f"{n_eval} held-out contexts first; left out: {dropped['equal_to_held_out']} training contexts "
               f"equal to a held-out one, {dropped['duplicate']} repeats")
     finally:
-        os.remove(lock.name)
-        lock.close()
-
+        signal.signal(signal.SIGTERM, on_sigterm)
+        for lock in locks:
+            os.remove(lock.name)
+            lock.close()
 
 def holds_other_json(path, fields):
     """Whether the file at path is not a JSON object with these fields: another tool's (a model's
@@ -2181,6 +2187,9 @@ def resumed_config(cfg, given):
     if not os.path.isfile(path):
         raise UsageError(f"--resume: {cfg.out} has no checkpoint yet; drop --resume to start the run afresh")
     info = read_checkpoint(path, weights=False)[0]
+    if info["data"] is None:  # what it trained on cannot be checked
+        raise UsageError(f"--resume: {path} records no digests of its data (it predates them): start a new "
+                         "run in another --out")
     history = json.load(open(os.path.join(cfg.out, "config.json"))).get("resumes", [])
     latest = {key: new for r in history for key, (_, new) in r["changed"].items()}  # some may not have saved
     as_json = lambda cfg: json.loads(json.dumps(dataclasses.asdict(cfg)))
@@ -2262,9 +2271,14 @@ def start_run(cfg, given):
         with contextlib.suppress(FileNotFoundError):  # of the run before a restart or an extension
             os.remove(os.path.join(cfg.out, "metrics.json"))
         if cfg.acts and os.path.abspath(cfg.out) not in cache_users(cfg.acts, all_listed=True):
-            # so that the cache command will not replace it (a cache in a read-only folder cannot be replaced)
-            with contextlib.suppress(PermissionError), open(cfg.acts + ".runs", "a") as runs:
-                runs.write(os.path.abspath(cfg.out) + "\n")
+            try:  # so that the cache command will not replace it
+                with open(cfg.acts + ".runs", "a") as runs:
+                    runs.write(os.path.abspath(cfg.out) + "\n")
+            except OSError as e:  # in a folder no one can write, no command can replace the cache either
+                if os.access(os.path.dirname(os.path.abspath(cfg.acts)), os.W_OK):
+                    raise UsageError(f"--acts {cfg.acts}: this run cannot list itself in {cfg.acts}.runs "
+                                     f"({cause(e)}), which keeps the cache from being replaced under it: "
+                                     "make that file writable") from None
         return lock
 
     lock = refused_together(hold if comms.rank == 0 else lambda: None, comms, device)

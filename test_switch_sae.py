@@ -660,7 +660,7 @@ def test_the_method_lifts_out_alone_and_trains():
     nothing else: with only the imports it holds, it builds, trains and matches the whole file's SwitchSAE."""
     source = open(os.path.join(HERE, "switch_sae.py")).read()
     method = source[: source.index("# " + "=" * 77 + "\n# machinery")]  # the kernels that it runs included
-    assert len(method[: method.index("# how routing saves time")].splitlines()) <= 769  # the method, train step
+    assert len(method[: method.index("# how routing saves time")].splitlines()) <= 770  # the method, train step
     namespace = {}
     exec(method, namespace)
     assert not {"TrainConfig", "UsageError", "load_lm", "save_checkpoint", "argparse", "os"} & set(namespace)
@@ -2318,6 +2318,7 @@ def broken_run(kind, tmp_path, artifacts):
         with safe_open(weights, "pt") as f:
             tensors, meta = {key: f.get_tensor(key) for key in f.keys()}, f.metadata()
         meta["step"] = "0" if kind == "step_zero" else meta["step"]
+        meta["data"] = "null" if kind == "no_data_digests" else meta["data"]  # as checkpoints before them
         TRAIN_STATE_EDITS[kind](tensors)
         save_file(tensors, weights, metadata=meta)
     else:  # another run's checkpoint (another width) beside this config.json
@@ -2334,6 +2335,7 @@ TRAIN_STATE_EDITS = {
     "clock_negative": lambda t: t["train.tokens_since_fired"].fill_(-5),
     "extra_tensor": lambda t: t.update(junk=torch.zeros(2)),
     "step_zero": lambda t: None,
+    "no_data_digests": lambda t: None,
 }
 
 
@@ -2373,8 +2375,10 @@ def test_every_reader_refuses_a_broken_file_in_one_line(tiny_run, artifacts, tmp
     elif reader == "resume":
         out = broken_run(kind, tmp_path, artifacts)
         before = snapshot(out)
-        refused(["--resume", f"--out={out}"], capsys)
+        err = refused(["--resume", f"--out={out}"], capsys)
         assert snapshot(out) == before  # nothing of the run was touched
+        why = "records no digests of its data" if kind == "no_data_digests" else "is not what a run of its config"
+        assert kind not in TRAIN_STATE_EDITS or why in err, err
         return
     else:
         run = {"an_export": artifacts / "export", "export_weights": artifacts / "export" / "sae_weights.safetensors"}
@@ -2406,19 +2410,26 @@ def test_a_cache_a_run_trains_on_is_not_replaced_and_a_replaced_one_is_found_on_
     assert f"--acts {cache} is not the cache this run began on (its header_sha256, held_out_sha256" in err
 
 
-def test_a_cache_in_a_read_only_folder_is_trained_on(tiny_run, artifacts, tmp_path, monkeypatch):
-    """Shared read-only: the run cannot list itself in FILE.runs, and need not (nothing can replace the cache)."""
+def test_a_cache_in_a_read_only_folder_is_trained_on_and_an_unlistable_writable_one_refused(
+        tiny_run, artifacts, tmp_path, monkeypatch, capsys):
+    """Shared read-only (a read-only mount): the run cannot list itself in FILE.runs, and need not, as nothing
+    can replace the cache there. In a folder that can be written, FILE.runs must take the run, or it is refused."""
     import builtins
 
     def read_only(path, mode="r", *args, **kwargs):
         if str(path).endswith(".runs") and mode != "r":
-            raise PermissionError(13, "Permission denied", str(path))
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
         return builtins.open(path, mode, *args, **kwargs)
 
     cache = copied(str(artifacts / "acts.bin"), tmp_path / "acts.bin")
     monkeypatch.setattr(S, "open", read_only, raising=False)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # the folder, as a read-only mount has it
     S.main(tiny_args(tiny_run, tmp_path / "run", acts=cache, skip_ce=True, tokens=512))
     assert os.path.isfile(tmp_path / "run" / "metrics.json") and not os.path.exists(cache + ".runs")
+    monkeypatch.setattr(os, "access", lambda path, mode: True)  # the folder can be written: the cache replaced
+    capsys.readouterr()
+    err = refused(tiny_args(tiny_run, tmp_path / "run2", acts=cache, skip_ce=True, tokens=512), capsys)
+    assert f"this run cannot list itself in {cache}.runs (OSError: [Errno 30] Read-only file system" in err
 
 
 def test_a_live_run_resumed_on_other_text_is_refused(tiny_run, tmp_path, capsys):
@@ -2488,6 +2499,12 @@ def test_a_cache_is_written_over_no_file_that_is_no_cache(tiny_run, tmp_path, ca
     lock = S.hold_lock(str(tmp_path / "acts.bin.lock"), "cache --out acts.bin")  # another cache command's
     err = refused(["cache", *cache_args(tiny_run, tmp_path / "acts.bin")], capsys)
     assert f"cache --out {tmp_path / 'acts.bin'} is being written by another process (pid {os.getpid()}" in err
+    lock.close()
+    lock = S.hold_lock(str(tmp_path / "multi_L1_resid.bin.lock"), "cache --out multi_L1_resid.bin")  # one site
+    err = refused(["cache", *[a for a in cache_args(tiny_run, tmp_path / "multi.bin") if not a.startswith("--layer")],
+                   "--layer", "0", "1"], capsys)  # the two-layer command writes that cache too
+    assert f"cache --out {tmp_path / 'multi_L1_resid.bin'} is being written by another process" in err
+    assert not list(tmp_path.glob("multi_L0_resid.bin*"))  # the lock it took first went with it
     lock.close()
 
 
@@ -2590,6 +2607,8 @@ def test_the_python_api_refuses_bad_tensors_and_devices_naming_what_it_expected(
     for arch in ("relu", "gated"):  # the baselines encode and decode too: dense codes
         base = S.make_sae(arch, 16, 32)
         torch.testing.assert_close(base.decode(base.encode(x, dense=True)), base(x).x_hat)  # as Switch's
+        with pytest.raises(ValueError, match=f"a {arch} SAE's codes are its dense latents"):
+            base.encode(x, dense=False)
         for call in (base.encode, base):
             with pytest.raises(ValueError, match="x must be \\(B, 16\\)"):
                 call(torch.zeros(16))
