@@ -1409,7 +1409,11 @@ def read_documents(cfg):
                             raise TypeError("a \"text\" value is not a string")
                         docs += texts
                     else:  # plain text: blank lines separate documents
-                        docs += [d for d in f.read().split("\n\n") if d.strip()]
+                        text = f.read()
+                        lines = [line for line in text.splitlines() if line.strip()]
+                        if lines and all(line.lstrip().startswith('{"text"') for line in lines):
+                            raise ValueError("every line is a JSON object: name it .jsonl")
+                        docs += [d for d in text.split("\n\n") if d.strip()]
             # bad JSON or UTF-8, no "text" or not a string, a gzip file that is corrupt or cut short
             except (ValueError, KeyError, TypeError, OSError, EOFError, zlib.error) as e:
                 raise UsageError(f"--text {path}: cannot read documents ({cause(e)}); give "

@@ -1492,6 +1492,8 @@ def test_a_verdict_with_a_diverged_seed_says_so(tmp_path, monkeypatch, capsys):
     assert common.decide(results, "bad", "topk", -1, True, "claim") == "inconclusive (bad seed 1 diverged)"
     results.update(one=arm(80.0), one_topk=arm(100.0))  # far lower, but one seed each gives no interval
     assert common.decide(results, "one", "one_topk", -1, True, "claim") == "inconclusive (one seed: no interval)"
+    with pytest.raises(ValueError, match="Study has no setting tokenz: its settings are batch_size"):
+        common.Study("smoke", tokenz=5)  # a typo would otherwise train at the scale's own length
     assert not common.width_check(results, "topk", "bad")
     assert "(NOT lower: a seed diverged)" in capsys.readouterr().out  # not that the runs are too short
     results["no_half"] = {"seeds": [dict(seed=i, mse_typ=90.0) for i in range(3)]}  # swept without halves
@@ -2203,8 +2205,8 @@ def broken_text(kind, tmp_path, corpus):
              "no_key": '{"body": "the of and"}', "not_json": '{"text": "the of'}
     if kind in lines:
         return write_text(tmp_path / "bad.jsonl", open(corpus).read() + lines[kind] + "\n")
-    if kind in ("csv_ending", "json_ending"):  # JSONL content under a name that does not say how to read it
-        return write_text(tmp_path / ("bad.csv" if kind == "csv_ending" else "bad.json"), open(corpus).read())
+    if kind in ("csv_ending", "json_ending", "txt_ending"):  # JSONL under a name that says another format
+        return write_text(tmp_path / f"bad.{kind.split('_')[0]}", open(corpus).read())
     if kind == "latin1":
         return write_text(tmp_path / "bad.txt", "the of and caf\xe9\n\nthe it".encode("latin-1"))
     import gzip
@@ -2340,7 +2342,7 @@ TRAIN_STATE_EDITS = {
 
 
 TEXT_FAULTS = ["number", "null", "list", "no_key", "not_json", "latin1", "cut_gz", "random_gz", "csv_ending",
-               "json_ending"]
+               "json_ending", "txt_ending"]
 
 
 MODEL_FAULTS = ["a_run_folder", "cut_weights", "cut_config", "no_config", "gguf_bytes", "no_tokenizer", "tokenizer_too_big",
@@ -2385,7 +2387,7 @@ def test_every_reader_refuses_a_broken_file_in_one_line(tiny_run, artifacts, tmp
         run = run[kind] if kind in run else broken_run(kind, tmp_path, artifacts)
         argv = ["export", run, out]
     err = refused(argv, capsys, out)
-    wrong = {"a_text_file": "write one with", "a_run_folder": "cut short"}  # advice that would not help
+    wrong = {"a_text_file": "write one with", "a_run_folder": "cut short", "txt_ending": "ran out"}  # no help
     assert wrong.get(kind, "\0") not in err, err
 
 

@@ -102,6 +102,10 @@ class Study:
     """One scale's setting: where runs and the cache live, the held-out split, and the fair sweep."""
 
     def __init__(self, scale, **overrides):
+        unknown = set(overrides) - set(SCALES["small"]) - {"cache"}  # cache: a cache file of its own
+        if unknown:
+            raise ValueError(f"Study has no setting {', '.join(sorted(unknown))}: its settings are "
+                             f"{', '.join(sorted(SCALES['small']))} and cache")
         self.scale, self.p = check_scale(scale), {**SCALES[scale], **overrides}
         results = os.environ.get("RESULTS") or os.path.join(NOTEBOOKS, "runs")
         self.runs = os.path.join(results, scale)  # one folder per SAE inside: config.json, sae.safetensors, metrics
