@@ -1855,6 +1855,7 @@ def write_cache(cfg, given=None):
             os.remove(lock.name)
             lock.close()
 
+
 def holds_other_json(path, fields):
     """Whether the file at path is not a JSON object with these fields: another tool's (a model's
     config.json), which neither a run nor the cache command writes over. No file there: False."""
@@ -2668,8 +2669,8 @@ def load_config(out_dir):
 
 def load_checkpoint(out_dir, sae, opt, tokens_since_fired_M, comms=SINGLE_PROCESS):
     """Restore weights, Adam state and the dead-latent clock (this rank's shard of each), held to what a run
-    saves: every tensor there, none else, finite, of its shape, the counts not negative. Returns the step to
-    continue from."""
+    saves: every tensor there, none else; the weights as load_sae holds them (sae_from), the rest finite, of
+    its shape, the counts not negative. Returns the step to continue from."""
     path = os.path.join(out_dir, "sae.safetensors")
     info, tensors = read_checkpoint(path, train_state=True)  # on the CPU: copied or sharded onto the device
     mine = lambda p, t: comms.shard_rows(t) if is_sharded(p) else t
@@ -2680,11 +2681,13 @@ def load_checkpoint(out_dir, sae, opt, tokens_since_fired_M, comms=SINGLE_PROCES
     try:
         if set(tensors) != expected:
             raise KeyError(f"{', '.join(sorted(set(tensors) ^ expected))} missing or unknown")
-        if info["step"] < 1 or not all(t.isfinite().all() for t in tensors.values()) \
+        train_state = [t for key, t in tensors.items() if key.startswith("train.")]
+        if info["step"] < 1 or not all(t.isfinite().all() for t in train_state) \
                 or any((t < 0).any() for t in counts):
             raise ValueError("a value is NaN, infinite or a negative count")
+        whole = sae_from(info, {name: tensors[name] for name in sae.state_dict()})  # load_sae's checks
         params = dict(sae.named_parameters())
-        sae.load_state_dict({name: mine(params.get(name), tensors[name]) for name in sae.state_dict()})
+        sae.load_state_dict({name: mine(params.get(name), t) for name, t in whole.state_dict().items()})
         state = {}
         for key, p in adam.items():
             i, field = key.split(".")[2:]
@@ -2694,6 +2697,8 @@ def load_checkpoint(out_dir, sae, opt, tokens_since_fired_M, comms=SINGLE_PROCES
             state.setdefault(int(i), {})[field] = value
         tokens_since_fired_M.copy_(mine(sae.W_dec, tensors["train.tokens_since_fired"]))
         opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    except UsageError:  # sae_from's: it says what is wrong with the weights
+        raise
     except (KeyError, ValueError, RuntimeError, IndexError) as e:
         raise UsageError(f"--resume: {path} is not what a run of its config.json saves ({cause(e)}): restore "
                          "the pair, or start a new run in another --out") from None

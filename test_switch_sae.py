@@ -2338,6 +2338,7 @@ TRAIN_STATE_EDITS = {
     "extra_tensor": lambda t: t.update(junk=torch.zeros(2)),
     "step_zero": lambda t: None,
     "no_data_digests": lambda t: None,
+    "weights_not_unit": lambda t: t["W_dec"].mul_(1000),  # held as load_sae holds them
 }
 
 
@@ -2379,7 +2380,8 @@ def test_every_reader_refuses_a_broken_file_in_one_line(tiny_run, artifacts, tmp
         before = snapshot(out)
         err = refused(["--resume", f"--out={out}"], capsys)
         assert snapshot(out) == before  # nothing of the run was touched
-        why = "records no digests of its data" if kind == "no_data_digests" else "is not what a run of its config"
+        why = {"no_data_digests": "records no digests of its data", "weights_not_unit": "not of unit norm"}.get(
+            kind, "is not what a run of its config")
         assert kind not in TRAIN_STATE_EDITS or why in err, err
         return
     else:
