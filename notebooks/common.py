@@ -35,7 +35,7 @@ import switch_sae as S  # noqa: E402
 # the notebooks read RESULTS too (walkthrough builds its tiny LM under it): an absolute default, so that a kernel
 # started in another directory (nbconvert runs it in the notebook's own) still writes to notebooks/runs
 for name in ("RESULTS", "CACHE", "TEXT", "PROBE_DATA", "MODEL_DIR"):  # set but empty: as if unset
-    if not os.environ.get(name, "x"):
+    if os.environ.get(name) == "":
         del os.environ[name]
 os.environ.setdefault("RESULTS", os.path.join(NOTEBOOKS, "runs"))
 TEXT = os.environ.get("TEXT", os.path.join(REPO, "..", "shared", "data", "corpus.jsonl.gz"))
